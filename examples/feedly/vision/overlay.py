@@ -1,0 +1,192 @@
+"""overlay stage: draw the English ad copy into the planned box.
+
+Pillow >= 10.1's ``ImageFont.load_default(size=...)`` is a real TrueType face (Aileron),
+so no system font is needed. The font size is the largest that fits the box after word
+wrapping; the exact ink box of the drawn text is returned for the evaluation stages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from .iou import Box, as_box
+
+FontT = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+def load_font(size: int, font_path: str | Path | None = None) -> ImageFont.FreeTypeFont:
+    """A TrueType font at ``size`` px: ``font_path`` if given, else Pillow's bundled face."""
+    if font_path is not None:
+        return ImageFont.truetype(str(font_path), size)
+    font = ImageFont.load_default(size=size)
+    if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow without FreeType support
+        raise RuntimeError("Pillow was built without FreeType; sized text needs it (Pillow >= 10.1)")
+    return font
+
+
+def wrap_text(text: str, font: FontT, max_width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    """Greedy word wrap by measured width; explicit newlines are kept as line breaks."""
+    lines: list[str] = []
+    for para in text.splitlines() or [""]:
+        words = para.split()
+        cur = ""
+        for word in words:
+            trial = f"{cur} {word}".strip()
+            if not cur or draw.textlength(trial, font=font) <= max_width:
+                cur = trial
+            else:
+                lines.append(cur)
+                cur = word
+        lines.append(cur)
+    return lines
+
+
+def balanced_wrap(text: str, font: FontT, max_width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    """Word wrap with the same line count as greedy but even line lengths (no orphan word)."""
+    lines = wrap_text(text, font, max_width, draw)
+    lo, hi = 1, max_width
+    while lo < hi:  # narrowest width that still needs no more lines
+        mid = (lo + hi) // 2
+        if len(wrap_text(text, font, mid, draw)) <= len(lines):
+            hi = mid
+        else:
+            lo = mid + 1
+    return wrap_text(text, font, lo, draw)
+
+
+@dataclass
+class TextLayout:
+    """A fitted layout: font size, wrapped lines and their top-left origins."""
+
+    font_size: int
+    lines: list[str]
+    origins: list[tuple[float, float]]
+    ink_box: Box
+
+
+def fit_text(
+    text: str,
+    box: Box,
+    *,
+    font_path: str | Path | None = None,
+    max_size: int = 96,
+    min_size: int = 10,
+    padding: float = 0.08,
+    line_spacing: float = 1.15,
+) -> TextLayout:
+    """Largest font size whose wrapped text fits inside ``box`` minus padding (binary search)."""
+    x0, y0, x1, y1 = box
+    pad = round(padding * min(x1 - x0, y1 - y0))
+    avail_w, avail_h = (x1 - x0) - 2 * pad, (y1 - y0) - 2 * pad
+    scratch = ImageDraw.Draw(Image.new("L", (1, 1)))
+
+    def layout(size: int) -> TextLayout | None:
+        font = load_font(size, font_path)
+        lines = balanced_wrap(text, font, avail_w, scratch)
+        asc, desc = font.getmetrics()
+        step = round((asc + desc) * line_spacing)
+        widths = [scratch.textlength(ln, font=font) for ln in lines]
+        total_h = step * (len(lines) - 1) + asc + desc
+        if max(widths, default=0) > avail_w or total_h > avail_h:
+            return None
+        top = y0 + pad + (avail_h - total_h) / 2
+        origins = [(x0 + pad + (avail_w - lw) / 2, top + i * step) for i, lw in enumerate(widths)]
+        ink = [scratch.textbbox(o, ln, font=font) for o, ln in zip(origins, lines, strict=True) if ln]
+        if not ink:
+            ink_box: Box = (x0, y0, x0, y0)
+        else:
+            ink_box = as_box(
+                (min(b[0] for b in ink), min(b[1] for b in ink), max(b[2] for b in ink), max(b[3] for b in ink))
+            )
+        return TextLayout(size, lines, origins, ink_box)
+
+    lo, hi = min_size, max(min_size, min(max_size, avail_h))
+    best = layout(lo)
+    if best is None:
+        raise ValueError(f"text does not fit box {box} even at {min_size}px: {text!r}")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        got = layout(mid)
+        if got is not None:
+            best, lo = got, mid
+        else:
+            hi = mid - 1
+    return best
+
+
+@dataclass
+class OverlayResult:
+    """The overlaid image, the same picture without text (for exact contrast), and metadata."""
+
+    image: Image.Image
+    background: Image.Image
+    text_box: Box
+    plate_box: Box | None
+    font_size: int
+    lines: list[str]
+    text_color: tuple[int, int, int]
+    overlay_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able metadata (images are written to files by the caller)."""
+        return {
+            "overlay_id": self.overlay_id,
+            "text_box": list(self.text_box),
+            "plate_box": list(self.plate_box) if self.plate_box else None,
+            "font_size": self.font_size,
+            "lines": self.lines,
+            "text_color": list(self.text_color),
+        }
+
+
+def render_overlay(
+    image: Image.Image,
+    text: str,
+    proposal: dict[str, Any],
+    *,
+    font_path: str | Path | None = None,
+    plate: bool | None = None,
+    max_size: int = 96,
+) -> OverlayResult:
+    """Draw ``text`` into ``proposal["box"]`` with its colour (and plate if proposed)."""
+    base = image.convert("RGB")
+    box = as_box(proposal["box"])
+    color = tuple(int(v) for v in proposal.get("text_color", (255, 255, 255)))
+    rgb: tuple[int, int, int] = (color[0], color[1], color[2])
+    layout = fit_text(text, box, font_path=font_path, max_size=max_size)
+    use_plate = bool(proposal.get("plate", False)) if plate is None else plate
+    background = base.copy()
+    plate_box: Box | None = None
+    if use_plate:
+        ib = layout.ink_box
+        m = max(6, layout.font_size // 3)
+        plate_box = (max(0, ib[0] - m), max(0, ib[1] - m), min(base.width, ib[2] + m), min(base.height, ib[3] + m))
+        pc = proposal.get("plate_color", (0, 0, 0))
+        alpha = int(255 * float(proposal.get("plate_alpha", 0.55) or 0.55))
+        layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
+        ImageDraw.Draw(layer).rounded_rectangle(plate_box, radius=m, fill=(int(pc[0]), int(pc[1]), int(pc[2]), alpha))
+        background = Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
+    out = background.copy()
+    draw = ImageDraw.Draw(out)
+    font = load_font(layout.font_size, font_path)
+    for origin, line in zip(layout.origins, layout.lines, strict=True):
+        draw.text(origin, line, font=font, fill=rgb)
+    oid = hashlib.sha1(
+        f"{proposal.get('proposal_id', '')}|{text}|{layout.font_size}|{use_plate}".encode()
+    ).hexdigest()[:12]
+    return OverlayResult(out, background, layout.ink_box, plate_box, layout.font_size, layout.lines, rgb, oid)
+
+
+def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], color: str = "#ff00aa") -> Image.Image:
+    """Debug view: outline boxes on a copy of ``image``."""
+    out = image.convert("RGB").copy()
+    d = ImageDraw.Draw(out)
+    for b in boxes:
+        d.rectangle(as_box(b), outline=color, width=3)
+    return out

@@ -1,0 +1,69 @@
+"""pgstagechain: multi-stage pipelines driven by PostgreSQL.
+
+Declare stages over a table you already have; a trigger announces every row that
+reaches a stage's done state, a :class:`Worker` claims the next stage atomically and
+runs its handler, and a recovery scan re-drives whatever a lost notification or a
+crashed worker left behind.
+"""
+
+from __future__ import annotations
+
+from ._claim import claim as claim
+from ._claim import complete as complete
+from ._claim import fail as fail
+from ._connect import redact as redact
+from ._context import Claim as Claim
+from ._context import StageContext as StageContext
+from ._events import MalformedNotification as MalformedNotification
+from ._install import migrate as migrate
+from ._install import uninstall as uninstall
+from ._listener import Backoff as Backoff
+from ._listener import Listener as Listener
+from ._pipeline import Pipeline as Pipeline
+from ._pipeline import Statuses as Statuses
+from ._recovery import RecoveryReport as RecoveryReport
+from ._recovery import RecoveryScanner as RecoveryScanner
+from ._stage import Retry as Retry
+from ._stage import Stage as Stage
+from ._stage import stage as stage
+from ._worker import Worker as Worker
+from ._worker import WorkerStats as WorkerStats
+from .errors import ConfigurationError as ConfigurationError
+from .errors import LeaseLostError as LeaseLostError
+from .errors import NotInstalledError as NotInstalledError
+from .errors import PermanentError as PermanentError
+from .errors import PgStageChainError as PgStageChainError
+from .errors import SchemaMismatchError as SchemaMismatchError
+from .errors import StageDeclarationError as StageDeclarationError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backoff",
+    "Claim",
+    "ConfigurationError",
+    "LeaseLostError",
+    "Listener",
+    "MalformedNotification",
+    "NotInstalledError",
+    "PermanentError",
+    "PgStageChainError",
+    "Pipeline",
+    "RecoveryReport",
+    "RecoveryScanner",
+    "Retry",
+    "SchemaMismatchError",
+    "Stage",
+    "StageContext",
+    "StageDeclarationError",
+    "Statuses",
+    "Worker",
+    "WorkerStats",
+    "claim",
+    "complete",
+    "fail",
+    "migrate",
+    "redact",
+    "stage",
+    "uninstall",
+]

@@ -1,0 +1,264 @@
+"""Verify-then-claim, completion and failure: each one atomic statement.
+
+The worker drives these in batches; :func:`claim`, :func:`complete` and :func:`fail`
+expose the same guarantees to an application that wants to run a stage by hand (from
+an HTTP endpoint, a management command, a test).
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import Any, LiteralString, cast
+
+from psycopg import AsyncConnection, Connection
+from psycopg.rows import dict_row
+
+from ._catalog import inspect_table
+from ._context import Claim
+from ._pipeline import Pipeline
+from ._queries import Queries
+from ._stage import Stage
+from .errors import ConfigurationError, LeaseLostError
+
+DEFAULT_LEASE = 30.0
+
+
+def to_json(stage: str, result: Any) -> str | None:
+    """Serialise a handler's result, or raise a TypeError that names the stage."""
+    if result is None:
+        return None
+    try:
+        return json.dumps(result, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"stage {stage!r} returned a result that is not JSON: {exc}") from None
+
+
+class Claimer:
+    """The pipeline's statements, rendered once, with the parameters each needs."""
+
+    def __init__(self, pipeline: Pipeline, queries: Queries) -> None:
+        self.pipeline = pipeline
+        self.q = queries
+        spec = pipeline.table
+        self._base = {
+            "pipeline": pipeline.name,
+            "done": spec.statuses.done,
+            "running": spec.statuses.running,
+            "failed": spec.statuses.failed,
+            "channel": pipeline.channel,
+        }
+        self._text: dict[str, LiteralString] = {}
+
+    def text(self, name: str) -> LiteralString:
+        """The named statement as a string, rendered on first use."""
+        found = self._text.get(name)
+        if found is None:
+            found = cast(LiteralString, getattr(self.q, name).as_string(None))
+            self._text[name] = found
+        return found
+
+    def params(self, **more: Any) -> dict[str, Any]:
+        return {**self._base, **more}
+
+    def _stage(self, name: str) -> Stage:
+        try:
+            return self.pipeline[name]
+        except KeyError:
+            raise ConfigurationError(f"pipeline {self.pipeline.name!r} has no stage {name!r}") from None
+
+    async def claim(
+        self,
+        conn: AsyncConnection[Any],
+        stage: str,
+        *,
+        keys: Sequence[str] | None = None,
+        limit: int = 1,
+        worker_id: str,
+        lease: float = DEFAULT_LEASE,
+        retries: bool = False,
+    ) -> list[Claim]:
+        """Claim rows of ``stage``: these ``keys`` if given, else any ready ones, else due retries."""
+        target = self._stage(stage)
+        level = "groups" if target.group else "rows"
+        if retries:
+            name = "claim_group_retries" if target.group else "claim_row_retries"
+        else:
+            name = f"claim_{level}_by_key" if keys is not None else f"claim_{level}_ready"
+        params = self.params(
+            stage=stage,
+            after=target.after,
+            keys=list(keys) if keys is not None else None,
+            limit=limit if keys is None else len(keys),
+            worker=worker_id,
+            lease=lease,
+        )
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(self.text(name), params)
+        return [self._to_claim(stage, target.group, row) for row in await cur.fetchall()]
+
+    def _to_claim(self, stage: str, is_group: bool, row: dict[str, Any]) -> Claim:
+        extras = {k[2:]: v for k, v in row.items() if k.startswith("x_")}
+        return Claim(
+            pipeline=self.pipeline.name,
+            stage=stage,
+            run_id=row["run_id"],
+            key=row["key"],
+            row_key=row["row_key"],
+            group_key=row["group_key"],
+            attempt=row["attempt"],
+            is_group=is_group,
+            row=extras,
+        )
+
+    def ancestors(self, stage: str) -> list[str]:
+        """The stages before ``stage`` on the same level (row or group)."""
+        found: list[str] = []
+        current = self._stage(stage)
+        while current.after in self.pipeline:
+            previous = self.pipeline[current.after]
+            if previous.group != current.group:
+                break
+            found.append(previous.name)
+            current = previous
+        return found
+
+    def row_stages(self) -> list[str]:
+        return [s.name for s in self.pipeline if not s.group]
+
+    async def results(
+        self, conn: AsyncConnection[Any], row_keys: Iterable[str], stages: Sequence[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Results of ``stages`` for each of ``row_keys`` (only those with any)."""
+        if not stages:
+            return {}
+        cur = await conn.execute(
+            self.text("results"), self.params(keys=list(row_keys), stages=list(stages))
+        )
+        return {row_key: results for row_key, results in await cur.fetchall()}
+
+    async def members(self, conn: AsyncConnection[Any], group: str) -> dict[str, dict[str, Any]]:
+        """Every member of ``group`` with the results of its row stages."""
+        assert self.q.member_keys is not None
+        cur = await conn.execute(self.text("member_keys"), {"group": group})
+        keys = [k for (k,) in await cur.fetchall()]
+        found = await self.results(conn, keys, self.row_stages())
+        return {k: found.get(k, {}) for k in keys}
+
+    def _complete_one(self, claim: Claim, result: str | None) -> tuple[LiteralString, dict[str, Any]]:
+        name = "complete_group" if claim.is_group else "complete_row"
+        return self.text(name), self.params(stage=claim.stage, run_id=claim.run_id, result=result)
+
+    async def complete(
+        self, conn: AsyncConnection[Any], claim: Claim, result: str | None
+    ) -> None:
+        """Mark the claim's stage done in ``conn``'s transaction; raise if the lease was lost."""
+        cur = await conn.execute(*self._complete_one(claim, result))
+        if await cur.fetchone() is None:
+            raise LeaseLostError(claim.run_id)
+
+    def complete_sync(self, conn: Connection[Any], claim: Claim, result: str | None) -> None:
+        """:meth:`complete` for a handler running in a thread with a blocking connection."""
+        cur = conn.execute(*self._complete_one(claim, result))
+        if cur.fetchone() is None:
+            raise LeaseLostError(claim.run_id)
+
+    async def complete_many(
+        self,
+        conn: AsyncConnection[Any],
+        stage: str,
+        is_group: bool,
+        items: Sequence[tuple[int, str | None]],
+    ) -> set[int]:
+        """Complete several runs of one stage in one statement; return the run ids still ours."""
+        name = "complete_groups" if is_group else "complete_rows"
+        cur = await conn.execute(
+            self.text(name),
+            self.params(
+                stage=stage,
+                run_ids=[run_id for run_id, _ in items],
+                results=[result for _, result in items],
+            ),
+        )
+        return {run_id for (run_id,) in await cur.fetchall()}
+
+    async def fail(
+        self,
+        conn: AsyncConnection[Any],
+        claim: Claim,
+        error: str,
+        *,
+        retry_in: float | None,
+        cancelled: bool = False,
+    ) -> bool:
+        """Close the run as failed; with ``retry_in`` keep the row and schedule the next attempt.
+
+        Returns False when the run was no longer ours (lease lost).
+        """
+        name = "fail_group" if claim.is_group else "fail_row"
+        cur = await conn.execute(
+            self.text(name),
+            self.params(
+                stage=claim.stage,
+                run_id=claim.run_id,
+                error=error,
+                retry_in=retry_in,
+                state="cancelled" if cancelled else "failed",
+            ),
+        )
+        return await cur.fetchone() is not None
+
+
+_claimers: weakref.WeakKeyDictionary[Pipeline, Claimer] = weakref.WeakKeyDictionary()
+
+
+async def claimer_for(conn: AsyncConnection[Any], pipeline: Pipeline) -> Claimer:
+    """The pipeline's :class:`Claimer`, built on first use from the catalog."""
+    found = _claimers.get(pipeline)
+    if found is None:
+        found = Claimer(pipeline, Queries(pipeline, await inspect_table(conn, pipeline)))
+        _claimers[pipeline] = found
+    return found
+
+
+async def claim(
+    conn: AsyncConnection[Any],
+    pipeline: Pipeline,
+    stage: str,
+    key: Any,
+    *,
+    worker_id: str = "manual",
+    lease: float = 300.0,
+) -> Claim | None:
+    """Claim ``key`` for ``stage`` if it is still at (previous step, done); else return None.
+
+    One atomic statement: under any number of concurrent claimers exactly one gets the
+    row, the others get None (never an exception, never a second run). For a group
+    stage, ``key`` is the group key. Commit ``conn`` (or use autocommit) to publish it.
+    """
+    found = await (await claimer_for(conn, pipeline)).claim(
+        conn, stage, keys=[str(key)], worker_id=worker_id, lease=lease
+    )
+    return found[0] if found else None
+
+
+async def complete(conn: AsyncConnection[Any], pipeline: Pipeline, claimed: Claim, result: Any = None) -> None:
+    """Mark a claimed stage done (firing the next stage) in ``conn``'s current transaction.
+
+    Raises :class:`~pgstagechain.LeaseLostError` when the claim was rescued meanwhile;
+    roll back then, so nothing the caller wrote in this transaction survives.
+    """
+    await (await claimer_for(conn, pipeline)).complete(conn, claimed, to_json(claimed.stage, result))
+
+
+async def fail(
+    conn: AsyncConnection[Any],
+    pipeline: Pipeline,
+    claimed: Claim,
+    error: str,
+    *,
+    retry_in: float | None = None,
+) -> bool:
+    """Record ``error`` for a claimed stage; the row fails unless ``retry_in`` schedules a retry."""
+    return await (await claimer_for(conn, pipeline)).fail(conn, claimed, error, retry_in=retry_in)

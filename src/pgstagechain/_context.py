@@ -1,0 +1,87 @@
+"""What a handler receives: the row it works on, its connection, and earlier results."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Generic, TypeVar
+
+import attrs
+
+ConnT = TypeVar("ConnT")
+
+
+@attrs.frozen(kw_only=True)
+class Claim:
+    """A row (or group) moved to ``(stage, running)`` by this worker, with its run record.
+
+    ``key`` is the key in the column's own type (the group key, as text, for a group
+    stage); ``row`` holds the pipeline's extra columns as they were at claim time.
+    """
+
+    pipeline: str
+    stage: str
+    run_id: int
+    key: Any
+    row_key: str
+    group_key: str | None
+    attempt: int
+    is_group: bool
+    row: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen(kw_only=True)
+class StageContext(Generic[ConnT]):
+    """Everything a handler needs for one run.
+
+    ``conn`` is the handler's own connection: whatever it writes there commits in the
+    same transaction that marks the stage done, or not at all. ``results`` maps each
+    earlier stage of this row (or group) to the result it returned; for a group stage,
+    ``members`` maps every member's key to the results of its row stages.
+    """
+
+    claim: Claim
+    conn: ConnT
+    worker_id: str
+    results: Mapping[str, Any] = attrs.field(factory=dict)
+    members: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    log: logging.LoggerAdapter[logging.Logger] = attrs.field(
+        default=attrs.Factory(lambda self: _run_logger(self.claim), takes_self=True)
+    )
+
+    @property
+    def key(self) -> Any:
+        return self.claim.key
+
+    @property
+    def group_key(self) -> str | None:
+        return self.claim.group_key
+
+    @property
+    def stage(self) -> str:
+        return self.claim.stage
+
+    @property
+    def attempt(self) -> int:
+        return self.claim.attempt
+
+    @property
+    def run_id(self) -> int:
+        return self.claim.run_id
+
+    @property
+    def row(self) -> Mapping[str, Any]:
+        return self.claim.row
+
+
+def _run_logger(claim: Claim) -> logging.LoggerAdapter[logging.Logger]:
+    return logging.LoggerAdapter(
+        logging.getLogger(f"pgstagechain.stage.{claim.stage}"),
+        {
+            "pipeline": claim.pipeline,
+            "stage": claim.stage,
+            "key": claim.row_key,
+            "attempt": claim.attempt,
+            "run_id": claim.run_id,
+        },
+    )

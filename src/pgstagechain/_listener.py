@@ -1,0 +1,118 @@
+"""LISTEN on a dedicated connection that survives restarts, cuts and half-open sockets.
+
+Notifications are hints: the listener hands each payload to a callback and, after
+every (re)LISTEN, calls ``on_listen`` so the owner can scan for what it missed while
+it was away. A quiet connection is probed on an interval with a deadline, so a peer
+that vanished without a FIN is noticed in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+
+import anyio
+import attrs
+import psycopg
+from psycopg import sql
+
+from ._connect import connect, redact
+
+logger = logging.getLogger("pgstagechain.listener")
+
+
+@attrs.define
+class ListenerStats:
+    received: int = 0
+    connects: int = 0
+    reconnects: int = 0
+    probes_failed: int = 0
+
+
+@attrs.frozen(kw_only=True)
+class Backoff:
+    """Exponential backoff with full jitter between reconnection attempts."""
+
+    initial: float = 0.05
+    maximum: float = 5.0
+
+    def delay(self, failures: int) -> float:
+        return random.uniform(0, min(self.maximum, self.initial * 2 ** min(failures, 20)))
+
+
+class Listener:
+    """LISTEN to ``channels`` and call ``on_notify(channel, payload)`` for each notification.
+
+    Runs until its task is cancelled. ``on_listen`` runs after every successful
+    (re)LISTEN; ``probe_interval`` bounds how long a silent connection goes unchecked.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        channels: Sequence[str],
+        on_notify: Callable[[str, str], None],
+        *,
+        on_listen: Callable[[], Awaitable[None]] | None = None,
+        probe_interval: float = 10.0,
+        probe_timeout: float = 5.0,
+        backoff: Backoff | None = None,
+    ) -> None:
+        if not channels:
+            raise ValueError("a Listener needs at least one channel")
+        self.conninfo = conninfo
+        self.channels = tuple(channels)
+        self.on_notify = on_notify
+        self.on_listen = on_listen
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self.backoff = backoff or Backoff()
+        self.stats = ListenerStats()
+        self.connected = anyio.Event()
+        self.backend_pid: int | None = None
+
+    async def run(self) -> None:
+        """Listen forever, reconnecting with backoff; return only by cancellation."""
+        failures = 0
+        while True:
+            connects = self.stats.connects
+            try:
+                await self._session()
+            except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError) as exc:
+                if self.stats.connects > connects:
+                    failures = 0  # it was up: start the backoff over
+                self.backend_pid = None
+                self.connected = anyio.Event()
+                self.stats.reconnects += 1
+                delay = self.backoff.delay(failures)
+                failures += 1
+                logger.warning(
+                    "listener connection to %s lost (%s); reconnecting in %.2fs",
+                    redact(self.conninfo),
+                    str(exc).strip() or type(exc).__name__,
+                    delay,
+                )
+                await anyio.sleep(delay)
+
+    async def _session(self) -> None:
+        conn = await connect(self.conninfo, autocommit=True, application_name="pgstagechain-listener")
+        async with conn:
+            for channel in self.channels:
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+            self.backend_pid = conn.info.backend_pid
+            self.stats.connects += 1
+            self.connected.set()
+            logger.info("listening on %s (backend %s)", ", ".join(self.channels), self.backend_pid)
+            if self.on_listen is not None:
+                await self.on_listen()
+            while True:
+                async for note in conn.notifies(timeout=self.probe_interval):
+                    self.stats.received += 1
+                    self.on_notify(note.channel, note.payload)
+                try:
+                    with anyio.fail_after(self.probe_timeout):
+                        await conn.execute("SELECT 1")
+                except TimeoutError:
+                    self.stats.probes_failed += 1
+                    raise

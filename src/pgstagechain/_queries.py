@@ -1,0 +1,375 @@
+"""The statements a pipeline runs, composed once from its configuration.
+
+Identifiers from configuration go through :class:`psycopg.sql.Identifier`; the only
+other fragments are type names read from the catalog by ``format_type`` (already
+quoted by PostgreSQL). Each statement is one round trip and one atomic step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg import sql
+
+from ._catalog import TableInfo
+from ._pipeline import Pipeline
+
+GROUPS = sql.SQL("pgstagechain.groups")
+RUNS = sql.SQL("pgstagechain.runs")
+
+
+class Queries:
+    """Rendered SQL for one pipeline. Build with :meth:`for_pipeline`."""
+
+    def __init__(self, pipeline: Pipeline, info: TableInfo) -> None:
+        spec = pipeline.table
+        self.pipeline = pipeline
+        self.info = info
+        table = sql.Identifier(spec.schema, spec.table)
+        key = sql.Identifier(spec.key)
+        step = sql.Identifier(spec.step_column)
+        status = sql.Identifier(spec.status_column)
+        key_array = sql.SQL(info.key_type + "[]")
+        key_type = sql.SQL(info.key_type)
+        group_expr = (
+            sql.SQL("t.{}::text").format(sql.Identifier(spec.group_column))
+            if spec.group_column
+            else sql.SQL("NULL::text")
+        )
+        extras = sql.SQL("").join(
+            sql.SQL(", t.{} AS {}").format(sql.Identifier(c), sql.Identifier("x_" + c))
+            for c in spec.extra_columns
+        )
+        fmt: dict[str, Any] = dict(
+            table=table,
+            key=key,
+            step=step,
+            status=status,
+            key_array=key_array,
+            key_type=key_type,
+            group_expr=group_expr,
+            extras=extras,
+            runs=RUNS,
+            groups=GROUPS,
+        )
+
+        # Shared tail of every claim: record the run in the ledger in the same statement,
+        # then return what the handler's context needs.
+        record_runs = """
+        runs AS (
+            INSERT INTO {runs} (pipeline, stage, row_key, group_key, attempt, worker_id, lease_until)
+            SELECT %(pipeline)s, %(stage)s, c.row_key, c.group_key, c.attempt, %(worker)s,
+                   clock_timestamp() + %(lease)s * interval '1 second'
+            FROM claimed c
+            RETURNING id, row_key, attempt
+        )
+        SELECT runs.id AS run_id, runs.attempt, c.*
+        FROM claimed c JOIN runs ON runs.row_key = c.row_key
+        """
+
+        # Verify-then-claim for row stages, as one statement: lock the rows that are
+        # still at (after, done), skipping rows another claimer holds; move them to
+        # (stage, running); record the runs.
+        row_claim = (
+            """
+        WITH picked AS (
+            SELECT t.{key} AS k FROM {table} t
+            WHERE {pick}
+              AND t.{step} = %(after)s AND t.{status} = %(done)s
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ),
+        claimed AS (
+            UPDATE {table} t SET {step} = %(stage)s, {status} = %(running)s
+            FROM picked WHERE t.{key} = picked.k
+            RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
+                      1 AS attempt {extras}
+        ),
+        """
+            + record_runs
+        )
+        self.claim_rows_by_key = self._render(
+            row_claim,
+            fmt,
+            pick=sql.SQL("t.{} = ANY(%(keys)s::text[]::{})").format(key, key_array),
+        )
+        self.claim_rows_ready = self._render(row_claim, fmt, pick=sql.SQL("TRUE"))
+
+        # The same for group stages, on the group table.
+        group_claim = (
+            """
+        WITH picked AS (
+            SELECT g.group_key FROM {groups} g
+            WHERE g.pipeline = %(pipeline)s AND {pick}
+              AND g.step = %(after)s AND g.status = 'done'
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ),
+        claimed AS (
+            UPDATE {groups} g SET step = %(stage)s, status = 'running',
+                                  updated_at = clock_timestamp()
+            FROM picked WHERE g.pipeline = %(pipeline)s AND g.group_key = picked.group_key
+            RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt
+        ),
+        """
+            + record_runs
+        )
+        self.claim_groups_by_key = self._render(
+            group_claim, fmt, pick=sql.SQL("g.group_key = ANY(%(keys)s::text[])")
+        )
+        self.claim_groups_ready = self._render(group_claim, fmt, pick=sql.SQL("TRUE"))
+
+        # Retries whose time has come: consume the pending retry of the failed run and
+        # open the next attempt, provided the row is still ours at (stage, running).
+        retry_claim = (
+            """
+        WITH due AS (
+            SELECT r.id FROM {runs} r
+            WHERE r.retry_at <= clock_timestamp() AND r.pipeline = %(pipeline)s
+              AND r.stage = %(stage)s
+            ORDER BY r.retry_at
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ),
+        consumed AS (
+            UPDATE {runs} r SET retry_at = NULL FROM due WHERE r.id = due.id
+            RETURNING r.row_key, r.attempt
+        ),
+        claimed AS (
+            {owner}
+        ),
+        """
+            + record_runs
+        )
+        self.claim_row_retries = self._render(
+            retry_claim,
+            fmt,
+            owner=sql.SQL(
+                """SELECT t.{key} AS key, c.row_key, {group_expr} AS group_key,
+                      c.attempt + 1 AS attempt {extras}
+               FROM consumed c JOIN {table} t ON t.{key} = c.row_key::{key_type}
+               WHERE t.{step} = %(stage)s AND t.{status} = %(running)s"""
+            ).format(**fmt),
+        )
+        self.claim_group_retries = self._render(
+            retry_claim,
+            fmt,
+            owner=sql.SQL(
+                """SELECT g.group_key AS key, c.row_key, g.group_key, c.attempt + 1 AS attempt
+               FROM consumed c JOIN {groups} g
+                 ON g.pipeline = %(pipeline)s AND g.group_key = c.row_key
+               WHERE g.step = %(stage)s AND g.status = 'running'"""
+            ).format(**fmt),
+        )
+
+        # Results of earlier stages, for the context.
+        self.results = self._render(
+            """
+            SELECT row_key, jsonb_object_agg(stage, result ORDER BY id) AS results
+            FROM {runs}
+            WHERE pipeline = %(pipeline)s AND row_key = ANY(%(keys)s::text[])
+              AND stage = ANY(%(stages)s::text[]) AND state = 'succeeded' AND result IS NOT NULL
+            GROUP BY row_key
+            """,
+            fmt,
+        )
+        self.member_keys = (
+            self._render(
+                "SELECT t.{key}::text FROM {table} t WHERE {group_col}::text = %(group)s "
+                "ORDER BY t.{key}",
+                fmt,
+                group_col=sql.SQL("t.{}").format(sql.Identifier(spec.group_column)),
+            )
+            if spec.group_column
+            else None
+        )
+
+        # Completion: close the run only if it is still ours (its lease was not rescued),
+        # and mark the row done, which fires the trigger and so the next stage.
+        complete_tail = """
+        run AS (
+            UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
+                                 result = i.result
+            FROM input i WHERE r.id = i.run_id AND r.state = 'running'
+            RETURNING r.id, r.row_key
+        ),
+        moved AS (
+            {move}
+        )
+        SELECT run.id FROM run
+        """
+        row_move = sql.SQL(
+            """UPDATE {table} t SET {status} = %(done)s FROM run
+            WHERE t.{key} = run.row_key::{key_type} AND t.{step} = %(stage)s
+              AND t.{status} = %(running)s
+            RETURNING 1"""
+        ).format(**fmt)
+        group_move = sql.SQL(
+            """UPDATE {groups} g SET status = 'done', updated_at = clock_timestamp() FROM run
+            WHERE g.pipeline = %(pipeline)s AND g.group_key = run.row_key
+              AND g.step = %(stage)s AND g.status = 'running'
+            RETURNING 1"""
+        ).format(**fmt)
+        one = "WITH input AS (SELECT %(run_id)s::bigint AS run_id, %(result)s::jsonb AS result),"
+        many = (
+            "WITH input AS (SELECT * FROM unnest(%(run_ids)s::bigint[], %(results)s::jsonb[])"
+            " AS i(run_id, result)),"
+        )
+        self.complete_row = self._render(one + complete_tail, fmt, move=row_move)
+        self.complete_group = self._render(one + complete_tail, fmt, move=group_move)
+        self.complete_rows = self._render(many + complete_tail, fmt, move=row_move)
+        self.complete_groups = self._render(many + complete_tail, fmt, move=group_move)
+
+        # Failure: close the run; when no retry is pending the row (or group) fails too.
+        fail_tail = """
+        WITH run AS (
+            UPDATE {runs} SET state = %(state)s, finished_at = clock_timestamp(),
+                               error = %(error)s,
+                               retry_at = clock_timestamp() + %(retry_in)s * interval '1 second'
+            WHERE id = %(run_id)s AND state = 'running'
+            RETURNING row_key, retry_at
+        ),
+        moved AS (
+            {move}
+        )
+        SELECT retry_at FROM run
+        """
+        self.fail_row = self._render(
+            fail_tail,
+            fmt,
+            move=sql.SQL(
+                """UPDATE {table} t SET {status} = %(failed)s FROM run
+                WHERE run.retry_at IS NULL AND t.{key} = run.row_key::{key_type}
+                  AND t.{step} = %(stage)s AND t.{status} = %(running)s
+                RETURNING 1"""
+            ).format(**fmt),
+        )
+        self.fail_group = self._render(
+            fail_tail,
+            fmt,
+            move=sql.SQL(
+                """UPDATE {groups} g SET status = 'failed', updated_at = clock_timestamp()
+                FROM run
+                WHERE run.retry_at IS NULL AND g.pipeline = %(pipeline)s
+                  AND g.group_key = run.row_key AND g.step = %(stage)s AND g.status = 'running'
+                RETURNING 1"""
+            ).format(**fmt),
+        )
+
+        # Leases: renewed for every run a worker holds in one statement; expired ones are
+        # closed and re-driven (a retry now if attempts remain, else the row fails).
+        self.renew_leases = self._render(
+            """
+            UPDATE {runs} SET lease_until = clock_timestamp() + %(lease)s * interval '1 second'
+            WHERE id = ANY(%(run_ids)s::bigint[]) AND state = 'running'
+            RETURNING id
+            """,
+            fmt,
+        )
+        self.expire_leases = self._render(
+            """
+            WITH policy AS (
+                SELECT * FROM unnest(%(stages)s::text[], %(max_attempts)s::int[],
+                                     %(is_group)s::bool[]) AS p(stage, max_attempts, is_group)
+            ),
+            expired AS (
+                UPDATE {runs} r SET state = 'expired', finished_at = clock_timestamp(),
+                    error = coalesce(%(reason)s, 'lease expired: worker ' || r.worker_id
+                                     || ' stopped renewing it (crashed, frozen or cut off)'),
+                    retry_at = CASE WHEN r.attempt < p.max_attempts OR %(free)s
+                                    THEN clock_timestamp() END
+                FROM policy p
+                WHERE r.pipeline = %(pipeline)s AND r.stage = p.stage AND r.state = 'running'
+                  AND (r.lease_until < clock_timestamp() OR r.id = ANY(%(run_ids)s::bigint[]))
+                RETURNING r.row_key, r.stage, r.retry_at, p.is_group
+            ),
+            failed_rows AS (
+                UPDATE {table} t SET {status} = %(failed)s FROM expired e
+                WHERE e.retry_at IS NULL AND NOT e.is_group
+                  AND t.{key} = e.row_key::{key_type} AND t.{step} = e.stage
+                  AND t.{status} = %(running)s
+                RETURNING 1
+            ),
+            failed_groups AS (
+                UPDATE {groups} g SET status = 'failed', updated_at = clock_timestamp()
+                FROM expired e
+                WHERE e.retry_at IS NULL AND e.is_group AND g.pipeline = %(pipeline)s
+                  AND g.group_key = e.row_key AND g.step = e.stage AND g.status = 'running'
+                RETURNING 1
+            )
+            SELECT stage, row_key, retry_at IS NOT NULL AS retrying FROM expired
+            """,
+            fmt,
+        )
+
+        # The recovery probe: is there anything a lost notification or a dead worker left?
+        # One cheap, index-backed statement per interval while idle.
+        self.pending = self._render(
+            """
+            SELECT
+              (SELECT array_agg(DISTINCT s.step) FROM unnest(%(row_steps)s::text[]) AS s(step)
+               WHERE EXISTS (SELECT 1 FROM {table} t
+                             WHERE t.{step} = s.step AND t.{status} = %(done)s))
+                AS ready_row_steps,
+              (SELECT array_agg(DISTINCT g.step) FROM {groups} g
+               WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(group_steps)s::text[])
+                 AND g.status = 'done')
+                AS ready_group_steps,
+              (SELECT count(*) FROM {runs} r
+               WHERE r.state = 'running' AND r.lease_until < clock_timestamp()
+                 AND r.pipeline = %(pipeline)s) AS expired_leases,
+              (SELECT min(r.retry_at) FROM {runs} r
+               WHERE r.retry_at IS NOT NULL AND r.pipeline = %(pipeline)s) AS next_retry_at
+            """,
+            fmt,
+        )
+
+        # Re-send the notifications a lost listener missed, for workers elsewhere.
+        self.renotify_rows = self._render(
+            """
+            SELECT count(pg_notify(%(channel)s,
+                   json_build_array('r', t.{step}, t.{key}::text, {group_expr})::text))
+            FROM (SELECT * FROM {table} t
+                  WHERE t.{step} = ANY(%(row_steps)s::text[]) AND t.{status} = %(done)s
+                  LIMIT %(limit)s) t
+            """,
+            fmt,
+        )
+        self.renotify_groups = self._render(
+            """
+            SELECT count(pg_notify(%(channel)s,
+                   json_build_array('g', g.step, g.group_key, g.group_key)::text))
+            FROM (SELECT * FROM {groups} g
+                  WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(group_steps)s::text[])
+                    AND g.status = 'done'
+                  LIMIT %(limit)s) g
+            """,
+            fmt,
+        )
+
+        # Deep recovery (on demand, not index-bounded): groups whose members all reached a
+        # fan-in step while no trigger was there to notice.
+        self.form_groups = (
+            self._render(
+                """
+                INSERT INTO {groups} (pipeline, group_key, step, status)
+                SELECT %(pipeline)s, t.{group}::text, t.{step}, 'done' FROM {table} t
+                WHERE t.{step} = ANY(%(fan_in_steps)s::text[]) AND t.{status} = %(done)s
+                  AND t.{group} IS NOT NULL
+                GROUP BY t.{group}, t.{step}
+                HAVING NOT EXISTS (
+                    SELECT 1 FROM {table} m WHERE m.{group} = t.{group}
+                      AND (m.{step} IS DISTINCT FROM t.{step} OR m.{status} IS DISTINCT FROM %(done)s))
+                ON CONFLICT DO NOTHING
+                RETURNING group_key
+                """,
+                fmt,
+                group=sql.Identifier(spec.group_column),
+            )
+            if spec.group_column
+            else None
+        )
+
+    @staticmethod
+    def _render(template: str, fmt: dict[str, Any], **more: sql.Composable) -> sql.Composed:
+        return sql.SQL(template).format(**fmt, **more)  # type: ignore[arg-type]

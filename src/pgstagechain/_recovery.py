@@ -1,0 +1,118 @@
+"""The recovery scanner, usable without a worker: it re-drives stuck work through
+the normal path (a notification, then a claim), so a scan can never cause a second run.
+
+What it finds, each with an index-backed query:
+
+* rows at ``(step, done)`` whose next stage was never claimed (a notification was lost,
+  the listener was down, no worker was running): it sends their notification again;
+* groups whose members all finished but whose group stage never started: likewise;
+* runs whose lease expired (the worker crashed or froze): it closes them, scheduling a
+  retry when attempts remain and failing the row otherwise.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Any
+
+import anyio
+import attrs
+from psycopg import AsyncConnection
+
+from ._claim import claimer_for
+from ._connect import conninfo_with_defaults, connect
+from ._install import require_installed
+from ._pipeline import Pipeline
+
+logger = logging.getLogger("pgstagechain.recovery")
+
+
+@attrs.frozen(kw_only=True)
+class RecoveryReport:
+    """What one scan found and did."""
+
+    expired_leases: int
+    renotified_rows: int
+    renotified_groups: int
+    formed_groups: int
+    next_retry_at: dt.datetime | None
+
+    @property
+    def total(self) -> int:
+        return self.expired_leases + self.renotified_rows + self.renotified_groups + self.formed_groups
+
+
+class RecoveryScanner:
+    """Scan a pipeline for stuck work and re-drive it; see the module docstring."""
+
+    def __init__(self, pipeline: Pipeline, conninfo: str = "", *, limit: int = 10_000) -> None:
+        pipeline.validate()
+        self.pipeline = pipeline
+        self.conninfo = conninfo_with_defaults(conninfo, "pgstagechain-recovery")
+        self.limit = limit
+
+    async def scan(self, conn: AsyncConnection[Any] | None = None, *, deep: bool = False) -> RecoveryReport:
+        """Run one scan. ``deep`` also looks for groups that formed while no trigger was
+        installed (a full pass over the fan-in steps, not index-bounded)."""
+        if conn is None:
+            async with await connect(self.conninfo, autocommit=True) as own:
+                return await self.scan(own, deep=deep)
+        await require_installed(conn, self.pipeline)
+        claimer = await claimer_for(conn, self.pipeline)
+        stages = list(self.pipeline)
+        row_steps = [s.after for s in stages if not s.group]
+        group_steps = [s.after for s in stages if s.group]
+        async with conn.transaction():
+            cur = await conn.execute(
+                claimer.text("expire_leases"),
+                claimer.params(
+                    stages=[s.name for s in stages],
+                    max_attempts=[s.retry.max_attempts for s in stages],
+                    is_group=[s.group for s in stages],
+                    run_ids=[],
+                    reason=None,
+                    free=False,
+                ),
+            )
+            expired = len(await cur.fetchall())
+        formed = 0
+        if deep and claimer.q.form_groups is not None:
+            cur = await conn.execute(
+                claimer.text("form_groups"),
+                claimer.params(fan_in_steps=list(self.pipeline.fan_in_steps())),
+            )
+            formed = len(await cur.fetchall())
+        cur = await conn.execute(
+            claimer.text("renotify_rows"), claimer.params(row_steps=row_steps, limit=self.limit)
+        )
+        rows = await cur.fetchone()
+        cur = await conn.execute(
+            claimer.text("renotify_groups"),
+            claimer.params(group_steps=group_steps, limit=self.limit),
+        )
+        groups = await cur.fetchone()
+        cur = await conn.execute(
+            "SELECT min(retry_at) FROM pgstagechain.runs WHERE retry_at IS NOT NULL AND pipeline = %s",
+            (self.pipeline.name,),
+        )
+        retry = await cur.fetchone()
+        report = RecoveryReport(
+            expired_leases=expired,
+            renotified_rows=int(rows[0]) if rows else 0,
+            renotified_groups=int(groups[0]) if groups else 0,
+            formed_groups=formed,
+            next_retry_at=retry[0] if retry else None,
+        )
+        if report.total:
+            logger.info("recovery scan of %s: %s", self.pipeline.name, report)
+        return report
+
+    async def run(self, interval: float = 10.0) -> None:
+        """Scan every ``interval`` seconds until cancelled (for a process with no worker)."""
+        while True:
+            try:
+                await self.scan()
+            except Exception:
+                logger.exception("recovery scan of %s failed", self.pipeline.name)
+            await anyio.sleep(interval)

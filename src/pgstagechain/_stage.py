@@ -1,0 +1,184 @@
+"""Stages: what runs after which step, and how it is retried.
+
+A stage is either a subclass of :class:`Stage` overriding ``run`` or a function
+decorated with :func:`stage`. ``run`` may be ``async def`` (runs on the event loop)
+or a plain ``def`` (runs in a worker thread so it never blocks the loop).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import attrs
+
+from .errors import StageDeclarationError
+
+if TYPE_CHECKING:
+    from ._context import StageContext
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def check_name(kind: str, name: object) -> str:
+    """Return ``name`` if it is a plain identifier, else raise a typed error naming it."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise StageDeclarationError(
+            str(name), f"{kind} name must match {NAME_PATTERN.pattern} (got {name!r})"
+        )
+    return name
+
+
+@attrs.frozen(kw_only=True)
+class Retry:
+    """How often a failed stage is tried again, and how long to wait in between.
+
+    The delay before attempt ``n + 1`` is ``min(max_delay, base_delay * 2 ** (n - 1))``
+    with full jitter, so retries of many rows do not arrive in lock step.
+    """
+
+    max_attempts: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    base_delay: float = attrs.field(default=1.0, validator=attrs.validators.ge(0))
+    max_delay: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
+
+    def delay(self, attempt: int, jitter: float) -> float:
+        """Seconds to wait after failed ``attempt``; ``jitter`` is a number in [0, 1)."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, attempt - 1))
+        return ceiling * (0.5 + jitter / 2)
+
+
+NO_RETRY = Retry()
+
+
+class Stage:
+    """One step of a pipeline. Subclass it and override :meth:`run`, or use :func:`stage`.
+
+    Class attributes give the defaults; keyword arguments to the constructor override them::
+
+        class Overlay(Stage):
+            after = "planner"
+
+            async def run(self, ctx): ...
+
+    ``name`` defaults to the class name in snake case.
+    """
+
+    name: str = ""
+    after: str = ""
+    group: bool = False
+    retry: Retry = NO_RETRY
+    timeout: float | None = None
+    concurrency: int | None = None
+    #: False for stages that never write to the database: they hold no connection while
+    #: they run and their completions are batched (``ctx.conn`` is then None).
+    connection: bool = True
+
+    def __init__(
+        self,
+        *,
+        name: str | None = None,
+        after: str | None = None,
+        group: bool | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        concurrency: int | None = None,
+        connection: bool | None = None,
+    ) -> None:
+        self.name = check_name("stage", name or self.name or _snake(type(self).__name__))
+        self.after = check_name("predecessor step", after or self.after)
+        if self.after == self.name:
+            raise StageDeclarationError(self.name, "a stage cannot follow itself")
+        if group is not None:
+            self.group = group
+        if retry is not None:
+            self.retry = retry
+        if timeout is not None:
+            self.timeout = timeout
+        if self.timeout is not None and self.timeout <= 0:
+            raise StageDeclarationError(self.name, f"timeout must be positive, got {self.timeout}")
+        if concurrency is not None:
+            self.concurrency = concurrency
+        if self.concurrency is not None and self.concurrency < 1:
+            raise StageDeclarationError(
+                self.name, f"concurrency must be at least 1, got {self.concurrency}"
+            )
+        if connection is not None:
+            self.connection = connection
+        if type(self).run is Stage.run and not isinstance(self, FunctionStage):
+            raise StageDeclarationError(self.name, "a Stage subclass must override run()")
+
+    @property
+    def is_async(self) -> bool:
+        """True when ``run`` is a coroutine function (it then runs on the event loop)."""
+        return inspect.iscoroutinefunction(self.run)
+
+    def run(self, ctx: StageContext[Any]) -> Any:
+        """Do the stage's work for one row (or one group) and return a small JSON-able result."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        level = "group" if self.group else "row"
+        return f"<{type(self).__name__} {self.name!r} after {self.after!r} ({level})>"
+
+
+class FunctionStage(Stage, Generic[P, R]):
+    """A stage made from a function by :func:`stage`; calling it calls the function."""
+
+    def __init__(self, func: Callable[P, R], **options: Any) -> None:
+        self.func = func
+        super().__init__(name=options.pop("name", None) or func.__name__, **options)
+        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+
+    @property
+    def is_async(self) -> bool:
+        return inspect.iscoroutinefunction(self.func)
+
+    def run(self, ctx: StageContext[Any]) -> Any:
+        return self.func(ctx)  # type: ignore[call-arg]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+
+def stage(
+    *,
+    after: str,
+    name: str | None = None,
+    group: bool = False,
+    retry: Retry | None = None,
+    timeout: float | None = None,
+    concurrency: int | None = None,
+    connection: bool = True,
+) -> Callable[[Callable[P, R]], FunctionStage[P, R]]:
+    """Turn a function ``(ctx) -> result`` into a :class:`Stage` that runs after step ``after``.
+
+    The function may be ``async def`` or a plain ``def``. Register the result with
+    ``Pipeline(stages=[...])`` or :meth:`Pipeline.add`, or use :meth:`Pipeline.stage`,
+    which does both.
+    """
+
+    def decorate(func: Callable[P, R]) -> FunctionStage[P, R]:
+        if not callable(func):
+            raise StageDeclarationError(str(name), f"@stage needs a function, got {func!r}")
+        return FunctionStage(
+            func,
+            name=name,
+            after=after,
+            group=group,
+            retry=retry,
+            timeout=timeout,
+            concurrency=concurrency,
+            connection=connection,
+        )
+
+    return decorate
+
+
+def _snake(camel: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()

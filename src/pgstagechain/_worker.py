@@ -1,0 +1,726 @@
+"""The worker: listener, claims, handlers, completions, leases and recovery, composed.
+
+One event loop task dispatches: it turns notifications (and scan results) into batched
+claims within the concurrency limits, and starts one task per claimed run. Completions
+of runs that did not use their connection are committed in batches; the others commit
+in the handler's own transaction. A heartbeat renews the leases of every live run in one
+statement; a scanner re-drives whatever a lost notification or a dead worker left.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import itertools
+import logging
+import os
+import random
+import socket
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import anyio
+import attrs
+import psycopg
+from anyio.abc import TaskGroup
+from psycopg import AsyncConnection, Connection, pq
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from ._claim import DEFAULT_LEASE, Claimer, claimer_for, to_json
+from ._connect import conninfo_with_defaults, connect, redact
+from ._context import Claim, StageContext
+from ._events import MalformedNotification, parse_event
+from ._install import require_installed
+from ._listener import Backoff, Listener
+from ._pipeline import Pipeline
+from ._stage import Stage
+from .errors import ConfigurationError, LeaseLostError, PermanentError
+
+logger = logging.getLogger("pgstagechain.worker")
+
+DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+MAX_ERROR_TEXT = 4000
+
+
+@attrs.define
+class WorkerStats:
+    """Counters since the worker started; all monotonic."""
+
+    notifications: int = 0
+    malformed: int = 0
+    claimed: int = 0
+    races_lost: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    timed_out: int = 0
+    lease_lost: int = 0
+    rescued: int = 0
+    scans: int = 0
+    db_errors: int = 0
+
+
+class _Link:
+    """An autocommit connection that is reopened on next use after it broke."""
+
+    def __init__(self, conninfo: str, name: str) -> None:
+        self.conninfo = conninfo
+        self.name = name
+        self.conn: AsyncConnection[Any] | None = None
+        self.failures = 0
+
+    async def get(self) -> AsyncConnection[Any]:
+        if self.conn is None or self.conn.closed or self.conn.broken:
+            if self.conn is not None:
+                await self.conn.close()
+            self.conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
+        return self.conn
+
+    async def broke(self, exc: BaseException) -> None:
+        """Note a failure, drop the connection, and wait a backoff before the next try."""
+        self.failures += 1
+        logger.warning("%s connection failed (%s); retrying", self.name, str(exc).strip())
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+        await anyio.sleep(Backoff().delay(self.failures))
+
+    def ok(self) -> None:
+        self.failures = 0
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, bool], list[tuple[int, str | None]]] = {}
+        self.done = anyio.Event()
+        self.completed: set[int] = set()
+
+
+class Worker:
+    """Run a pipeline's stages: ``await worker.run()`` until stopped, or ``run_until_idle()``.
+
+    :param pipeline: the stages to run.
+    :param conninfo: a libpq connection string or URI ("" uses libpq's defaults).
+    :param stages: names of the stages this worker serves (default: all), so a GPU pool
+        and a CPU pool can serve different stages of one pipeline.
+    :param concurrency: runs in flight at once, over all stages.
+    :param stage_limits: a per-stage cap on runs in flight, over ``Stage.concurrency``.
+    :param lease: seconds a claim stays ours without a heartbeat.
+    :param scan_interval: seconds between recovery scans (also done after every re-LISTEN).
+    :param listen: False for poll-only mode behind a transaction pooler (no LISTEN there):
+        the scan then runs every ``poll_interval`` seconds.
+    """
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        conninfo: str = "",
+        *,
+        stages: Iterable[str] | None = None,
+        concurrency: int = 10,
+        stage_limits: Mapping[str, int] | None = None,
+        worker_id: str | None = None,
+        lease: float = DEFAULT_LEASE,
+        batch_size: int = 100,
+        pool_size: int | None = None,
+        scan_interval: float = 10.0,
+        probe_interval: float = 10.0,
+        shutdown_timeout: float = 30.0,
+        listen: bool = True,
+        poll_interval: float = 1.0,
+        max_pending: int = 10_000,
+    ) -> None:
+        pipeline.validate()
+        self.pipeline = pipeline
+        self.conninfo = conninfo_with_defaults(conninfo)
+        served = list(stages) if stages is not None else [s.name for s in pipeline]
+        for name in served:
+            if name not in pipeline:
+                raise ConfigurationError(
+                    f"worker asked to serve unknown stage {name!r} of pipeline {pipeline.name!r}"
+                )
+        if not served:
+            raise ConfigurationError("a worker must serve at least one stage")
+        if concurrency < 1 or batch_size < 1 or lease <= 0:
+            raise ConfigurationError("concurrency, batch_size and lease must be positive")
+        self.served: tuple[Stage, ...] = tuple(pipeline[n] for n in served)
+        self.concurrency = concurrency
+        self.limits = {
+            s.name: min(concurrency, (stage_limits or {}).get(s.name) or s.concurrency or concurrency)
+            for s in self.served
+        }
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}"
+        self.lease = lease
+        self.batch_size = batch_size
+        self.pool_size = pool_size or min(concurrency, 10)
+        self.listen = listen
+        self.scan_interval = scan_interval if listen else poll_interval
+        self.probe_interval = probe_interval
+        self.shutdown_timeout = shutdown_timeout
+        self.max_pending = max_pending
+        self.stats = WorkerStats()
+        self.listener: Listener | None = None
+
+        self._pending: dict[str, dict[str, None]] = {s.name: {} for s in self.served}
+        self._needs_scan: dict[str, bool] = {s.name: True for s in self.served}
+        self._retry_due: dict[str, bool] = {s.name: True for s in self.served}
+        self._inflight: dict[str, int] = {s.name: 0 for s in self.served}
+        self._inflight_total = 0
+        self._live: dict[int, anyio.CancelScope] = {}
+        self._wake = anyio.Event()
+        self._scan_now = anyio.Event()
+        self._stopping = False
+        self._started = anyio.Event()
+        self._order = itertools.cycle(range(len(self.served)))
+        self._batch = _Batch()
+        self._batch_ready = anyio.Event()
+        self._flushing = False
+        self._claimer: Claimer | None = None
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._sync_pool: ConnectionPool[Connection[Any]] | None = None
+        self._threads = anyio.CapacityLimiter(concurrency)
+        self._control = _Link(self.conninfo, "pgstagechain-control")
+        self._finisher = _Link(self.conninfo, "pgstagechain-finisher")
+        self._handlers: TaskGroup | None = None
+        self._maintenance: TaskGroup | None = None
+
+    # -- public -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until :meth:`stop` is called or the task is cancelled, then drain."""
+        await self._serve(until_idle=False)
+
+    async def run_until_idle(self) -> WorkerStats:
+        """Serve until nothing this worker could claim is left, then drain and return stats."""
+        await self._serve(until_idle=True)
+        return self.stats
+
+    def stop(self) -> None:
+        """Stop claiming; in-flight runs get ``shutdown_timeout`` seconds to finish."""
+        self._stopping = True
+        self._wake.set()
+
+    async def wait_started(self) -> None:
+        """Wait until the worker is connected (and listening, unless poll-only)."""
+        await self._started.wait()
+        if self.listener is not None:
+            await self.listener.connected.wait()
+
+    @property
+    def in_flight(self) -> int:
+        return self._inflight_total
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def _serve(self, *, until_idle: bool) -> None:
+        self._stopping = False
+        control = await self._control.get()
+        await require_installed(control, self.pipeline)
+        self._claimer = await claimer_for(control, self.pipeline)
+        self._pool = AsyncConnectionPool(
+            self.conninfo,
+            min_size=1,
+            max_size=self.pool_size,
+            open=False,
+            kwargs={"application_name": "pgstagechain-handler"},
+            name=f"pgstagechain-{self.pipeline.name}",
+        )
+        if any(not s.is_async and s.connection for s in self.served):
+            self._sync_pool = ConnectionPool(
+                self.conninfo,
+                min_size=1,
+                max_size=self.pool_size,
+                open=False,
+                kwargs={"application_name": "pgstagechain-handler"},
+            )
+            await anyio.to_thread.run_sync(self._sync_pool.open)
+        await self._pool.open()
+        try:
+            async with anyio.create_task_group() as maintenance:
+                self._maintenance = maintenance
+                maintenance.start_soon(self._completer_loop)
+                maintenance.start_soon(self._heartbeat_loop)
+                maintenance.start_soon(self._scan_loop)
+                if self.listen:
+                    self.listener = Listener(
+                        self.conninfo,
+                        [self.pipeline.channel],
+                        self._on_notify,
+                        on_listen=self._on_listen,
+                        probe_interval=self.probe_interval,
+                    )
+                    maintenance.start_soon(self.listener.run)
+                async with anyio.create_task_group() as handlers:
+                    self._handlers = handlers
+                    self._started.set()
+                    await self._dispatch_loop(until_idle)
+                    await self._drain()
+                while self._batch.items or self._flushing:
+                    await anyio.sleep(0.005)
+                maintenance.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._pool.close()
+                if self._sync_pool is not None:
+                    await anyio.to_thread.run_sync(self._sync_pool.close)
+                await self._control.close()
+                await self._finisher.close()
+
+    async def _drain(self) -> None:
+        """Let in-flight runs finish within the deadline; hand the rest back at once."""
+        with anyio.move_on_after(self.shutdown_timeout):
+            while self._inflight_total:
+                await self._idle_wait(0.05)
+        if self._live:
+            logger.warning(
+                "shutdown deadline passed: abandoning %d run(s) to other workers", len(self._live)
+            )
+            for scope in list(self._live.values()):
+                scope.cancel()
+
+    # -- notifications --------------------------------------------------------------------
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        self.stats.notifications += 1
+        try:
+            event = parse_event(payload)
+        except MalformedNotification as exc:
+            self.stats.malformed += 1
+            logger.warning("ignored a malformed notification on %s: %s", channel, exc)
+            return
+        target = self.pipeline.next_stage(event.step)
+        if target is None or target.name not in self._pending:
+            return
+        if target.group != (event.kind == "g"):
+            return  # a row reaching a fan-in step: its group's own notification follows
+        bucket = self._pending[target.name]
+        if len(bucket) >= self.max_pending:
+            self._needs_scan[target.name] = True  # too many hints: the scan finds the rest
+        else:
+            bucket[event.key] = None
+        self._wake.set()
+
+    async def _on_listen(self) -> None:
+        for name in self._needs_scan:
+            self._needs_scan[name] = True
+        self._scan_now.set()
+        self._wake.set()
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _free(self, stage: str) -> int:
+        return min(self.concurrency - self._inflight_total, self.limits[stage] - self._inflight[stage])
+
+    def _quiet(self) -> bool:
+        return not (
+            self._inflight_total
+            or self._batch.items
+            or self._flushing
+            or any(self._pending.values())
+            or any(self._needs_scan.values())
+            or any(self._retry_due.values())
+        )
+
+    async def _idle_wait(self, timeout: float | None) -> None:
+        with anyio.move_on_after(timeout):
+            await self._wake.wait()
+        self._wake = anyio.Event()
+
+    async def _dispatch_loop(self, until_idle: bool) -> None:
+        while not self._stopping:
+            if await self._dispatch_once():
+                await anyio.sleep(0)
+                continue
+            if until_idle and self._quiet():
+                next_retry = await self._scan()
+                if self._quiet():
+                    if next_retry is None:
+                        return
+                    await self._idle_wait(max(0.01, min(next_retry, self.scan_interval)))
+                continue
+            await self._idle_wait(None)
+
+    async def _dispatch_once(self) -> bool:
+        """Claim what can be claimed now, each stage in turn; True if anything was tried."""
+        progressed = False
+        start = next(self._order)
+        for offset in range(len(self.served)):
+            if self._stopping:
+                break
+            stage = self.served[(start + offset) % len(self.served)]
+            free = self._free(stage.name)
+            if free <= 0:
+                continue
+            limit = min(free, self.batch_size)
+            keys: list[str] | None = None
+            if self._retry_due[stage.name]:
+                mode = "retry"
+            elif self._pending[stage.name]:
+                bucket = self._pending[stage.name]
+                keys = list(itertools.islice(bucket, limit))
+                for key in keys:
+                    del bucket[key]
+                mode = "keys"
+            elif self._needs_scan[stage.name]:
+                mode = "ready"
+            else:
+                continue
+            progressed = True
+            try:
+                conn = await self._control.get()
+                claims = await self._claimer_().claim(
+                    conn,
+                    stage.name,
+                    keys=keys,
+                    limit=limit,
+                    worker_id=self.worker_id,
+                    lease=self.lease,
+                    retries=mode == "retry",
+                )
+                self._control.ok()
+            except DB_ERRORS as exc:
+                self.stats.db_errors += 1
+                self._needs_scan[stage.name] = True  # the hints are gone; the scan finds them
+                await self._control.broke(exc)
+                continue
+            if mode == "retry" and len(claims) < limit:
+                self._retry_due[stage.name] = False
+            elif mode == "ready" and len(claims) < limit:
+                self._needs_scan[stage.name] = False
+            elif mode == "keys":
+                self.stats.races_lost += len(keys or ()) - len(claims)
+            if claims:
+                await self._start(stage, claims)
+        return progressed
+
+    def _claimer_(self) -> Claimer:
+        assert self._claimer is not None
+        return self._claimer
+
+    async def _start(self, stage: Stage, claims: Sequence[Claim]) -> None:
+        """Fetch what the handlers need to see, then start one task per claim."""
+        self.stats.claimed += len(claims)
+        self._inflight[stage.name] += len(claims)
+        self._inflight_total += len(claims)
+        for each in claims:
+            self._live[each.run_id] = anyio.CancelScope()
+        claimer = self._claimer_()
+        results: dict[str, dict[str, Any]] = {}
+        members: dict[str, dict[str, dict[str, Any]]] = {}
+        try:
+            conn = await self._control.get()
+            ancestors = claimer.ancestors(stage.name)
+            if ancestors:
+                results = await claimer.results(conn, [c.row_key for c in claims], ancestors)
+            if stage.group:
+                for each in claims:
+                    members[each.row_key] = await claimer.members(conn, each.row_key)
+        except DB_ERRORS as exc:
+            # The runs are claimed but we cannot feed them: hand them back at once.
+            self.stats.db_errors += 1
+            await self._control.broke(exc)
+            await self._release([c.run_id for c in claims], "worker lost its connection")
+            for each in claims:
+                self._finished(stage, each)
+            return
+        assert self._handlers is not None
+        for each in claims:
+            self._handlers.start_soon(
+                self._execute, stage, each, results.get(each.row_key, {}), members.get(each.row_key, {})
+            )
+
+    def _finished(self, stage: Stage, claim: Claim) -> None:
+        self._live.pop(claim.run_id, None)
+        self._inflight[stage.name] -= 1
+        self._inflight_total -= 1
+        self._wake.set()
+
+    # -- running a handler ----------------------------------------------------------------------
+
+    async def _execute(
+        self,
+        stage: Stage,
+        claim: Claim,
+        results: Mapping[str, Any],
+        members: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        scope = self._live.get(claim.run_id) or anyio.CancelScope()
+        try:
+            with scope:
+                try:
+                    if stage.is_async:
+                        await self._run_async(stage, claim, results, members)
+                    else:
+                        await self._run_sync(stage, claim, results, members)
+                    self.stats.succeeded += 1
+                except LeaseLostError:
+                    self.stats.lease_lost += 1
+                    logger.warning("run %s of %s lost its lease; result discarded", claim.run_id, stage.name)
+                except Exception as exc:
+                    await self._record_failure(stage, claim, exc)
+            if scope.cancelled_caught:
+                # Shut down past the deadline, or the lease was found lost: hand it back.
+                with anyio.CancelScope(shield=True):
+                    await self._release([claim.run_id], "worker stopped before the run finished")
+        finally:
+            self._finished(stage, claim)
+
+    async def _run_async(
+        self,
+        stage: Stage,
+        claim: Claim,
+        results: Mapping[str, Any],
+        members: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        if not stage.connection:
+            ctx: StageContext[Any] = self._context(claim, None, results, members)
+            with anyio.fail_after(stage.timeout):
+                result = await stage.run(ctx)
+            await self._complete_batched(stage, claim, to_json(stage.name, result))
+            return
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            ctx = self._context(claim, conn, results, members)
+            with anyio.fail_after(stage.timeout):
+                result = await stage.run(ctx)
+            payload = to_json(stage.name, result)
+            if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                pass  # the handler wrote nothing: batch the completion
+            else:
+                await self._claimer_().complete(conn, claim, payload)
+                await conn.commit()
+                return
+        await self._complete_batched(stage, claim, payload)
+
+    async def _run_sync(
+        self,
+        stage: Stage,
+        claim: Claim,
+        results: Mapping[str, Any],
+        members: Mapping[str, Mapping[str, Any]],
+    ) -> None:
+        def call() -> tuple[bool, str | None]:
+            if not stage.connection or self._sync_pool is None:
+                result = stage.run(self._context(claim, None, results, members))
+                return False, to_json(stage.name, result)
+            with self._sync_pool.connection() as conn:
+                result = stage.run(self._context(claim, conn, results, members))
+                payload = to_json(stage.name, result)
+                if conn.info.transaction_status == pq.TransactionStatus.IDLE:
+                    return False, payload
+                self._claimer_().complete_sync(conn, claim, payload)
+                conn.commit()
+                return True, None
+
+        with anyio.fail_after(stage.timeout):
+            committed, payload = await anyio.to_thread.run_sync(
+                call, abandon_on_cancel=True, limiter=self._threads
+            )
+        if not committed:
+            await self._complete_batched(stage, claim, payload)
+
+    def _context(
+        self,
+        claim: Claim,
+        conn: Any,
+        results: Mapping[str, Any],
+        members: Mapping[str, Mapping[str, Any]],
+    ) -> StageContext[Any]:
+        return StageContext(
+            claim=claim, conn=conn, worker_id=self.worker_id, results=results, members=members
+        )
+
+    async def _record_failure(self, stage: Stage, claim: Claim, exc: Exception) -> None:
+        if isinstance(exc, TimeoutError):
+            self.stats.timed_out += 1
+            error = f"TimeoutError: stage {stage.name!r} ran longer than {stage.timeout}s"
+        else:
+            error = "".join(traceback.format_exception(exc))[-MAX_ERROR_TEXT:]
+        retry_in: float | None = None
+        if not isinstance(exc, PermanentError) and claim.attempt < stage.retry.max_attempts:
+            retry_in = stage.retry.delay(claim.attempt, random.random())
+        logger.log(
+            logging.WARNING if retry_in is not None else logging.ERROR,
+            "stage %s failed for %s (attempt %d)%s: %s",
+            stage.name,
+            claim.row_key,
+            claim.attempt,
+            f", retrying in {retry_in:.2f}s" if retry_in is not None else "",
+            str(exc) or type(exc).__name__,
+        )
+        for _ in range(3):
+            try:
+                ours = await self._claimer_().fail(
+                    await self._finisher.get(), claim, error, retry_in=retry_in
+                )
+                self._finisher.ok()
+                break
+            except DB_ERRORS as db_exc:
+                self.stats.db_errors += 1
+                await self._finisher.broke(db_exc)
+        else:
+            return  # the lease will run out and the scanner will re-drive the row
+        if not ours:
+            self.stats.lease_lost += 1
+        elif retry_in is None:
+            self.stats.failed += 1
+        else:
+            self.stats.retried += 1
+            assert self._maintenance is not None
+            self._maintenance.start_soon(self._retry_timer, stage.name, retry_in)
+
+    async def _retry_timer(self, stage: str, delay: float) -> None:
+        await anyio.sleep(delay)
+        self._retry_due[stage] = True
+        self._wake.set()
+
+    async def _release(self, run_ids: list[int], reason: str) -> None:
+        """Close runs we give up on so another worker retries them now, not at lease expiry."""
+        try:
+            conn = await self._finisher.get()
+            await self._expire(conn, run_ids, reason=reason, free=True)
+        except DB_ERRORS as exc:
+            logger.warning("could not release %d run(s) (%s); their leases will expire", len(run_ids), exc)
+
+    async def _expire(
+        self, conn: AsyncConnection[Any], run_ids: list[int], *, reason: str | None, free: bool
+    ) -> list[tuple[str, str, bool]]:
+        claimer = self._claimer_()
+        stages = list(self.pipeline)
+        cur = await conn.execute(
+            claimer.text("expire_leases"),
+            claimer.params(
+                stages=[s.name for s in stages],
+                max_attempts=[s.retry.max_attempts for s in stages],
+                is_group=[s.group for s in stages],
+                run_ids=run_ids,
+                reason=reason,
+                free=free,
+            ),
+        )
+        return [(stage, key, retrying) for stage, key, retrying in await cur.fetchall()]
+
+    # -- completions ------------------------------------------------------------------------------
+
+    async def _complete_batched(self, stage: Stage, claim: Claim, payload: str | None) -> None:
+        batch = self._batch
+        batch.items.setdefault((stage.name, stage.group), []).append((claim.run_id, payload))
+        self._batch_ready.set()
+        with anyio.CancelScope(shield=True):
+            await batch.done.wait()
+        if claim.run_id not in batch.completed:
+            raise LeaseLostError(claim.run_id)
+
+    async def _completer_loop(self) -> None:
+        while True:
+            await self._batch_ready.wait()
+            self._batch_ready = anyio.Event()
+            batch, self._batch = self._batch, _Batch()
+            self._flushing = True
+            try:
+                await self._flush(batch)
+            finally:
+                self._flushing = False
+                batch.done.set()
+                self._wake.set()
+
+    async def _flush(self, batch: _Batch) -> None:
+        claimer = self._claimer_()
+        for (stage, is_group), items in batch.items.items():
+            for attempt in range(5):
+                try:
+                    conn = await self._finisher.get()
+                    batch.completed |= await claimer.complete_many(conn, stage, is_group, items)
+                    self._finisher.ok()
+                    break
+                except DB_ERRORS as exc:
+                    # Safe to repeat: a completion only applies to runs still running.
+                    self.stats.db_errors += 1
+                    if attempt == 4:
+                        logger.error("gave up completing %d run(s) of %s: %s", len(items), stage, exc)
+                    await self._finisher.broke(exc)
+
+    # -- leases and recovery -------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.lease / 3)
+            run_ids = list(self._live)
+            if not run_ids:
+                continue
+            try:
+                conn = await self._finisher.get()
+                cur = await conn.execute(
+                    self._claimer_().text("renew_leases"),
+                    {"run_ids": run_ids, "lease": self.lease},
+                )
+                kept = {run_id for (run_id,) in await cur.fetchall()}
+                self._finisher.ok()
+            except DB_ERRORS as exc:
+                self.stats.db_errors += 1
+                await self._finisher.broke(exc)
+                continue
+            for run_id in run_ids:
+                scope = self._live.get(run_id)
+                if run_id not in kept and scope is not None and not self._batch_has(run_id):
+                    logger.warning("run %s lost its lease; cancelling its handler", run_id)
+                    scope.cancel()
+
+    def _batch_has(self, run_id: int) -> bool:
+        return any(run_id == rid for items in self._batch.items.values() for rid, _ in items)
+
+    async def _scan_loop(self) -> None:
+        while True:
+            with anyio.move_on_after(self.scan_interval):
+                await self._scan_now.wait()
+            self._scan_now = anyio.Event()
+            try:
+                await self._scan()
+            except DB_ERRORS as exc:
+                self.stats.db_errors += 1
+                await self._control.broke(exc)
+
+    async def _scan(self) -> float | None:
+        """Find work a notification did not announce; return seconds to the next retry."""
+        self.stats.scans += 1
+        claimer = self._claimer_()
+        row_steps = [s.after for s in self.served if not s.group]
+        group_steps = [s.after for s in self.served if s.group]
+        conn = await self._control.get()
+        cur = await conn.execute(
+            claimer.text("pending"),
+            claimer.params(row_steps=row_steps, group_steps=group_steps),
+        )
+        found = await cur.fetchone()
+        assert found is not None
+        ready_rows, ready_groups, expired, next_retry_at = found
+        for step in (ready_rows or []) + (ready_groups or []):
+            target = self.pipeline.next_stage(step)
+            if target is not None and target.name in self._needs_scan:
+                self._needs_scan[target.name] = True
+        if expired:
+            rescued = await self._expire(conn, [], reason=None, free=False)
+            self.stats.rescued += len(rescued)
+            if rescued:
+                logger.warning("rescued %d run(s) whose lease expired", len(rescued))
+                next_retry_at = dt.datetime.now(dt.timezone.utc)
+        wait: float | None = None
+        if next_retry_at is not None:
+            wait = (next_retry_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            if wait <= 0:
+                for name in self._retry_due:
+                    self._retry_due[name] = True
+        self._wake.set()
+        return wait
+
+
+def describe(worker: Worker) -> str:
+    """One line for logs: which stages, how much concurrency, which database (no password)."""
+    return (
+        f"worker {worker.worker_id} serving {', '.join(s.name for s in worker.served)} "
+        f"of {worker.pipeline.name!r} (concurrency {worker.concurrency}) on {redact(worker.conninfo)}"
+    )
