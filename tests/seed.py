@@ -45,7 +45,9 @@ def create_tables(dsn: str) -> None:
         conn.execute(TABLES)
 
 
-def add_jobs(dsn: str, jobs: int, variants: int, *, first_job: int = 1, release: bool = True) -> list[int]:
+def add_jobs(
+    dsn: str, jobs: int, variants: int, *, first_job: int = 1, release: bool = True
+) -> list[int]:
     """Insert jobs and their variants; with ``release`` set every variant to (img_gen, done)."""
     status = "done" if release else "running"
     with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():

@@ -4,7 +4,6 @@ import psycopg
 import pytest
 
 from pgstagechain import Worker, migrate
-
 from tests.seed import GROUP_STAGES, ROW_STAGES, add_jobs, create_tables, seed_pipeline
 
 pytestmark = pytest.mark.anyio
@@ -24,8 +23,12 @@ async def test_seed_chain_runs_end_to_end(pgstagechain_dsn: str) -> None:
     stats = await Worker(pipeline, pgstagechain_dsn, scan_interval=1).run_until_idle()
     assert stats.failed == 0
     with psycopg.connect(pgstagechain_dsn) as conn:
-        rows = conn.execute("SELECT current_step, status, count(*) FROM jobs_variants GROUP BY 1, 2").fetchall()
+        rows = conn.execute(
+            "SELECT current_step, status, count(*) FROM jobs_variants GROUP BY 1, 2"
+        ).fetchall()
         assert rows == [("iou_eval", "done", 6)]
-        groups = conn.execute("SELECT step, status, count(*) FROM pgstagechain.groups GROUP BY 1, 2").fetchall()
+        groups = conn.execute(
+            "SELECT step, status, count(*) FROM pgstagechain.groups GROUP BY 1, 2"
+        ).fetchall()
         assert groups == [("instagram_feed_gen", "done", 3)]
     assert len(seen) == 6 * len(ROW_STAGES) + 3 * len(GROUP_STAGES)

@@ -66,7 +66,9 @@ class Claimer:
         try:
             return self.pipeline[name]
         except KeyError:
-            raise ConfigurationError(f"pipeline {self.pipeline.name!r} has no stage {name!r}") from None
+            raise ConfigurationError(
+                f"pipeline {self.pipeline.name!r} has no stage {name!r}"
+            ) from None
 
     async def claim(
         self,
@@ -146,13 +148,13 @@ class Claimer:
         found = await self.results(conn, keys, self.row_stages())
         return {k: found.get(k, {}) for k in keys}
 
-    def _complete_one(self, claim: Claim, result: str | None) -> tuple[LiteralString, dict[str, Any]]:
+    def _complete_one(
+        self, claim: Claim, result: str | None
+    ) -> tuple[LiteralString, dict[str, Any]]:
         name = "complete_group" if claim.is_group else "complete_row"
         return self.text(name), self.params(stage=claim.stage, run_id=claim.run_id, result=result)
 
-    async def complete(
-        self, conn: AsyncConnection[Any], claim: Claim, result: str | None
-    ) -> None:
+    async def complete(self, conn: AsyncConnection[Any], claim: Claim, result: str | None) -> None:
         """Mark the claim's stage done in ``conn``'s transaction; raise if the lease was lost."""
         cur = await conn.execute(*self._complete_one(claim, result))
         if await cur.fetchone() is None:
@@ -243,13 +245,17 @@ async def claim(
     return found[0] if found else None
 
 
-async def complete(conn: AsyncConnection[Any], pipeline: Pipeline, claimed: Claim, result: Any = None) -> None:
+async def complete(
+    conn: AsyncConnection[Any], pipeline: Pipeline, claimed: Claim, result: Any = None
+) -> None:
     """Mark a claimed stage done (firing the next stage) in ``conn``'s current transaction.
 
     Raises :class:`~pgstagechain.LeaseLostError` when the claim was rescued meanwhile;
     roll back then, so nothing the caller wrote in this transaction survives.
     """
-    await (await claimer_for(conn, pipeline)).complete(conn, claimed, to_json(claimed.stage, result))
+    await (await claimer_for(conn, pipeline)).complete(
+        conn, claimed, to_json(claimed.stage, result)
+    )
 
 
 async def fail(

@@ -100,9 +100,7 @@ def object_names(pipeline: Pipeline) -> dict[str, str]:
 def trigger_function_sql(pipeline: Pipeline) -> sql.Composed:
     spec = pipeline.table
     names = object_names(pipeline)
-    row_steps = [
-        s.after for s in pipeline if not s.group and not pipeline.is_group_step(s.after)
-    ]
+    row_steps = [s.after for s in pipeline if not s.group and not pipeline.is_group_step(s.after)]
     fmt: dict[str, sql.Composable] = {
         "function": sql.Identifier("pgstagechain", names["function"]),
         "table": sql.Identifier(spec.schema, spec.table),
@@ -137,7 +135,9 @@ async def install(conn: AsyncConnection[Any], pipeline: Pipeline) -> None:
     table = sql.Identifier(spec.schema, spec.table)
     created: dict[str, str] = {"function": names["function"], "trigger": names["trigger"]}
 
-    wanted = [("state_index", spec.step_column, spec.status_column)]
+    wanted: list[tuple[str, str, str | None]] = [
+        ("state_index", spec.step_column, spec.status_column)
+    ]
     if spec.group_column:
         wanted.append(("group_index", spec.group_column, None))
     for label, first, second in wanted:
@@ -255,7 +255,9 @@ async def uninstall(conn: AsyncConnection[Any], pipeline: Pipeline, *, purge: bo
                 )
         await conn.execute("DELETE FROM pgstagechain.pipelines WHERE name = %s", (pipeline.name,))
         if purge:
-            await conn.execute("DELETE FROM pgstagechain.runs WHERE pipeline = %s", (pipeline.name,))
+            await conn.execute(
+                "DELETE FROM pgstagechain.runs WHERE pipeline = %s", (pipeline.name,)
+            )
             await conn.execute(
                 "DELETE FROM pgstagechain.groups WHERE pipeline = %s", (pipeline.name,)
             )

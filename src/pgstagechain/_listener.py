@@ -96,7 +96,9 @@ class Listener:
                 await anyio.sleep(delay)
 
     async def _session(self) -> None:
-        conn = await connect(self.conninfo, autocommit=True, application_name="pgstagechain-listener")
+        conn = await connect(
+            self.conninfo, autocommit=True, application_name="pgstagechain-listener"
+        )
         async with conn:
             for channel in self.channels:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

@@ -25,7 +25,7 @@ class Migration:
 def migrations() -> list[Migration]:
     """Every migration shipped with the package, in order."""
     found = []
-    for entry in resources.files("pgstagechain").joinpath("sql", "migrations").iterdir():
+    for entry in resources.files("pgstagechain").joinpath("sql").joinpath("migrations").iterdir():
         match = FILE_NAME.match(entry.name)
         if match:
             found.append(Migration(int(match[1]), match[2], entry.read_text(encoding="utf-8")))
@@ -71,7 +71,7 @@ async def migrate_schema(conn: AsyncConnection[Any]) -> list[int]:
             )
             if await cur.fetchone():
                 continue
-            await conn.execute(migration.sql)  # type: ignore[arg-type]
+            await conn.execute(migration.sql.encode())
             await conn.execute(
                 "INSERT INTO pgstagechain.migrations (version, name) VALUES (%s, %s)",
                 (migration.version, migration.name),

@@ -372,4 +372,4 @@ class Queries:
 
     @staticmethod
     def _render(template: str, fmt: dict[str, Any], **more: sql.Composable) -> sql.Composed:
-        return sql.SQL(template).format(**fmt, **more)  # type: ignore[arg-type]
+        return sql.SQL(template).format(**fmt, **more)

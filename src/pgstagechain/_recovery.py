@@ -21,7 +21,7 @@ import attrs
 from psycopg import AsyncConnection
 
 from ._claim import claimer_for
-from ._connect import conninfo_with_defaults, connect
+from ._connect import connect, conninfo_with_defaults
 from ._install import require_installed
 from ._pipeline import Pipeline
 
@@ -40,7 +40,9 @@ class RecoveryReport:
 
     @property
     def total(self) -> int:
-        return self.expired_leases + self.renotified_rows + self.renotified_groups + self.formed_groups
+        return (
+            self.expired_leases + self.renotified_rows + self.renotified_groups + self.formed_groups
+        )
 
 
 class RecoveryScanner:
@@ -52,7 +54,9 @@ class RecoveryScanner:
         self.conninfo = conninfo_with_defaults(conninfo, "pgstagechain-recovery")
         self.limit = limit
 
-    async def scan(self, conn: AsyncConnection[Any] | None = None, *, deep: bool = False) -> RecoveryReport:
+    async def scan(
+        self, conn: AsyncConnection[Any] | None = None, *, deep: bool = False
+    ) -> RecoveryReport:
         """Run one scan. ``deep`` also looks for groups that formed while no trigger was
         installed (a full pass over the fan-in steps, not index-bounded)."""
         if conn is None:

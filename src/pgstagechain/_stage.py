@@ -49,8 +49,8 @@ class Retry:
 
     def delay(self, attempt: int, jitter: float) -> float:
         """Seconds to wait after failed ``attempt``; ``jitter`` is a number in [0, 1)."""
-        ceiling = min(self.max_delay, self.base_delay * 2 ** max(0, attempt - 1))
-        return ceiling * (0.5 + jitter / 2)
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** max(0, attempt - 1))
+        return float(ceiling * (0.5 + jitter / 2))
 
 
 NO_RETRY = Retry()
@@ -133,14 +133,14 @@ class FunctionStage(Stage, Generic[P, R]):
     def __init__(self, func: Callable[P, R], **options: Any) -> None:
         self.func = func
         super().__init__(name=options.pop("name", None) or func.__name__, **options)
-        functools.update_wrapper(self, func)  # type: ignore[arg-type]
+        functools.update_wrapper(self, func)
 
     @property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.func)
 
     def run(self, ctx: StageContext[Any]) -> Any:
-        return self.func(ctx)  # type: ignore[call-arg]
+        return self.func(ctx)  # type: ignore[arg-type, call-arg]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.func(*args, **kwargs)

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 import psycopg
 from anyio.abc import TaskGroup
@@ -27,7 +28,7 @@ from psycopg import AsyncConnection, Connection, pq
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from ._claim import DEFAULT_LEASE, Claimer, claimer_for, to_json
-from ._connect import conninfo_with_defaults, connect, redact
+from ._connect import connect, conninfo_with_defaults, redact
 from ._context import Claim, StageContext
 from ._events import MalformedNotification, parse_event
 from ._install import require_installed
@@ -150,10 +151,14 @@ class Worker:
         self.served: tuple[Stage, ...] = tuple(pipeline[n] for n in served)
         self.concurrency = concurrency
         self.limits = {
-            s.name: min(concurrency, (stage_limits or {}).get(s.name) or s.concurrency or concurrency)
+            s.name: min(
+                concurrency, (stage_limits or {}).get(s.name) or s.concurrency or concurrency
+            )
             for s in self.served
         }
-        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}"
+        self.worker_id = (
+            worker_id or f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}"
+        )
         self.lease = lease
         self.batch_size = batch_size
         self.pool_size = pool_size or min(concurrency, 10)
@@ -259,8 +264,7 @@ class Worker:
                     self._started.set()
                     await self._dispatch_loop(until_idle)
                     await self._drain()
-                while self._batch.items or self._flushing:
-                    await anyio.sleep(0.005)
+                # Every handler task has returned, so every batched completion is flushed.
                 maintenance.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -313,7 +317,9 @@ class Worker:
     # -- dispatch ---------------------------------------------------------------------------
 
     def _free(self, stage: str) -> int:
-        return min(self.concurrency - self._inflight_total, self.limits[stage] - self._inflight[stage])
+        return min(
+            self.concurrency - self._inflight_total, self.limits[stage] - self._inflight[stage]
+        )
 
     def _quiet(self) -> bool:
         return not (
@@ -325,15 +331,15 @@ class Worker:
             or any(self._retry_due.values())
         )
 
-    async def _idle_wait(self, timeout: float | None) -> None:
-        with anyio.move_on_after(timeout):
+    async def _idle_wait(self, seconds: float | None) -> None:
+        with anyio.move_on_after(seconds):
             await self._wake.wait()
         self._wake = anyio.Event()
 
     async def _dispatch_loop(self, until_idle: bool) -> None:
         while not self._stopping:
             if await self._dispatch_once():
-                await anyio.sleep(0)
+                await anyio.lowlevel.checkpoint()
                 continue
             if until_idle and self._quiet():
                 next_retry = await self._scan()
@@ -430,7 +436,11 @@ class Worker:
         assert self._handlers is not None
         for each in claims:
             self._handlers.start_soon(
-                self._execute, stage, each, results.get(each.row_key, {}), members.get(each.row_key, {})
+                self._execute,
+                stage,
+                each,
+                results.get(each.row_key, {}),
+                members.get(each.row_key, {}),
             )
 
     def _finished(self, stage: Stage, claim: Claim) -> None:
@@ -459,7 +469,9 @@ class Worker:
                     self.stats.succeeded += 1
                 except LeaseLostError:
                     self.stats.lease_lost += 1
-                    logger.warning("run %s of %s lost its lease; result discarded", claim.run_id, stage.name)
+                    logger.warning(
+                        "run %s of %s lost its lease; result discarded", claim.run_id, stage.name
+                    )
                 except Exception as exc:
                     await self._record_failure(stage, claim, exc)
             if scope.cancelled_caught:
@@ -584,7 +596,9 @@ class Worker:
             conn = await self._finisher.get()
             await self._expire(conn, run_ids, reason=reason, free=True)
         except DB_ERRORS as exc:
-            logger.warning("could not release %d run(s) (%s); their leases will expire", len(run_ids), exc)
+            logger.warning(
+                "could not release %d run(s) (%s); their leases will expire", len(run_ids), exc
+            )
 
     async def _expire(
         self, conn: AsyncConnection[Any], run_ids: list[int], *, reason: str | None, free: bool
@@ -641,7 +655,9 @@ class Worker:
                     # Safe to repeat: a completion only applies to runs still running.
                     self.stats.db_errors += 1
                     if attempt == 4:
-                        logger.error("gave up completing %d run(s) of %s: %s", len(items), stage, exc)
+                        logger.error(
+                            "gave up completing %d run(s) of %s: %s", len(items), stage, exc
+                        )
                     await self._finisher.broke(exc)
 
     # -- leases and recovery -------------------------------------------------------------------------
@@ -707,10 +723,10 @@ class Worker:
             self.stats.rescued += len(rescued)
             if rescued:
                 logger.warning("rescued %d run(s) whose lease expired", len(rescued))
-                next_retry_at = dt.datetime.now(dt.timezone.utc)
+                next_retry_at = dt.datetime.now(dt.UTC)
         wait: float | None = None
         if next_retry_at is not None:
-            wait = (next_retry_at - dt.datetime.now(dt.timezone.utc)).total_seconds()
+            wait = (next_retry_at - dt.datetime.now(dt.UTC)).total_seconds()
             if wait <= 0:
                 for name in self._retry_due:
                     self._retry_due[name] = True

@@ -17,6 +17,7 @@ from typing import Any
 
 from .backends import FeedlyConfig
 from .ocr import default_reader
+from .readability import text_readability
 from .sample_images import DEFAULT_DIR, IMAGE_SUFFIXES
 from .stages import JOB_STAGES, VARIANT_STAGES, Backends, JobInput, VariantInput
 
@@ -29,6 +30,9 @@ def profile(images: list[Path], repeat: int = 1, text: str = "New arrival: Summe
     t0c, t0w = time.process_time(), time.perf_counter()
     default_reader()._get()
     one_off = {"ocr model load": (time.process_time() - t0c, time.perf_counter() - t0w)}
+    t0c, t0w = time.process_time(), time.perf_counter()
+    text_readability(text)
+    one_off["textstat first call"] = (time.process_time() - t0c, time.perf_counter() - t0w)
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeat):
             variants: dict[str, dict[str, Any]] = {}

@@ -132,8 +132,8 @@ def overlay(inp: VariantInput, b: Backends) -> dict[str, Any]:
     res = render_overlay(load_image(inp.image_path), _copy_text(inp), proposal, font_path=inp.params.get("font_path"))
     d = inp.dir()
     img_path, bg_path = d / f"overlay_{res.overlay_id}.png", d / f"overlay_{res.overlay_id}_bg.png"
-    res.image.save(img_path)
-    res.background.save(bg_path)
+    res.image.save(img_path, compress_level=1)  # intermediate artifact: speed over size
+    res.background.save(bg_path, compress_level=1)
     return {**res.to_json(), "proposal_id": pid, "text": _copy_text(inp),
             "overlay_image": str(img_path), "background_image": str(bg_path)}
 

@@ -21,9 +21,7 @@ SERVER_USER = "pgstagechain"
 def find_bindir() -> Path:
     """Where ``initdb`` and ``pg_ctl`` live."""
     try:
-        import pgserver  # type: ignore[import-untyped]  # noqa: F401
-
-        from pgserver._commands import POSTGRES_BIN_PATH  # type: ignore[import-untyped]
+        from pgserver._commands import POSTGRES_BIN_PATH
 
         if (Path(POSTGRES_BIN_PATH) / "initdb").exists():
             return Path(POSTGRES_BIN_PATH)
@@ -55,7 +53,14 @@ def _server_user() -> str | None:
         pwd.getpwnam(SERVER_USER)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVER_USER],
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                SERVER_USER,
+            ],
             check=True,
             capture_output=True,
         )
@@ -81,7 +86,11 @@ class TemporaryCluster:
         self.port = port or free_port()
         self.bindir = find_bindir()
         self.user = _server_user()
-        self.settings = {"max_connections": "300", "listen_addresses": "127.0.0.1", **(settings or {})}
+        self.settings = {
+            "max_connections": "300",
+            "listen_addresses": "127.0.0.1",
+            **(settings or {}),
+        }
 
     def dsn(self, dbname: str = "postgres") -> str:
         return f"host=127.0.0.1 port={self.port} user=postgres dbname={dbname}"
@@ -108,15 +117,34 @@ class TemporaryCluster:
         if self.user:
             shutil.chown(self.directory, self.user)
             self.directory.chmod(0o755)
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-                  "--no-instructions")
+        self._run(
+            "initdb",
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-instructions",
+        )
 
     def start(self) -> TemporaryCluster:
         self.init()
         options = " ".join(f"-c {k}={v}" for k, v in self.settings.items())
         self._run(
-            "pg_ctl", "-D", str(self.data), "-l", str(self.directory / "server.log"), "-w",
-            "-t", "60", "-o", f"-p {self.port} -k {self.directory} {options}", "start",
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.directory / "server.log"),
+            "-w",
+            "-t",
+            "60",
+            "-o",
+            f"-p {self.port} -k {self.directory} {options}",
+            "start",
         )
         return self
 
