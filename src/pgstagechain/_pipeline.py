@@ -51,7 +51,7 @@ class TableSpec:
     step_column: str = attrs.field(default="current_step", validator=_sql_name("step column"))
     status_column: str = attrs.field(default="status", validator=_sql_name("status column"))
     group_column: str | None = attrs.field(default=None)
-    extra_columns: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    extra_columns: tuple[str, ...] = attrs.field(default=())
     statuses: Statuses = Statuses()
 
     @group_column.validator
