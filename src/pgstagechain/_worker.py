@@ -138,6 +138,9 @@ class Worker:
         pipeline.validate()
         self.pipeline = pipeline
         self.conninfo = conninfo_with_defaults(conninfo)
+        # As given, so each connection below carries its own application_name (listener,
+        # control, finisher) unless the caller's DSN sets one.
+        self._given_conninfo = conninfo
         served = list(stages) if stages is not None else [s.name for s in pipeline]
         for name in served:
             if name not in pipeline:
@@ -188,8 +191,8 @@ class Worker:
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._sync_pool: ConnectionPool[Connection[Any]] | None = None
         self._threads = anyio.CapacityLimiter(concurrency)
-        self._control = _Link(self.conninfo, "pgstagechain-control")
-        self._finisher = _Link(self.conninfo, "pgstagechain-finisher")
+        self._control = _Link(self._given_conninfo, "pgstagechain-control")
+        self._finisher = _Link(self._given_conninfo, "pgstagechain-finisher")
         self._handlers: TaskGroup | None = None
         self._maintenance: TaskGroup | None = None
 
@@ -224,8 +227,12 @@ class Worker:
     async def _serve(self, *, until_idle: bool) -> None:
         self._stopping = False
         control = await self._control.get()
-        await require_installed(control, self.pipeline)
-        self._claimer = await claimer_for(control, self.pipeline)
+        try:
+            await require_installed(control, self.pipeline)
+            self._claimer = await claimer_for(control, self.pipeline)
+        except BaseException:
+            await self._control.close()
+            raise
         self._pool = AsyncConnectionPool(
             self.conninfo,
             min_size=1,
@@ -233,6 +240,9 @@ class Worker:
             open=False,
             kwargs={"application_name": "pgstagechain-handler"},
             name=f"pgstagechain-{self.pipeline.name}",
+            # A connection that died while idle (server restart, failover, idle timeout)
+            # must not cost a handler an attempt: test it at checkout.
+            check=AsyncConnectionPool.check_connection,
         )
         if any(not s.is_async and s.connection for s in self.served):
             self._sync_pool = ConnectionPool(
@@ -241,6 +251,7 @@ class Worker:
                 max_size=self.pool_size,
                 open=False,
                 kwargs={"application_name": "pgstagechain-handler"},
+                check=ConnectionPool.check_connection,
             )
             await anyio.to_thread.run_sync(self._sync_pool.open)
         await self._pool.open()
@@ -252,7 +263,7 @@ class Worker:
                 maintenance.start_soon(self._scan_loop)
                 if self.listen:
                     self.listener = Listener(
-                        self.conninfo,
+                        self._given_conninfo,
                         [self.pipeline.channel],
                         self._on_notify,
                         on_listen=self._on_listen,
@@ -378,15 +389,22 @@ class Worker:
             progressed = True
             try:
                 conn = await self._control.get()
-                claims = await self._claimer_().claim(
-                    conn,
-                    stage.name,
-                    keys=keys,
-                    limit=limit,
-                    worker_id=self.worker_id,
-                    lease=self.lease,
-                    retries=mode == "retry",
-                )
+                try:
+                    claims = await self._claimer_().claim(
+                        conn,
+                        stage.name,
+                        keys=keys,
+                        limit=limit,
+                        worker_id=self.worker_id,
+                        lease=self.lease,
+                        retries=mode == "retry",
+                    )
+                except psycopg.DataError:
+                    if keys is None:
+                        raise
+                    # A hint whose key does not cast to the key column's type (anyone
+                    # can NOTIFY): try the batch's keys one by one, dropping those.
+                    claims, keys = await self._claim_each(conn, stage.name, keys)
                 self._control.ok()
             except DB_ERRORS as exc:
                 self.stats.db_errors += 1
@@ -402,6 +420,28 @@ class Worker:
             if claims:
                 await self._start(stage, claims)
         return progressed
+
+    async def _claim_each(
+        self, conn: AsyncConnection[Any], stage: str, keys: list[str]
+    ) -> tuple[list[Claim], list[str]]:
+        """Claim ``keys`` one at a time; return the claims and the keys that were valid."""
+        claims: list[Claim] = []
+        valid: list[str] = []
+        for key in keys:
+            try:
+                claims += await self._claimer_().claim(
+                    conn, stage, keys=[key], worker_id=self.worker_id, lease=self.lease
+                )
+                valid.append(key)
+            except psycopg.DataError as exc:
+                self.stats.malformed += 1
+                logger.warning(
+                    "ignored a notification for %s whose key %r does not fit the key column: %s",
+                    stage,
+                    key[:80],
+                    str(exc).strip(),
+                )
+        return claims, valid
 
     def _claimer_(self) -> Claimer:
         assert self._claimer is not None

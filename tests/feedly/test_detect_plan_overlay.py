@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageFilter
 
 from examples.feedly.vision.backends import FeedlyConfig, MissingBackendError
 from examples.feedly.vision.detect import (
@@ -72,8 +72,9 @@ def test_samples_are_deterministic_and_shipped() -> None:
     assert {n for n, _ in shipped} == set(PRODUCT_NAMES)
     assert all(im.mode == "RGB" and im.size == (768, 768) for _, im in shipped)
     assert sum((DEFAULT_DIR / f"{n}.png").stat().st_size for n in PRODUCT_NAMES) < 3_000_000
-    # The shipped PNGs are exactly what the generator makes.
-    assert np.array_equal(np.asarray(shipped[0][1]), np.asarray(make_sample(shipped[0][0]).image))
+    # The shipped PNGs are what the generator makes (tolerance: other numpy/Pillow builds).
+    remade = np.asarray(make_sample(shipped[0][0]).image, np.int16)
+    assert np.abs(np.asarray(shipped[0][1], np.int16) - remade).mean() < 0.5
 
 
 def test_load_images_converts_formats(tmp_path: Path) -> None:
@@ -86,8 +87,8 @@ def test_load_images_converts_formats(tmp_path: Path) -> None:
     assert all(im.mode == "RGB" for _, im in got)
     assert got[0][1].getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
     assert got[2][1].getpixel((0, 0)) == (0, 200, 0)
-    with pytest.raises(FileNotFoundError):
-        load_images(tmp_path / "nope" if False else tmp_path.parent / tmp_path.name / "empty_dir_missing") if False else None
+    with pytest.raises(NotADirectoryError):
+        load_images(tmp_path / "missing")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError):
@@ -122,8 +123,14 @@ def test_planner_picks_white_on_dark_and_penalises_overlap() -> None:
 
 def test_overlay_fits_text_inside_box_and_plate() -> None:
     img = studio_with_rectangle()
-    proposal = {"proposal_id": "p1", "box": [40, 480, 600, 600], "text_color": [17, 17, 17],
-                "plate": True, "plate_color": [255, 255, 255], "plate_alpha": 0.6}
+    proposal = {
+        "proposal_id": "p1",
+        "box": [40, 480, 600, 600],
+        "text_color": [17, 17, 17],
+        "plate": True,
+        "plate_color": [255, 255, 255],
+        "plate_alpha": 0.6,
+    }
     res = render_overlay(img, "New arrival: Summer Sale, up to 30% off", proposal)
     tb = res.text_box
     assert 40 <= tb[0] < tb[2] <= 600 and 480 <= tb[1] < tb[3] <= 600
@@ -133,7 +140,10 @@ def test_overlay_fits_text_inside_box_and_plate() -> None:
     pb = res.plate_box
     assert xs.min() >= pb[0] and xs.max() < pb[2] and ys.min() >= pb[1] and ys.max() < pb[3]
     assert res.background.tobytes() != res.image.tobytes()  # background has no text
-    assert res.to_json()["overlay_id"] == render_overlay(img, "New arrival: Summer Sale, up to 30% off", proposal).overlay_id
+    assert (
+        res.to_json()["overlay_id"]
+        == render_overlay(img, "New arrival: Summer Sale, up to 30% off", proposal).overlay_id
+    )
     small = fit_text("A much longer line of ad copy that must wrap", (0, 0, 300, 200))
     assert len(small.lines) >= 2
 
@@ -150,7 +160,7 @@ def test_make_detector_and_missing_yolo_extra(tmp_path: Path) -> None:
     weights = tmp_path / "yolo.pt"
     weights.write_bytes(b"not a model")
     try:
-        import ultralytics  # noqa: F401
+        import ultralytics  # type: ignore[import-not-found]  # noqa: F401
     except ImportError:
         with pytest.raises(MissingBackendError, match=r"pgstagechain\[feedly-yolo\]"):
             make_detector(FeedlyConfig(detector="ultralytics", yolo_weights=str(weights)))
@@ -171,4 +181,3 @@ def test_blur_lowers_classical_sharpness() -> None:
     black = Image.new("RGB", (200, 200), (0, 0, 0))
     dark = checks.analyze(black)
     assert dark["verdict"] == "fail" and dark["checks"]["exposure"] == 0.0
-    ImageDraw.Draw(black)  # keep ImageDraw import used

@@ -27,7 +27,9 @@ def test_union_area_does_not_double_count() -> None:
     region = (0, 0, 100, 100)
     boxes = [(0, 0, 50, 50), (25, 25, 75, 75)]  # 2500 + 2500 - 625
     assert union_area_within(region, boxes) == 4375
-    res = iou_eval([0, 0, 100, 100], [{"box": [0, 0, 50, 50]}, {"box": [25, 25, 75, 75], "label": "cup"}])
+    res = iou_eval(
+        [0, 0, 100, 100], [{"box": [0, 0, 50, 50]}, {"box": [25, 25, 75, 75], "label": "cup"}]
+    )
     assert res["overlap_fraction"] == pytest.approx(0.4375)
     assert res["per_object"][1]["label"] == "cup"
     assert as_box([10.4, 20.6, 5, 1]) == (5, 1, 10, 21)
@@ -60,15 +62,22 @@ def test_region_contrast_masks_text_strokes() -> None:
     assert rc["contrast_p10"] == 21.0 and rc["wcag_aaa_normal"]
     res = readability_eval(img, (0, 0, 100, 40), (0, 0, 0), "Fresh summer sneakers. Shop now.")
     assert res["legibility_score"] == 1.0
-    grey = readability_eval(Image.new("RGB", (50, 50), (119, 119, 119)), (0, 0, 50, 50), (255, 255, 255), "Hi",
-                            is_background=True)
+    grey = readability_eval(
+        Image.new("RGB", (50, 50), (119, 119, 119)),
+        (0, 0, 50, 50),
+        (255, 255, 255),
+        "Hi",
+        is_background=True,
+    )
     assert grey["contrast_p10"] == pytest.approx(4.478, abs=1e-3)
     assert grey["wcag_aa_large"] and not grey["wcag_aa_normal"]
 
 
 def test_textstat_english_readability_offline() -> None:
     easy = text_readability("Big sale. Shop now. New shoes for you.")
-    hard = text_readability("Unprecedented multifunctional ergonomically engineered architectural innovation.")
+    hard = text_readability(
+        "Unprecedented multifunctional ergonomically engineered architectural innovation."
+    )
     assert easy["flesch_reading_ease"] > hard["flesch_reading_ease"]
     assert 0.0 <= hard["ease"] <= easy["ease"] <= 1.0
     assert easy["words"] == 8

@@ -77,7 +77,9 @@ class FeedlyConfig:
             raise ValueError("detector='ultralytics' needs yolo_weights (a local .pt path)")
         if self.vlm == "llava" and not self.llava_model_path:
             raise ValueError("vlm='llava' needs llava_model_path (a local model directory)")
-        if "openai" in (self.vlm, self.translator) and not (self.openai_base_url and self.openai_model):
+        if "openai" in (self.vlm, self.translator) and not (
+            self.openai_base_url and self.openai_model
+        ):
             raise ValueError("an 'openai' backend needs openai_base_url and openai_model")
         if self.translator == "transformers" and not self.translator_model_path:
             raise ValueError("translator='transformers' needs translator_model_path")

@@ -177,8 +177,24 @@ HASHTAGS: dict[str, str] = {
     "데일리 필수템": "데일리템",
 }
 PRODUCT_TAGS = {
-    "보틀", "물병", "스니커즈", "러닝화", "신발", "머그컵", "커피 머그컵", "향수", "헤드폰",
-    "이어폰", "시계", "스마트워치", "립스틱", "스킨케어", "가방", "백팩", "선글라스", "재킷",
+    "보틀",
+    "물병",
+    "스니커즈",
+    "러닝화",
+    "신발",
+    "머그컵",
+    "커피 머그컵",
+    "향수",
+    "헤드폰",
+    "이어폰",
+    "시계",
+    "스마트워치",
+    "립스틱",
+    "스킨케어",
+    "가방",
+    "백팩",
+    "선글라스",
+    "재킷",
 }
 GENERIC_TAGS = ("쇼핑", "오늘의추천", "데일리")
 
@@ -300,7 +316,9 @@ TRANSLATE_SYSTEM_PROMPT = (
 class OpenAICompatibleTranslator:
     """Translation through an OpenAI-compatible chat-completions server."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 60.0
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key = api_key
@@ -319,7 +337,9 @@ class OpenAICompatibleTranslator:
                 {"role": "user", "content": text},
             ],
         }
-        resp = httpx.post(f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout)
+        resp = httpx.post(
+            f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout
+        )
         resp.raise_for_status()
         korean = str(resp.json()["choices"][0]["message"]["content"] or "").strip().strip('"')
         return {"korean": korean, "backend": self.name}
@@ -344,10 +364,18 @@ class TransformersTranslator:
         path = Path(model_path)
         if not path.is_dir():
             raise FileNotFoundError(f"translation model directory not found: {path}")
-        self.torch: Any = require("torch", extra="feedly-llava", purpose="the transformers translator")
-        transformers: Any = require("transformers", extra="feedly-llava", purpose="the transformers translator")
-        self.tokenizer: Any = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model: Any = transformers.AutoModelForSeq2SeqLM.from_pretrained(str(path), local_files_only=True)
+        self.torch: Any = require(
+            "torch", extra="feedly-llava", purpose="the transformers translator"
+        )
+        transformers: Any = require(
+            "transformers", extra="feedly-llava", purpose="the transformers translator"
+        )
+        self.tokenizer: Any = transformers.AutoTokenizer.from_pretrained(
+            str(path), local_files_only=True
+        )
+        self.model: Any = transformers.AutoModelForSeq2SeqLM.from_pretrained(
+            str(path), local_files_only=True
+        )
         self.model.eval()
         self.source_prefix = source_prefix
         self.target_lang_token = target_lang_token
@@ -359,7 +387,9 @@ class TransformersTranslator:
         enc = self.tokenizer(self.source_prefix + text, return_tensors="pt")
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": False}
         if self.target_lang_token:
-            kwargs["forced_bos_token_id"] = self.tokenizer.convert_tokens_to_ids(self.target_lang_token)
+            kwargs["forced_bos_token_id"] = self.tokenizer.convert_tokens_to_ids(
+                self.target_lang_token
+            )
         with self.torch.inference_mode():
             out = self.model.generate(**enc, **kwargs)
         korean = str(self.tokenizer.decode(out[0], skip_special_tokens=True)).strip()
@@ -373,7 +403,9 @@ def make_translator(config: FeedlyConfig | None = None) -> Translator:
     if config.translator == "openai":
         assert config.openai_base_url and config.openai_model
         return OpenAICompatibleTranslator(
-            config.openai_base_url, config.translator_model or config.openai_model, config.openai_api_key
+            config.openai_base_url,
+            config.translator_model or config.openai_model,
+            config.openai_api_key,
         )
     if config.translator == "transformers":
         assert config.translator_model_path is not None

@@ -18,11 +18,19 @@ from .gallery import write_gallery
 from .sample_images import DEFAULT_DIR, IMAGE_SUFFIXES
 from .stages import JOB_STAGES, VARIANT_STAGES, Backends, JobInput, VariantInput
 
-DEFAULT_COPIES = ("New arrival: Summer Sale, up to 30% off", "Limited edition. Free shipping, shop now!")
+DEFAULT_COPIES = (
+    "New arrival: Summer Sale, up to 30% off",
+    "Limited edition. Free shipping, shop now!",
+)
 
 
 def run_job(
-    job_id: str, images: list[Path], out_dir: Path, text: str, backends: Backends, product: str | None = None
+    job_id: str,
+    images: list[Path],
+    out_dir: Path,
+    text: str,
+    backends: Backends,
+    product: str | None = None,
 ) -> dict[str, Any]:
     """All stages for one job; returns the job's gallery entry."""
     variants: dict[str, dict[str, Any]] = {}
@@ -35,10 +43,13 @@ def run_job(
         variants[key] = results
     job_results: dict[str, Any] = {}
     for stage, jfn in JOB_STAGES.items():
-        jinp = JobInput(job_id, out_dir, variants, previous=job_results, params={"product": product})
+        jinp = JobInput(
+            job_id, out_dir, variants, previous=job_results, params={"product": product}
+        )
         job_results[stage] = jfn(jinp, backends)
     (out_dir / job_id / "results.json").write_text(
-        json.dumps({"variants": variants, "job": job_results}, indent=1, ensure_ascii=False), encoding="utf-8"
+        json.dumps({"variants": variants, "job": job_results}, indent=1, ensure_ascii=False),
+        encoding="utf-8",
     )
     feed = job_results["instagram_feed_gen"]
     chosen = feed["chosen_variant_id"]
@@ -69,7 +80,9 @@ def main(argv: list[str] | None = None) -> None:
     jobs = []
     for n, start in enumerate(range(0, len(paths), args.variants)):
         group = paths[start : start + args.variants]
-        jobs.append(run_job(f"job{n + 1}", group, out, DEFAULT_COPIES[n % len(DEFAULT_COPIES)], backends))
+        jobs.append(
+            run_job(f"job{n + 1}", group, out, DEFAULT_COPIES[n % len(DEFAULT_COPIES)], backends)
+        )
         print(f"job{n + 1}: chose {jobs[-1]['chosen_variant_id']} from {[p.stem for p in group]}")
     page = write_gallery(out / "index.html", jobs)
     print(f"gallery: {page}")

@@ -59,7 +59,8 @@ def _norm(a: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(a, 1), np.percentile(a, 99.5)
     if hi - lo < 1e-9:
         return np.zeros_like(a, dtype=np.float32)
-    return np.clip((a - lo) / (hi - lo), 0, 1).astype(np.float32)
+    out: np.ndarray = np.clip((a - lo) / (hi - lo), 0, 1).astype(np.float32)
+    return out
 
 
 def spectral_residual_saliency(gray: np.ndarray, width: int = 96) -> np.ndarray:
@@ -68,7 +69,9 @@ def spectral_residual_saliency(gray: np.ndarray, width: int = 96) -> np.ndarray:
     Implemented with numpy FFTs because ``cv2.saliency`` lives in opencv-contrib only.
     """
     h, w = gray.shape
-    small = cv2.resize(gray.astype(np.float32), (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(
+        gray.astype(np.float32), (width, max(1, round(h * width / w))), interpolation=cv2.INTER_AREA
+    )
     spec = np.fft.fft2(small)
     log_amp = np.log(np.abs(spec) + 1e-8)
     phase = np.angle(spec)
@@ -93,7 +96,12 @@ def _poly_terms(xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
 
 
 def backdrop_contrast(rgb: np.ndarray, border: int = 10, rounds: int = 3) -> np.ndarray:
-    """Colour distance from a smooth backdrop model, in [0, 1].
+    """:func:`backdrop_distance` scaled to [0, 1]."""
+    return _norm(backdrop_distance(rgb, border, rounds))
+
+
+def backdrop_distance(rgb: np.ndarray, border: int = 10, rounds: int = 3) -> np.ndarray:
+    """Colour distance (CIELAB units, 8-bit scale) from a smooth backdrop model.
 
     Studio sweeps are smooth (gradient, vignette, lit spot), so a quadratic surface per Lab
     channel is fitted first on the image border, then refitted on the pixels that agree with
@@ -105,7 +113,12 @@ def backdrop_contrast(rgb: np.ndarray, border: int = 10, rounds: int = 3) -> np.
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     basis = _poly_terms(xx / w - 0.5, yy / h - 0.5)
     sample = np.zeros((h, w), bool)
-    sample[:border], sample[-border:], sample[:, :border], sample[:, -border:] = True, True, True, True
+    sample[:border], sample[-border:], sample[:, :border], sample[:, -border:] = (
+        True,
+        True,
+        True,
+        True,
+    )
     dist = np.zeros((h, w), np.float32)
     for _ in range(rounds):
         a = basis[sample]
@@ -115,7 +128,7 @@ def backdrop_contrast(rgb: np.ndarray, border: int = 10, rounds: int = 3) -> np.
         dl = np.where(dl < 0, 0.35 * dl, dl)
         dist = np.sqrt(dl**2 + diff[..., 1] ** 2 + diff[..., 2] ** 2)
         sample = dist < np.percentile(dist, 40)
-    return _norm(cv2.GaussianBlur(dist, (0, 0), 1.5))
+    return cv2.GaussianBlur(dist, (0, 0), 1.5)
 
 
 class OpenCVSaliencyDetector:
@@ -130,7 +143,9 @@ class OpenCVSaliencyDetector:
         min_area_frac: float = 0.004,
         max_objects: int = 5,
         weights: tuple[float, float, float] = (0.2, 0.3, 0.5),
+        min_delta_e: float = 10.0,
     ) -> None:
+        self.min_delta_e = min_delta_e
         self.work_size = work_size
         self.min_area_frac = min_area_frac
         self.max_objects = max_objects
@@ -138,29 +153,50 @@ class OpenCVSaliencyDetector:
 
     def saliency_map(self, image: Image.Image) -> np.ndarray:
         """Fused cue map in [0, 1] at the image's own size (also used by the planner)."""
+        return self._cues(image)[0]
+
+    def _cues(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """(fused map at full size, raw backdrop distance at work size)."""
         rgb = np.asarray(image.convert("RGB"))
         h, w = rgb.shape[:2]
         k = self.work_size / max(h, w)
-        small = cv2.resize(rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA) if k < 1 else rgb
+        small = (
+            cv2.resize(
+                rgb, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA
+            )
+            if k < 1
+            else rgb
+        )
         gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
         a, b, c = self.weights
-        fused = a * spectral_residual_saliency(gray) + b * edge_density(gray) + c * backdrop_contrast(small)
+        dist = backdrop_distance(small)
+        fused = a * spectral_residual_saliency(gray) + b * edge_density(gray) + c * _norm(dist)
         fused = _norm(fused)
-        return cv2.resize(fused, (w, h), interpolation=cv2.INTER_LINEAR) if k < 1 else fused
+        return (cv2.resize(fused, (w, h), interpolation=cv2.INTER_LINEAR) if k < 1 else fused), dist
 
     def detect(self, image: Image.Image) -> list[Detection]:
         """Threshold the fused map (Otsu), close gaps, and box connected regions."""
         w, h = image.size
         k = min(1.0, self.work_size / max(h, w))
-        full = self.saliency_map(image)
-        sal = cv2.resize(full, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA) if k < 1 else full
+        full, dist = self._cues(image)
+        if float(np.percentile(dist, 99.5)) < self.min_delta_e:
+            return []  # nothing differs visibly from the backdrop: the cue maps are only noise
+        sal = (
+            cv2.resize(
+                full, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA
+            )
+            if k < 1
+            else full
+        )
         u8 = (sal * 255).astype(np.uint8)
         thr, mask = cv2.threshold(u8, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
         if thr < 40:  # a flat image: Otsu splits noise, so nothing stands out
             return []
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (9, 9))
         mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, iterations=2)
-        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
+        mask = cv2.morphologyEx(
+            mask, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+        )
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         min_area = self.min_area_frac * sal.shape[0] * sal.shape[1]
         found: list[Detection] = []
@@ -168,9 +204,17 @@ class OpenCVSaliencyDetector:
             if cv2.contourArea(cnt) < min_area:
                 continue
             x, y, bw, bh = cv2.boundingRect(cnt)
-            inside = sal[y : y + bh, x : x + bw][mask[y : y + bh, x : x + bw] > 0]
+            region = mask[y : y + bh, x : x + bw] > 0
+            inside = sal[y : y + bh, x : x + bw][region]
+            if float(dist[y : y + bh, x : x + bw][region].mean()) < 0.5 * self.min_delta_e:
+                continue  # texture or lighting blob, not an object
             score = float(np.clip(inside.mean() if inside.size else 0.0, 0, 1))
-            box = (int(x / k), int(y / k), min(w, int(np.ceil((x + bw) / k))), min(h, int(np.ceil((y + bh) / k))))
+            box = (
+                int(x / k),
+                int(y / k),
+                min(w, int(np.ceil((x + bw) / k))),
+                min(h, int(np.ceil((y + bh) / k))),
+            )
             found.append(Detection(box, score, "object"))
         found.sort(key=lambda d: d.score, reverse=True)
         return non_max_suppression(found, 0.5)[: self.max_objects]
@@ -190,23 +234,34 @@ class UltralyticsDetector:
 
     name = "ultralytics-yolo"
 
-    def __init__(self, weights_path: str | Path, *, conf: float = 0.25, device: str = "cpu") -> None:
+    def __init__(
+        self, weights_path: str | Path, *, conf: float = 0.25, device: str = "cpu"
+    ) -> None:
         path = Path(weights_path)
         if not path.is_file():
-            raise FileNotFoundError(f"YOLO weights not found at {path} (a local .pt/.onnx file is required)")
+            raise FileNotFoundError(
+                f"YOLO weights not found at {path} (a local .pt/.onnx file is required)"
+            )
         os.environ.setdefault("YOLO_OFFLINE", "1")
-        ultralytics = require("ultralytics", extra="feedly-yolo", purpose="the YOLO detector backend")
+        ultralytics = require(
+            "ultralytics", extra="feedly-yolo", purpose="the YOLO detector backend"
+        )
         self.model: Any = ultralytics.YOLO(str(path))
         self.conf = conf
         self.device = device
 
     def detect(self, image: Image.Image) -> list[Detection]:
         """Run the model once and convert its boxes to :class:`Detection`."""
-        result = self.model.predict(image.convert("RGB"), conf=self.conf, device=self.device, verbose=False)[0]
+        result = self.model.predict(
+            image.convert("RGB"), conf=self.conf, device=self.device, verbose=False
+        )[0]
         names: dict[int, str] = getattr(result, "names", {}) or {}
         out: list[Detection] = []
         for xyxy, score, cls in zip(
-            result.boxes.xyxy.tolist(), result.boxes.conf.tolist(), result.boxes.cls.tolist(), strict=True
+            result.boxes.xyxy.tolist(),
+            result.boxes.conf.tolist(),
+            result.boxes.cls.tolist(),
+            strict=True,
         ):
             out.append(Detection(as_box(xyxy), float(score), names.get(int(cls), str(int(cls)))))
         out.sort(key=lambda d: d.score, reverse=True)

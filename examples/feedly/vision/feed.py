@@ -44,7 +44,9 @@ def variant_score(scores: Mapping[str, Any], weights: Mapping[str, float] = WEIG
         "vlm": float(scores.get("vlm_score") or 0.0),
         "ocr": float(scores.get("ocr_similarity") or 0.0),
         "contrast": contrast_score(float(scores.get("contrast_ratio") or 1.0)),
-        "clear": 1.0 - min(1.0, float(scores["overlap_fraction"])) if scores.get("overlap_fraction") is not None else 0.0,
+        "clear": 1.0 - min(1.0, float(scores["overlap_fraction"]))
+        if scores.get("overlap_fraction") is not None
+        else 0.0,
     }
     total = sum(weights[k] * parts[k] for k in weights)
     return round(total / sum(weights.values()), 4)
@@ -85,9 +87,15 @@ def find_korean_font(explicit: str | None = None) -> str | None:
     if shutil.which("fc-list"):
         try:
             out = subprocess.run(
-                ["fc-list", ":lang=ko", "file"], capture_output=True, text=True, timeout=10, check=False
+                ["fc-list", ":lang=ko", "file"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
             ).stdout
-            candidates.extend(sorted(line.split(":")[0].strip() for line in out.splitlines() if line.strip()))
+            candidates.extend(
+                sorted(line.split(":")[0].strip() for line in out.splitlines() if line.strip())
+            )
         except (OSError, subprocess.SubprocessError):
             pass
     candidates.extend(COMMON_KOREAN_FONTS)
@@ -97,7 +105,9 @@ def find_korean_font(explicit: str | None = None) -> str | None:
     return None
 
 
-def _wrap_chars(text: str, font: ImageFont.FreeTypeFont, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+def _wrap_chars(
+    text: str, font: ImageFont.FreeTypeFont, width: int, draw: ImageDraw.ImageDraw
+) -> list[str]:
     """Wrap on spaces, falling back to characters for long unbroken Korean runs."""
     lines: list[str] = []
     cur = ""
@@ -144,7 +154,9 @@ def render_feed_image(
     ad.thumbnail((w, w), Image.Resampling.LANCZOS)
     if ad.size != (w, w):  # upscale small ads to the square instead of leaving borders
         scale = min(w / ad.width, w / ad.height)
-        ad = ad.resize((round(ad.width * scale), round(ad.height * scale)), Image.Resampling.LANCZOS)
+        ad = ad.resize(
+            (round(ad.width * scale), round(ad.height * scale)), Image.Resampling.LANCZOS
+        )
     canvas.paste(ad, ((w - ad.width) // 2, (w - ad.height) // 2))
     font_file = find_korean_font(font_path)
     draw = ImageDraw.Draw(canvas)
@@ -161,7 +173,11 @@ def render_feed_image(
         tag_lines = _wrap_chars(" ".join(hashtags), tag_font, w - 2 * pad, draw)
         asc, desc = font.getmetrics()
         tasc, tdesc = tag_font.getmetrics()
-        need = len(cap_lines) * int((asc + desc) * 1.2) + 12 + len(tag_lines) * int((tasc + tdesc) * 1.2)
+        need = (
+            len(cap_lines) * int((asc + desc) * 1.2)
+            + 12
+            + len(tag_lines) * int((tasc + tdesc) * 1.2)
+        )
         if need <= avail_h:
             break
         size_px -= 2

@@ -38,22 +38,31 @@ def _fmt(v: Any) -> str:
     return html.escape("" if v is None else str(v))
 
 
-def render_gallery(jobs: Sequence[Mapping[str, Any]], base_dir: str | Path, title: str = "Feedly results") -> str:
+def render_gallery(
+    jobs: Sequence[Mapping[str, Any]], base_dir: str | Path, title: str = "Feedly results"
+) -> str:
     """HTML for ``jobs``; each job mapping has job_id, chosen_variant_id, chosen_overlay,
     feed_image, caption_ko, hashtags, optional english, backends, and variants (each with
     variant_id, optional overlay image and the score columns)."""
     base = Path(base_dir)
     e = html.escape
-    out = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
-           f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
+    out = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
+        f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
+    ]
     for job in jobs:
         jid = str(job["job_id"])
         out.append(f"<section id='job-{e(jid)}'><h2>Job {e(jid)}</h2><div class='row'>")
-        for label, key, width in (("chosen variant", "chosen_overlay", 320), ("feed post", "feed_image", 288)):
+        for label, key, width in (
+            ("chosen variant", "chosen_overlay", 320),
+            ("feed post", "feed_image", 288),
+        ):
             src = _rel(job.get(key), base)
             if src:
-                out.append(f"<figure><img src='{e(src)}' width='{width}' alt='{e(label)}'>"
-                           f"<figcaption>{e(label)}</figcaption></figure>")
+                out.append(
+                    f"<figure><img src='{e(src)}' width='{width}' alt='{e(label)}'>"
+                    f"<figcaption>{e(label)}</figcaption></figure>"
+                )
         out.append("<div>")
         out.append(f"<p>chosen: <b>{e(str(job.get('chosen_variant_id', '')))}</b></p>")
         if job.get("english"):
@@ -63,9 +72,17 @@ def render_gallery(jobs: Sequence[Mapping[str, Any]], base_dir: str | Path, titl
         if job.get("backends"):
             out.append(f"<p class='note'>backends: {e(str(job['backends']))}</p>")
         out.append("</div></div>")
-        out.append("<table><tr><th>variant</th><th>overlay</th>" + "".join(f"<th>{c}</th>" for c in SCORE_COLUMNS) + "</tr>")
+        out.append(
+            "<table><tr><th>variant</th><th>overlay</th>"
+            + "".join(f"<th>{c}</th>" for c in SCORE_COLUMNS)
+            + "</tr>"
+        )
         for v in job.get("variants", []):
-            cls = " class='chosen'" if str(v.get("variant_id")) == str(job.get("chosen_variant_id")) else ""
+            cls = (
+                " class='chosen'"
+                if str(v.get("variant_id")) == str(job.get("chosen_variant_id"))
+                else ""
+            )
             thumb = _rel(v.get("overlay_image"), base)
             img = f"<img src='{e(thumb)}' width='96' alt='overlay'>" if thumb else ""
             cells = "".join(f"<td>{_fmt(v.get(c))}</td>" for c in SCORE_COLUMNS)
@@ -75,7 +92,9 @@ def render_gallery(jobs: Sequence[Mapping[str, Any]], base_dir: str | Path, titl
     return "\n".join(out)
 
 
-def write_gallery(out_path: str | Path, jobs: Sequence[Mapping[str, Any]], title: str = "Feedly results") -> Path:
+def write_gallery(
+    out_path: str | Path, jobs: Sequence[Mapping[str, Any]], title: str = "Feedly results"
+) -> Path:
     """Write the gallery page; links are relative to its folder."""
     p = Path(out_path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ def as_box(value: Sequence[float]) -> Box:
     """Coerce a 4-sequence (e.g. a JSON list) to an integer box, so stored results round-trip."""
     if len(value) != 4:
         raise ValueError(f"a box needs 4 numbers, got {value!r}")
-    x0, y0, x1, y1 = (int(round(float(v))) for v in value)
+    x0, y0, x1, y1 = (round(float(v)) for v in value)
     return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
@@ -77,10 +77,12 @@ def iou_eval(text_box: Sequence[float], detections: Sequence[Any]) -> dict[str, 
     objs: list[tuple[Box, str, float]] = []
     for d in detections:
         if isinstance(d, dict):
-            objs.append((as_box(d["box"]), str(d.get("label", "object")), float(d.get("score", 1.0))))
+            objs.append(
+                (as_box(d["box"]), str(d.get("label", "object")), float(d.get("score", 1.0)))
+            )
         else:
             objs.append((as_box(d.box), str(d.label), float(d.score)))
-    per_object = [
+    per_object: list[dict[str, Any]] = [
         {
             "box": list(b),
             "label": label,
@@ -94,7 +96,7 @@ def iou_eval(text_box: Sequence[float], detections: Sequence[Any]) -> dict[str, 
     frac = covered / area(tb) if area(tb) > 0 else 0.0
     return {
         "text_box": list(tb),
-        "max_iou": max((o["iou"] for o in per_object), default=0.0),
+        "max_iou": max((round(iou(tb, b), 4) for b, _, _ in objs), default=0.0),
         "overlap_fraction": round(frac, 4),
         "per_object": per_object,
     }

@@ -109,7 +109,12 @@ def ocr_eval(
     if region is not None:
         b = as_box(region)
         mx, my = round(margin * (b[2] - b[0])), round(margin * (b[3] - b[1]) + 8)
-        cb = (max(0, b[0] - mx), max(0, b[1] - my), min(crop.width, b[2] + mx), min(crop.height, b[3] + my))
+        cb = (
+            max(0, b[0] - mx),
+            max(0, b[1] - my),
+            min(crop.width, b[2] + mx),
+            min(crop.height, b[3] + my),
+        )
         crop, offset = crop.crop(cb), (cb[0], cb[1])
     lines = r.read(crop)
     read = " ".join(ln.text for ln in lines)
@@ -122,7 +127,12 @@ def ocr_eval(
             {
                 "text": ln.text,
                 "score": round(ln.score, 4),
-                "box": [ln.box[0] + offset[0], ln.box[1] + offset[1], ln.box[2] + offset[0], ln.box[3] + offset[1]],
+                "box": [
+                    ln.box[0] + offset[0],
+                    ln.box[1] + offset[1],
+                    ln.box[2] + offset[0],
+                    ln.box[3] + offset[1],
+                ],
             }
             for ln in lines
         ],

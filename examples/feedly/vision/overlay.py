@@ -26,7 +26,9 @@ def load_font(size: int, font_path: str | Path | None = None) -> ImageFont.FreeT
         return ImageFont.truetype(str(font_path), size)
     font = ImageFont.load_default(size=size)
     if not isinstance(font, ImageFont.FreeTypeFont):  # Pillow without FreeType support
-        raise RuntimeError("Pillow was built without FreeType; sized text needs it (Pillow >= 10.1)")
+        raise RuntimeError(
+            "Pillow was built without FreeType; sized text needs it (Pillow >= 10.1)"
+        )
     return font
 
 
@@ -97,12 +99,19 @@ def fit_text(
             return None
         top = y0 + pad + (avail_h - total_h) / 2
         origins = [(x0 + pad + (avail_w - lw) / 2, top + i * step) for i, lw in enumerate(widths)]
-        ink = [scratch.textbbox(o, ln, font=font) for o, ln in zip(origins, lines, strict=True) if ln]
+        ink = [
+            scratch.textbbox(o, ln, font=font) for o, ln in zip(origins, lines, strict=True) if ln
+        ]
         if not ink:
             ink_box: Box = (x0, y0, x0, y0)
         else:
             ink_box = as_box(
-                (min(b[0] for b in ink), min(b[1] for b in ink), max(b[2] for b in ink), max(b[3] for b in ink))
+                (
+                    min(b[0] for b in ink),
+                    min(b[1] for b in ink),
+                    max(b[2] for b in ink),
+                    max(b[3] for b in ink),
+                )
             )
         return TextLayout(size, lines, origins, ink_box)
 
@@ -166,11 +175,20 @@ def render_overlay(
     if use_plate:
         ib = layout.ink_box
         m = max(6, layout.font_size // 3)
-        plate_box = (max(0, ib[0] - m), max(0, ib[1] - m), min(base.width, ib[2] + m), min(base.height, ib[3] + m))
+        plate_box = (
+            max(0, ib[0] - m),
+            max(0, ib[1] - m),
+            min(base.width, ib[2] + m),
+            min(base.height, ib[3] + m),
+        )
         pc = proposal.get("plate_color", (0, 0, 0))
         alpha = int(255 * float(proposal.get("plate_alpha", 0.55) or 0.55))
         layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-        ImageDraw.Draw(layer).rounded_rectangle(plate_box, radius=m, fill=(int(pc[0]), int(pc[1]), int(pc[2]), alpha))
+        ImageDraw.Draw(layer).rounded_rectangle(  # Pillow's corners are inclusive
+            (plate_box[0], plate_box[1], plate_box[2] - 1, plate_box[3] - 1),
+            radius=m,
+            fill=(int(pc[0]), int(pc[1]), int(pc[2]), alpha),
+        )
         background = Image.alpha_composite(base.convert("RGBA"), layer).convert("RGB")
     out = background.copy()
     draw = ImageDraw.Draw(out)
@@ -180,10 +198,14 @@ def render_overlay(
     oid = hashlib.sha1(
         f"{proposal.get('proposal_id', '')}|{text}|{layout.font_size}|{use_plate}".encode()
     ).hexdigest()[:12]
-    return OverlayResult(out, background, layout.ink_box, plate_box, layout.font_size, layout.lines, rgb, oid)
+    return OverlayResult(
+        out, background, layout.ink_box, plate_box, layout.font_size, layout.lines, rgb, oid
+    )
 
 
-def draw_boxes(image: Image.Image, boxes: Sequence[Sequence[float]], color: str = "#ff00aa") -> Image.Image:
+def draw_boxes(
+    image: Image.Image, boxes: Sequence[Sequence[float]], color: str = "#ff00aa"
+) -> Image.Image:
     """Debug view: outline boxes on a copy of ``image``."""
     out = image.convert("RGB").copy()
     d = ImageDraw.Draw(out)

@@ -111,7 +111,9 @@ def plan_proposals(
         energy = _box_mean(sat, b)
         covered = union_area_within(b, [d.box for d in dets]) / max(1, area(b))
         cy = (b[1] + b[3]) / 2 / h
-        centre_penalty = 0.15 * max(0.0, 1.0 - abs(cy - 0.5) / 0.25)  # middle third is for the product
+        centre_penalty = 0.15 * max(
+            0.0, 1.0 - abs(cy - 0.5) / 0.25
+        )  # middle third is for the product
         narrow_penalty = 0.03 if (b[2] - b[0]) < 0.85 * w else 0.0  # prefer full-width when equal
         cost = energy + overlap_weight * covered + centre_penalty + narrow_penalty
         scored.append((cost, b, energy, covered))
@@ -139,7 +141,7 @@ def plan_proposals(
             {
                 "proposal_id": pid,
                 **body,
-                "text_color_hex": "#%02x%02x%02x" % color,
+                "text_color_hex": "#{:02x}{:02x}{:02x}".format(*color),
                 "contrast_p10": round(p10, 3),
                 "contrast_median": round(med, 3),
                 "energy": round(energy, 4),

@@ -22,7 +22,9 @@ from .sample_images import DEFAULT_DIR, IMAGE_SUFFIXES
 from .stages import JOB_STAGES, VARIANT_STAGES, Backends, JobInput, VariantInput
 
 
-def profile(images: list[Path], repeat: int = 1, text: str = "New arrival: Summer Sale, up to 30% off") -> dict[str, Any]:
+def profile(
+    images: list[Path], repeat: int = 1, text: str = "New arrival: Summer Sale, up to 30% off"
+) -> dict[str, Any]:
     """Run every stage on every image ``repeat`` times; returns per-stage samples in seconds."""
     backends = Backends(FeedlyConfig())
     cpu: dict[str, list[float]] = defaultdict(list)
@@ -39,7 +41,9 @@ def profile(images: list[Path], repeat: int = 1, text: str = "New arrival: Summe
             for img in images:
                 results: dict[str, Any] = {}
                 for stage, fn in VARIANT_STAGES.items():
-                    inp = VariantInput(img.stem, "job", img, tmp, previous=results, params={"text": text})
+                    inp = VariantInput(
+                        img.stem, "job", img, tmp, previous=results, params={"text": text}
+                    )
                     c, w = time.process_time(), time.perf_counter()
                     results[stage] = fn(inp, backends)
                     cpu[stage].append(time.process_time() - c)
@@ -63,15 +67,19 @@ def main(argv: list[str] | None = None) -> None:
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     res = profile(images, args.repeat)
     print(f"{len(images)} variants x {args.repeat} run(s); default backends; times in ms")
-    print(f"{'stage':<20}{'level':<9}{'n':>4}{'cpu mean':>10}{'cpu max':>10}{'wall mean':>11}{'wall max':>10}")
+    print(
+        f"{'stage':<20}{'level':<9}{'n':>4}{'cpu mean':>10}{'cpu max':>10}{'wall mean':>11}{'wall max':>10}"
+    )
     total_cpu = 0.0
     for stage in list(VARIANT_STAGES) + list(JOB_STAGES):
         c, w = res["cpu"][stage], res["wall"][stage]
         level = "variant" if stage in VARIANT_STAGES else "job"
         if level == "variant":
             total_cpu += statistics.mean(c)
-        print(f"{stage:<20}{level:<9}{len(c):>4}{1000 * statistics.mean(c):>10.0f}{1000 * max(c):>10.0f}"
-              f"{1000 * statistics.mean(w):>11.0f}{1000 * max(w):>10.0f}")
+        print(
+            f"{stage:<20}{level:<9}{len(c):>4}{1000 * statistics.mean(c):>10.0f}{1000 * max(c):>10.0f}"
+            f"{1000 * statistics.mean(w):>11.0f}{1000 * max(w):>10.0f}"
+        )
     print(f"{'sum of variant stages':<33}{1000 * total_cpu:>10.0f}")
     for name, (c1, w1) in res["one_off"].items():
         print(f"one-off {name}: cpu {1000 * c1:.0f} ms, wall {1000 * w1:.0f} ms")

@@ -42,11 +42,15 @@ def contrast_map(text_color: Sequence[int], pixels: np.ndarray) -> np.ndarray:
     """Per-pixel contrast ratio of ``text_color`` against an ``(..., 3)`` uint8 array."""
     lt = float(relative_luminance(text_color))
     lp = relative_luminance(pixels)
-    return (np.maximum(lt, lp) + 0.05) / (np.minimum(lt, lp) + 0.05)
+    ratio: np.ndarray = (np.maximum(lt, lp) + 0.05) / (np.minimum(lt, lp) + 0.05)
+    return ratio
 
 
 def background_pixels(
-    image: Image.Image, box: Sequence[float], text_color: Sequence[int] | None = None, tol: float = 60.0
+    image: Image.Image,
+    box: Sequence[float],
+    text_color: Sequence[int] | None = None,
+    tol: float = 60.0,
 ) -> np.ndarray:
     """Pixels inside ``box`` as ``(n, 3)``; with ``text_color``, drop the text strokes.
 
@@ -81,7 +85,7 @@ def region_contrast(text_color: Sequence[int], pixels: np.ndarray) -> dict[str, 
         "contrast_p10": round(p10, 3),
         "contrast_median": round(float(np.median(cm)), 3),
         "contrast_min": round(float(cm.min()), 3),
-        "mean_background": [int(round(float(v))) for v in pixels.reshape(-1, 3).mean(axis=0)],
+        "mean_background": [round(float(v)) for v in pixels.reshape(-1, 3).mean(axis=0)],
         "wcag_aa_normal": p10 >= WCAG_AA_NORMAL,
         "wcag_aa_large": p10 >= WCAG_AA_LARGE,
         "wcag_aaa_normal": p10 >= WCAG_AAA_NORMAL,

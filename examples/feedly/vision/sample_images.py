@@ -42,7 +42,7 @@ class _Scene:
     def __init__(self, size: int, rng: np.random.Generator) -> None:
         self.size = size
         self.rng = rng
-        self.rgb = np.zeros((size, size, 3), np.float32)
+        self.rgb: np.ndarray = np.zeros((size, size, 3), np.float32)
         self.product = np.zeros((size, size), np.float32)
 
     def mask(self, draw: Callable[[ImageDraw.ImageDraw], None], blur: float = 1.0) -> np.ndarray:
@@ -107,10 +107,23 @@ def _shadow(scene: _Scene, box: Box, depth: float = 0.45, blur: float = 22) -> N
 
 def _bottle(s: _Scene) -> None:
     _shadow(s, (150, 600, 370, 650))
-    s.paint(s.mask(lambda d: d.rounded_rectangle((170, 250, 350, 630), 40, fill=255)), (40, 120, 90))
-    s.paint(s.mask(lambda d: d.rounded_rectangle((225, 170, 295, 270), 18, fill=255)), (40, 120, 90))
-    s.paint(s.mask(lambda d: d.rounded_rectangle((220, 130, 300, 185), 10, fill=255)), (30, 30, 35), gloss=0.2)
-    s.paint(s.mask(lambda d: d.rectangle((170, 380, 350, 500), fill=255)), (235, 225, 200), strength=0.35, gloss=0.1)
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((170, 250, 350, 630), 40, fill=255)), (40, 120, 90)
+    )
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((225, 170, 295, 270), 18, fill=255)), (40, 120, 90)
+    )
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((220, 130, 300, 185), 10, fill=255)),
+        (30, 30, 35),
+        gloss=0.2,
+    )
+    s.paint(
+        s.mask(lambda d: d.rectangle((170, 380, 350, 500), fill=255)),
+        (235, 225, 200),
+        strength=0.35,
+        gloss=0.1,
+    )
 
     def stripes(d: ImageDraw.ImageDraw) -> None:
         for y in range(400, 490, 18):
@@ -121,8 +134,22 @@ def _bottle(s: _Scene) -> None:
 
 def _sneaker(s: _Scene) -> None:
     _shadow(s, (170, 560, 640, 625), depth=0.5)
-    s.paint(s.mask(lambda d: d.rounded_rectangle((180, 520, 630, 590), 30, fill=255)), (245, 245, 240), shade="flat")
-    upper = [(200, 525), (215, 420), (300, 380), (360, 330), (430, 320), (470, 380), (560, 440), (615, 470), (625, 525)]
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((180, 520, 630, 590), 30, fill=255)),
+        (245, 245, 240),
+        shade="flat",
+    )
+    upper = [
+        (200, 525),
+        (215, 420),
+        (300, 380),
+        (360, 330),
+        (430, 320),
+        (470, 380),
+        (560, 440),
+        (615, 470),
+        (625, 525),
+    ]
     s.paint(s.mask(lambda d: d.polygon(upper, fill=255)), (200, 40, 50), shade="flat", strength=0.6)
 
     def laces(d: ImageDraw.ImageDraw) -> None:
@@ -130,46 +157,124 @@ def _sneaker(s: _Scene) -> None:
             d.line((365 + 22 * i, 350 + 18 * i, 405 + 22 * i, 335 + 18 * i), fill=255, width=7)
 
     s.paint(s.mask(laces, blur=0.5), (250, 250, 250), shade="flat", gloss=0.0)
-    s.paint(s.mask(lambda d: d.arc((260, 400, 560, 560), 200, 330, fill=255, width=16)), (240, 240, 240), shade="flat")
+    s.paint(
+        s.mask(lambda d: d.arc((260, 400, 560, 560), 200, 330, fill=255, width=16)),
+        (240, 240, 240),
+        shade="flat",
+    )
 
 
 def _mug(s: _Scene) -> None:
     _shadow(s, (380, 540, 700, 600))
     s.paint(s.mask(lambda d: d.ellipse((560, 330, 680, 480), outline=255, width=26)), (30, 80, 160))
-    s.paint(s.mask(lambda d: d.rounded_rectangle((400, 290, 600, 570), 26, fill=255)), (30, 80, 160))
-    s.paint(s.mask(lambda d: d.ellipse((402, 278, 598, 320), fill=255)), (20, 45, 90), shade="flat", gloss=0.0)
-    s.paint(s.mask(lambda d: d.ellipse((412, 284, 588, 314), fill=255)), (70, 40, 25), shade="sphere", gloss=0.1)
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((400, 290, 600, 570), 26, fill=255)), (30, 80, 160)
+    )
+    s.paint(
+        s.mask(lambda d: d.ellipse((402, 278, 598, 320), fill=255)),
+        (20, 45, 90),
+        shade="flat",
+        gloss=0.0,
+    )
+    s.paint(
+        s.mask(lambda d: d.ellipse((412, 284, 588, 314), fill=255)),
+        (70, 40, 25),
+        shade="sphere",
+        gloss=0.1,
+    )
 
 
 def _perfume(s: _Scene) -> None:
     _shadow(s, (240, 620, 530, 670))
-    s.paint(s.mask(lambda d: d.rounded_rectangle((250, 400, 520, 650), 30, fill=255)), (230, 170, 190), gloss=0.6, grain=3)
-    s.paint(s.mask(lambda d: d.rounded_rectangle((275, 430, 495, 620), 20, fill=255)), (200, 120, 150), gloss=0.4)
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((250, 400, 520, 650), 30, fill=255)),
+        (230, 170, 190),
+        gloss=0.6,
+        grain=3,
+    )
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((275, 430, 495, 620), 20, fill=255)),
+        (200, 120, 150),
+        gloss=0.4,
+    )
     s.paint(s.mask(lambda d: d.rectangle((355, 365, 415, 405), fill=255)), (190, 160, 90))
-    s.paint(s.mask(lambda d: d.rounded_rectangle((320, 290, 450, 370), 16, fill=255)), (212, 175, 80), gloss=0.7)
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((320, 290, 450, 370), 16, fill=255)),
+        (212, 175, 80),
+        gloss=0.7,
+    )
 
 
 def _headphones(s: _Scene) -> None:
     _shadow(s, (190, 540, 580, 590), depth=0.35)
-    s.paint(s.mask(lambda d: d.arc((210, 150, 560, 520), 180, 360, fill=255, width=30)), (40, 40, 45), shade="flat", strength=0.3)
-    s.paint(s.mask(lambda d: d.rounded_rectangle((185, 320, 275, 530), 40, fill=255)), (45, 45, 50), gloss=0.5)
-    s.paint(s.mask(lambda d: d.rounded_rectangle((495, 320, 585, 530), 40, fill=255)), (45, 45, 50), gloss=0.5)
-    s.paint(s.mask(lambda d: d.rounded_rectangle((255, 345, 290, 505), 15, fill=255)), (150, 150, 155), shade="flat")
-    s.paint(s.mask(lambda d: d.rounded_rectangle((480, 345, 515, 505), 15, fill=255)), (150, 150, 155), shade="flat")
+    s.paint(
+        s.mask(lambda d: d.arc((210, 150, 560, 520), 180, 360, fill=255, width=30)),
+        (40, 40, 45),
+        shade="flat",
+        strength=0.3,
+    )
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((185, 320, 275, 530), 40, fill=255)),
+        (45, 45, 50),
+        gloss=0.5,
+    )
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((495, 320, 585, 530), 40, fill=255)),
+        (45, 45, 50),
+        gloss=0.5,
+    )
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((255, 345, 290, 505), 15, fill=255)),
+        (150, 150, 155),
+        shade="flat",
+    )
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((480, 345, 515, 505), 15, fill=255)),
+        (150, 150, 155),
+        shade="flat",
+    )
 
 
 def _watch(s: _Scene) -> None:
     _shadow(s, (270, 560, 510, 610), depth=0.35)
-    s.paint(s.mask(lambda d: d.rounded_rectangle((335, 170, 445, 330), 12, fill=255)), (110, 75, 45), strength=0.3)
-    s.paint(s.mask(lambda d: d.rounded_rectangle((335, 470, 445, 600), 12, fill=255)), (110, 75, 45), strength=0.3)
-    s.paint(s.mask(lambda d: d.ellipse((290, 300, 490, 500), fill=255)), (200, 200, 205), shade="sphere", gloss=0.5)
-    s.paint(s.mask(lambda d: d.ellipse((310, 320, 470, 480), fill=255)), (245, 242, 235), shade="sphere", strength=0.15, gloss=0.1)
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((335, 170, 445, 330), 12, fill=255)),
+        (110, 75, 45),
+        strength=0.3,
+    )
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((335, 470, 445, 600), 12, fill=255)),
+        (110, 75, 45),
+        strength=0.3,
+    )
+    s.paint(
+        s.mask(lambda d: d.ellipse((290, 300, 490, 500), fill=255)),
+        (200, 200, 205),
+        shade="sphere",
+        gloss=0.5,
+    )
+    s.paint(
+        s.mask(lambda d: d.ellipse((310, 320, 470, 480), fill=255)),
+        (245, 242, 235),
+        shade="sphere",
+        strength=0.15,
+        gloss=0.1,
+    )
 
     def ticks(d: ImageDraw.ImageDraw) -> None:
         for k in range(12):
             a = k * np.pi / 6
             cx, cy = 390, 400
-            d.line((cx + 65 * np.cos(a), cy + 65 * np.sin(a), cx + 75 * np.cos(a), cy + 75 * np.sin(a)), fill=255, width=4)
+            d.line(
+                (
+                    cx + 65 * np.cos(a),
+                    cy + 65 * np.sin(a),
+                    cx + 75 * np.cos(a),
+                    cy + 75 * np.sin(a),
+                ),
+                fill=255,
+                width=4,
+            )
         d.line((390, 400, 390, 345), fill=255, width=6)
         d.line((390, 400, 430, 420), fill=255, width=5)
 
@@ -178,9 +283,19 @@ def _watch(s: _Scene) -> None:
 
 def _lipstick(s: _Scene) -> None:
     _shadow(s, (480, 600, 660, 640), depth=0.4)
-    s.paint(s.mask(lambda d: d.rounded_rectangle((520, 420, 620, 620), 8, fill=255)), (20, 20, 22), gloss=0.6)
-    s.paint(s.mask(lambda d: d.rectangle((530, 370, 610, 425), fill=255)), (205, 170, 80), gloss=0.7)
-    s.paint(s.mask(lambda d: d.polygon([(540, 372), (540, 300), (600, 270), (600, 372)], fill=255)), (190, 20, 60), gloss=0.3)
+    s.paint(
+        s.mask(lambda d: d.rounded_rectangle((520, 420, 620, 620), 8, fill=255)),
+        (20, 20, 22),
+        gloss=0.6,
+    )
+    s.paint(
+        s.mask(lambda d: d.rectangle((530, 370, 610, 425), fill=255)), (205, 170, 80), gloss=0.7
+    )
+    s.paint(
+        s.mask(lambda d: d.polygon([(540, 372), (540, 300), (600, 270), (600, 372)], fill=255)),
+        (190, 20, 60),
+        gloss=0.3,
+    )
 
 
 _PRODUCTS: dict[str, tuple[Callable[[_Scene], None], Float3, Float3]] = {
@@ -209,7 +324,9 @@ def make_sample(name: str, seed: int = 7, size: int = SIZE) -> Sample:
     low_img = Image.fromarray(low).resize((SIZE, SIZE), Image.Resampling.BICUBIC)
     scene.rgb += 2.0 * np.asarray(low_img, np.float32)[..., None]
     # Sparse sensor grain (not on every pixel) keeps the shipped PNGs small.
-    speck = (rng.random((SIZE, SIZE)) < 0.12) * rng.choice(np.array([-3.0, 3.0], np.float32), (SIZE, SIZE))
+    speck = (rng.random((SIZE, SIZE)) < 0.12) * rng.choice(
+        np.array([-3.0, 3.0], np.float32), (SIZE, SIZE)
+    )
     scene.rgb += speck[..., None].astype(np.float32)
     img = Image.fromarray(np.clip(scene.rgb, 0, 255).astype(np.uint8), "RGB")
     ys, xs = np.nonzero(scene.product > 0.5)
@@ -260,8 +377,8 @@ def load_images(directory: str | Path) -> list[tuple[str, Image.Image]]:
 
 def load_image(path: str | Path) -> Image.Image:
     """Open one image file as upright, opaque RGB."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
+    with Image.open(path) as f:
+        im: Image.Image = ImageOps.exif_transpose(f)
         if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -129,13 +129,20 @@ def overlay(inp: VariantInput, b: Backends) -> dict[str, Any]:
     proposal = next((p for p in plan["proposals"] if p["proposal_id"] == pid), None)
     if proposal is None:
         raise KeyError(f"proposal {pid!r} not among the planner's proposals")
-    res = render_overlay(load_image(inp.image_path), _copy_text(inp), proposal, font_path=inp.params.get("font_path"))
+    res = render_overlay(
+        load_image(inp.image_path), _copy_text(inp), proposal, font_path=inp.params.get("font_path")
+    )
     d = inp.dir()
     img_path, bg_path = d / f"overlay_{res.overlay_id}.png", d / f"overlay_{res.overlay_id}_bg.png"
     res.image.save(img_path, compress_level=1)  # intermediate artifact: speed over size
     res.background.save(bg_path, compress_level=1)
-    return {**res.to_json(), "proposal_id": pid, "text": _copy_text(inp),
-            "overlay_image": str(img_path), "background_image": str(bg_path)}
+    return {
+        **res.to_json(),
+        "proposal_id": pid,
+        "text": _copy_text(inp),
+        "overlay_image": str(img_path),
+        "background_image": str(bg_path),
+    }
 
 
 def vlm_judge(inp: VariantInput, b: Backends) -> dict[str, Any]:
@@ -159,7 +166,9 @@ def readability_eval(inp: VariantInput, b: Backends) -> dict[str, Any]:
     """Stage 7: WCAG contrast under the text (exact, from the no-text render) + English ease."""
     ov = inp.need("overlay")
     with Image.open(ov["background_image"]) as bg:
-        return _readability_eval(bg.convert("RGB"), ov["text_box"], ov["text_color"], ov["text"], is_background=True)
+        return _readability_eval(
+            bg.convert("RGB"), ov["text_box"], ov["text_color"], ov["text"], is_background=True
+        )
 
 
 def iou_eval(inp: VariantInput, b: Backends) -> dict[str, Any]:
@@ -191,8 +200,15 @@ def instagram_feed(inp: JobInput, b: Backends) -> dict[str, Any]:
     kor = inp.previous["ad_copy_gen_kor"]
     rows = [variant_scores(k, r) for k, r in inp.variants.items()]
     paths = {r["variant_id"]: r["overlay_image"] for r in rows if r["overlay_image"]}
-    res = _feed_gen(rows, paths, kor["korean"], kor["hashtags"], inp.dir(),
-                    english=next(iter(kor.get("translations", {})), None), font_path=b.config.korean_font)
+    res = _feed_gen(
+        rows,
+        paths,
+        kor["korean"],
+        kor["hashtags"],
+        inp.dir(),
+        english=next(iter(kor.get("translations", {})), None),
+        font_path=b.config.korean_font,
+    )
     return {**res, "variants": rank_variants_rows(rows)}
 
 

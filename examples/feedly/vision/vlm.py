@@ -39,7 +39,7 @@ ANALYZE_PROMPT = (
     "Score: <0-10>\nVerdict: PASS or FAIL\nReason: <one sentence>"
 )
 JUDGE_PROMPT = (
-    "You are judging an Instagram advertisement. The intended ad copy is: \"{copy}\". "
+    'You are judging an Instagram advertisement. The intended ad copy is: "{copy}". '
     "Is the copy legible and spelled as intended, does it avoid covering the product, and does "
     "the layout look professional? Answer exactly in this form:\n"
     "Score: <0-10>\nVerdict: PASS or FAIL\nReason: <one sentence>"
@@ -68,7 +68,9 @@ _SCORE_PATTERNS: tuple[tuple[str, float | None], ...] = (
     (rf"{_NUM}\s*%", 100.0),  # 85%
     (rf"\b(?:score|rating|rate|grade)\b[^0-9\n]{{0,20}}{_NUM}", 10.0),  # Score: 7, rating of 8.5
 )
-_VERDICT_RE = re.compile(r"\bverdict\b\W*\**\s*(pass|fail|yes|no|good|bad|acceptable|unacceptable)", re.I)
+_VERDICT_RE = re.compile(
+    r"\bverdict\b\W*\**\s*(pass|fail|yes|no|good|bad|acceptable|unacceptable)", re.I
+)
 _LEADING_RE = re.compile(r"^\W*(pass|fail|yes|no)\b", re.I)
 
 
@@ -135,7 +137,9 @@ class VisionLanguageModel(Protocol):
 
     name: str
 
-    def analyze(self, image: Image.Image, *, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def analyze(
+        self, image: Image.Image, *, context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """vlm_analyze: is the generated product image usable?"""
         ...
 
@@ -193,14 +197,18 @@ class OpenAICompatibleVLM:
                 }
             ],
         }
-        resp = httpx.post(f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout)
+        resp = httpx.post(
+            f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout
+        )
         resp.raise_for_status()
         content = resp.json()["choices"][0]["message"]["content"]
         if isinstance(content, list):  # some servers return content parts
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         return str(content or "")
 
-    def analyze(self, image: Image.Image, *, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def analyze(
+        self, image: Image.Image, *, context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """vlm_analyze via the remote model."""
         return answer_to_result("vlm_analyze", self.name, self.ask(image, ANALYZE_PROMPT))
 
@@ -208,19 +216,29 @@ class OpenAICompatibleVLM:
         self, image: Image.Image, *, copy_text: str, context: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """vlm_judge via the remote model."""
-        return answer_to_result("vlm_judge", self.name, self.ask(image, JUDGE_PROMPT.format(copy=copy_text)))
+        return answer_to_result(
+            "vlm_judge", self.name, self.ask(image, JUDGE_PROMPT.format(copy=copy_text))
+        )
 
 
 class LlavaTransformersVLM:
     """LLaVA (e.g. llava-hf/llava-1.5-7b-hf downloaded beforehand) from a LOCAL directory."""
 
-    def __init__(self, model_path: str | Path, *, max_new_tokens: int = 96, device: str = "cpu") -> None:
+    def __init__(
+        self, model_path: str | Path, *, max_new_tokens: int = 96, device: str = "cpu"
+    ) -> None:
         path = Path(model_path)
         if not path.is_dir():
-            raise FileNotFoundError(f"LLaVA model directory not found: {path} (a local path is required)")
+            raise FileNotFoundError(
+                f"LLaVA model directory not found: {path} (a local path is required)"
+            )
         self.torch: Any = require("torch", extra="feedly-llava", purpose="the LLaVA backend")
-        transformers: Any = require("transformers", extra="feedly-llava", purpose="the LLaVA backend")
-        self.processor: Any = transformers.AutoProcessor.from_pretrained(str(path), local_files_only=True)
+        transformers: Any = require(
+            "transformers", extra="feedly-llava", purpose="the LLaVA backend"
+        )
+        self.processor: Any = transformers.AutoProcessor.from_pretrained(
+            str(path), local_files_only=True
+        )
         self.model: Any = transformers.LlavaForConditionalGeneration.from_pretrained(
             str(path), local_files_only=True
         ).to(device)
@@ -231,14 +249,18 @@ class LlavaTransformersVLM:
 
     def ask(self, image: Image.Image, prompt: str) -> str:
         """Greedy generation for one image + question; returns only the new text."""
-        inputs = self.processor(images=image.convert("RGB"), text=llava_prompt(prompt), return_tensors="pt")
+        inputs = self.processor(
+            images=image.convert("RGB"), text=llava_prompt(prompt), return_tensors="pt"
+        )
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         with self.torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new_tokens = out[0, inputs["input_ids"].shape[1] :]
         return str(self.processor.decode(new_tokens, skip_special_tokens=True)).strip()
 
-    def analyze(self, image: Image.Image, *, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def analyze(
+        self, image: Image.Image, *, context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """vlm_analyze with the local LLaVA."""
         return answer_to_result("vlm_analyze", self.name, self.ask(image, ANALYZE_PROMPT))
 
@@ -246,7 +268,9 @@ class LlavaTransformersVLM:
         self, image: Image.Image, *, copy_text: str, context: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
         """vlm_judge with the local LLaVA."""
-        return answer_to_result("vlm_judge", self.name, self.ask(image, JUDGE_PROMPT.format(copy=copy_text)))
+        return answer_to_result(
+            "vlm_judge", self.name, self.ask(image, JUDGE_PROMPT.format(copy=copy_text))
+        )
 
 
 def sharpness(gray: np.ndarray) -> float:
@@ -275,7 +299,9 @@ class ClassicalImageChecks:
         self.detector = detector or OpenCVSaliencyDetector()
         self.sharp_ref = sharp_ref
 
-    def _image_checks(self, image: Image.Image, dets: Sequence[Detection] | None) -> tuple[dict[str, float], list[str]]:
+    def _image_checks(
+        self, image: Image.Image, dets: Sequence[Detection] | None
+    ) -> tuple[dict[str, float], list[str]]:
         gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
         reasons: list[str] = []
         lap = sharpness(gray)
@@ -284,9 +310,17 @@ class ClassicalImageChecks:
         dark, bright = clipping(gray)
         mean = float(gray.mean())
         s_expo = max(0.0, 1.0 - 5.0 * (dark + bright)) * (1.0 if 40 <= mean <= 225 else 0.5)
-        reasons.append(f"clipping {100 * dark:.1f}% black / {100 * bright:.1f}% white, mean {mean:.0f} -> {s_expo:.2f}")
+        reasons.append(
+            f"clipping {100 * dark:.1f}% black / {100 * bright:.1f}% white, mean {mean:.0f} -> {s_expo:.2f}"
+        )
         found = list(dets) if dets is not None else self.detector.detect(image)
-        frac = max((((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])) / (image.width * image.height) for d in found), default=0.0)
+        frac = max(
+            (
+                ((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])) / (image.width * image.height)
+                for d in found
+            ),
+            default=0.0,
+        )
         s_prod = 0.0 if frac < 0.02 else 1.0 if 0.05 <= frac <= 0.85 else 0.5
         reasons.append(f"largest object covers {100 * frac:.1f}% of the image -> {s_prod:.2f}")
         return {"sharpness": s_sharp, "exposure": s_expo, "product_visible": s_prod}, reasons
@@ -305,7 +339,9 @@ class ClassicalImageChecks:
             "reasons": reasons,
         }
 
-    def analyze(self, image: Image.Image, *, context: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    def analyze(
+        self, image: Image.Image, *, context: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         """vlm_analyze stand-in: sharpness, exposure, product visible."""
         dets = _context_detections(context)
         parts, reasons = self._image_checks(image, dets)
@@ -322,9 +358,11 @@ class ClassicalImageChecks:
             px = background_pixels(image, ctx["text_box"], ctx["text_color"])
             rc = region_contrast(ctx["text_color"], px)
             parts["text_contrast"] = contrast_score(rc["contrast_p10"])
-            reasons.append(f"text contrast p10 {rc['contrast_p10']:.2f}:1 -> {parts['text_contrast']:.2f}")
+            reasons.append(
+                f"text contrast p10 {rc['contrast_p10']:.2f}:1 -> {parts['text_contrast']:.2f}"
+            )
             if dets:
-                from .iou import as_box, area, union_area_within
+                from .iou import area, as_box, union_area_within
 
                 tb = as_box(ctx["text_box"])
                 covered = union_area_within(tb, [d.box for d in dets]) / max(1, area(tb))
@@ -339,10 +377,14 @@ class ClassicalImageChecks:
 def _context_detections(context: Mapping[str, Any] | None) -> list[Detection] | None:
     if not context or "detections" not in context:
         return None
-    return [d if isinstance(d, Detection) else Detection.from_json(d) for d in context["detections"]]
+    return [
+        d if isinstance(d, Detection) else Detection.from_json(d) for d in context["detections"]
+    ]
 
 
-def make_vlm(config: FeedlyConfig | None = None, *, detector: Detector | None = None) -> VisionLanguageModel:
+def make_vlm(
+    config: FeedlyConfig | None = None, *, detector: Detector | None = None
+) -> VisionLanguageModel:
     """Build the configured VLM backend (default: classical checks, clearly labelled)."""
     if config is None or config.vlm == "classical":
         return ClassicalImageChecks(detector)
@@ -351,5 +393,7 @@ def make_vlm(config: FeedlyConfig | None = None, *, detector: Detector | None = 
         return LlavaTransformersVLM(config.llava_model_path)
     if config.vlm == "openai":
         assert config.openai_base_url and config.openai_model
-        return OpenAICompatibleVLM(config.openai_base_url, config.openai_model, config.openai_api_key)
+        return OpenAICompatibleVLM(
+            config.openai_base_url, config.openai_model, config.openai_api_key
+        )
     raise ValueError(f"unknown vlm backend {config.vlm!r}")

@@ -1,0 +1,1 @@
+"""Benchmarks of pgstagechain (``python benchmarks/run.py``); see docs/benchmarks.md."""

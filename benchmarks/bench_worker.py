@@ -1,0 +1,118 @@
+"""One benchmark worker process: ``Worker.run()`` on the benchmark pipeline until SIGTERM.
+
+Prints ``READY <pid>`` once it is connected and listening. On SIGTERM it drains and
+writes a JSON file (``--out``) with the handler start times, the times at which this
+process saw its batched completions commit, and the worker's counters.
+
+The commit times come from a thin wrapper around the worker's batched completion call
+(``Claimer.complete_many``): the wrapper reads the clock when the autocommit statement
+has returned, i.e. when the commit is acknowledged. It is measurement only; when the
+internal name is not there, the benchmark falls back to the server's ``finished_at``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_app  # noqa: E402
+from pgstagechain import Worker  # noqa: E402
+
+ACKS: dict[int, float] = {}
+
+
+def instrument_completions() -> bool:
+    try:
+        from pgstagechain._claim import Claimer
+    except ImportError:
+        return False
+    original = getattr(Claimer, "complete_many", None)
+    if original is None:
+        return False
+
+    async def complete_many(self: Any, *args: Any, **kwargs: Any) -> Any:
+        done = await original(self, *args, **kwargs)
+        now = time.time()
+        for run_id in done:
+            ACKS[run_id] = now
+        return done
+
+    Claimer.complete_many = complete_many  # type: ignore[method-assign]
+    return True
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dsn", required=True)
+    parser.add_argument("--row-stages", type=int, default=8)
+    parser.add_argument("--group-stages", type=int, default=2)
+    parser.add_argument("--connection", type=int, choices=(0, 1), default=0)
+    parser.add_argument("--concurrency", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--scan-interval", type=float, default=10.0)
+    parser.add_argument("--no-record", action="store_true", help="skip timestamp records")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    instrumented = instrument_completions() and not args.no_record
+    pipeline = bench_app.build_pipeline(
+        args.row_stages, args.group_stages, connection=bool(args.connection)
+    )
+    worker = Worker(
+        pipeline,
+        args.dsn,
+        concurrency=args.concurrency,
+        batch_size=args.batch_size,
+        scan_interval=args.scan_interval,
+        shutdown_timeout=10.0,
+    )
+
+    async def run() -> None:
+        async with anyio.create_task_group() as tg:
+
+            async def signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                    async for _ in received:
+                        worker.stop()
+                        return
+
+            async def ready() -> None:
+                await worker.wait_started()
+                print(f"READY {os.getpid()}", flush=True)
+
+            tg.start_soon(signals)
+            tg.start_soon(ready)
+            await worker.run()
+            tg.cancel_scope.cancel()
+
+    anyio.run(run)
+    if args.no_record:
+        bench_app.STARTS.clear()
+        ACKS.clear()
+    Path(args.out).write_text(
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "instrumented": instrumented,
+                "starts": bench_app.STARTS,
+                "acks": list(ACKS.items()),
+                "stats": attrs.asdict(worker.stats),
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

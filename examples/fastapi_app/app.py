@@ -1,0 +1,132 @@
+"""A FastAPI app that runs the seed's chain with HTTP stages and its own workers.
+
+The stages are HTTP services (here: routes of this same app under /models, standing in
+for the model servers); the worker runs inside the app and drains on shutdown.
+
+    export PGSTAGECHAIN_DSN="dbname=example"
+    pgstagechain migrate examples.fastapi_app.app:pipeline   # once: schema and trigger
+    uvicorn examples.fastapi_app.app:app --port 8000
+    curl -X POST localhost:8000/jobs -H 'content-type: application/json' -d '{"job_id": 1}'
+    curl localhost:8000/pipelines/feedly
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+from pgstagechain import Pipeline, Retry, StageContext
+from pgstagechain.contrib.fastapi import status_router, worker_lifespan
+from pgstagechain.http import HttpStage
+
+DSN = os.environ.get("PGSTAGECHAIN_DSN", "")
+MODELS = os.environ.get("MODELS_URL", "http://127.0.0.1:8000/models")
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS jobs (job_id bigint PRIMARY KEY, tenant_id text NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs_variants (
+    job_variants_id bigint PRIMARY KEY,
+    job_id bigint NOT NULL REFERENCES jobs,
+    tenant_id text NOT NULL,
+    current_step text NOT NULL DEFAULT 'img_gen',
+    status text NOT NULL DEFAULT 'running'
+);
+"""
+
+pipeline = Pipeline(
+    "feedly",
+    table="jobs_variants",
+    key="job_variants_id",
+    group_column="job_id",
+    extra_columns=["tenant_id"],
+    start="img_gen",
+)
+seed_fields = {"key_field": "job_variants_id", "group_field": "job_id"}
+retry = Retry(max_attempts=5, base_delay=2.0)
+
+
+def with_overlay(ctx: StageContext[Any]) -> dict[str, Any]:
+    return {"overlay_id": ctx.results["overlay"]["overlay_id"]}
+
+
+pipeline.add(
+    HttpStage(
+        name="vlm_analyze", after="img_gen", url=f"{MODELS}/vlm_analyze", retry=retry, **seed_fields
+    )
+)
+pipeline.add(
+    HttpStage(
+        name="overlay", after="vlm_analyze", url=f"{MODELS}/overlay", retry=retry, **seed_fields
+    )
+)
+pipeline.add(
+    HttpStage(
+        name="vlm_judge",
+        after="overlay",
+        url=f"{MODELS}/vlm_judge",
+        payload=with_overlay,
+        retry=retry,
+        **seed_fields,
+    )
+)
+pipeline.add(
+    HttpStage(
+        name="instagram_feed_gen",
+        after="vlm_judge",
+        group=True,
+        url=f"{MODELS}/instagram_feed_gen",
+        retry=retry,
+        **seed_fields,
+    )
+)
+
+
+@asynccontextmanager
+async def own_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    with psycopg.connect(DSN, autocommit=True) as conn:
+        conn.execute(TABLES)
+    yield
+
+
+# migrate=True installs the schema and trigger at startup: convenient here; in production
+# run `pgstagechain migrate` in the deploy step instead. PGSTAGECHAIN_WORKER_ENABLED=0
+# turns the worker off for replicas that should only serve requests.
+app = FastAPI(
+    lifespan=worker_lifespan(pipeline, DSN, lifespan=own_lifespan, migrate=True, concurrency=20)
+)
+app.include_router(status_router(pipeline, DSN, manual=True), prefix="/pipelines")
+
+
+class NewJob(BaseModel):
+    job_id: int
+    tenant_id: str = "demo"
+    variants: int = 3
+
+
+@app.post("/jobs", status_code=201)
+def create_job(job: NewJob) -> dict[str, Any]:
+    # Insert the job and release its variants at (img_gen, done) in one transaction:
+    # the trigger's notification goes out when it commits.
+    with psycopg.connect(DSN) as conn:
+        conn.execute("INSERT INTO jobs VALUES (%s, %s)", (job.job_id, job.tenant_id))
+        conn.execute(
+            "INSERT INTO jobs_variants (job_variants_id, job_id, tenant_id, status)"
+            " SELECT %s * 100 + n, %s, %s, 'done' FROM generate_series(1, %s) n",
+            (job.job_id, job.job_id, job.tenant_id, job.variants),
+        )
+    return {"job_id": job.job_id, "variants": job.variants}
+
+
+# Stand-ins for the model services the stages call.
+@app.post("/models/{stage}")
+def model(stage: str, body: dict[str, Any]) -> dict[str, Any]:
+    answer: dict[str, Any] = {"stage": stage, "received": body}
+    if stage == "overlay":
+        answer["overlay_id"] = f"ov-{body['job_variants_id']}"
+    return answer
