@@ -44,7 +44,10 @@ async def test_many_concurrent_claimers_one_winner(pgstagechain_dsn: str) -> Non
             await conn.close()
     winners = [c for c in outcomes if c is not None]
     assert len(outcomes) == 24 and len(winners) == 1
-    assert winners[0].attempt == 1 and winners[0].row == {"tenant_id": "tenant-1", "img_asset_id": "asset-1-1"}
+    assert winners[0].attempt == 1 and winners[0].row == {
+        "tenant_id": "tenant-1",
+        "img_asset_id": "asset-1-1",
+    }
     with psycopg.connect(pgstagechain_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM pgstagechain.runs").fetchone() == (1,)
         assert conn.execute("SELECT current_step, status FROM jobs_variants").fetchone() == (
@@ -104,14 +107,18 @@ async def test_manual_claim_complete_drives_the_next_stage(pgstagechain_dsn: str
         await conn.commit()
         cur = await conn.execute("SELECT current_step, status FROM jobs_variants")
         assert await cur.fetchone() == ("yolo_detect", "failed")
-        cur = await conn.execute("SELECT stage, state, error, result FROM pgstagechain.runs ORDER BY id")
+        cur = await conn.execute(
+            "SELECT stage, state, error, result FROM pgstagechain.runs ORDER BY id"
+        )
         assert await cur.fetchall() == [
             ("vlm_analyze", "succeeded", None, {"score": 0.9}),
             ("yolo_detect", "failed", "detector exploded", None),
         ]
 
 
-async def test_group_forms_once_when_the_last_members_finish_together(pgstagechain_dsn: str) -> None:
+async def test_group_forms_once_when_the_last_members_finish_together(
+    pgstagechain_dsn: str,
+) -> None:
     """Two connections finish the last two members of each group at the same instant."""
     create_tables(pgstagechain_dsn)
     pipeline = seed_pipeline(noop)
@@ -175,15 +182,32 @@ async def test_handler_writes_commit_with_completion_and_roll_back_on_error(
             "SELECT current_step, status FROM jobs_variants WHERE job_variants_id = 101"
         ).fetchone()
         assert row == ("planner", "failed")
-        error = conn.execute("SELECT error FROM pgstagechain.runs WHERE state = 'failed'").fetchone()
+        error = conn.execute(
+            "SELECT error FROM pgstagechain.runs WHERE state = 'failed'"
+        ).fetchone()
         assert error is not None and "odd variants fail at planner" in error[0]
         seen = conn.execute(
             "SELECT result FROM pgstagechain.runs WHERE row_key = '102' AND stage = 'iou_eval'"
         ).fetchone()
         assert seen is not None
-        assert seen[0]["seen"] == ["readability_eval", "ocr_eval", "vlm_judge", "overlay",
-                                   "planner", "yolo_detect", "vlm_analyze"] or sorted(seen[0]["seen"]) == sorted(
-            ["readability_eval", "ocr_eval", "vlm_judge", "overlay", "planner", "yolo_detect", "vlm_analyze"]
+        assert seen[0]["seen"] == [
+            "readability_eval",
+            "ocr_eval",
+            "vlm_judge",
+            "overlay",
+            "planner",
+            "yolo_detect",
+            "vlm_analyze",
+        ] or sorted(seen[0]["seen"]) == sorted(
+            [
+                "readability_eval",
+                "ocr_eval",
+                "vlm_judge",
+                "overlay",
+                "planner",
+                "yolo_detect",
+                "vlm_analyze",
+            ]
         )
         # the job never forms a group: one member failed
         assert conn.execute("SELECT count(*) FROM pgstagechain.groups").fetchone() == (0,)

@@ -17,9 +17,7 @@ from pgstagechain import (
 
 
 def make(**options: Any) -> Pipeline:
-    return Pipeline(
-        "ads", table="jobs_variants", key="job_variants_id", start="img_gen", **options
-    )
+    return Pipeline("ads", table="jobs_variants", key="job_variants_id", start="img_gen", **options)
 
 
 def noop(ctx: Any) -> None:
@@ -30,7 +28,7 @@ def test_unknown_predecessor_is_named() -> None:
     pipeline = make()
     pipeline.stage(after="img_gen", name="detect")(noop)
     pipeline.stage(after="plannr", name="overlay")(noop)
-    with pytest.raises(StageDeclarationError, match="'overlay'.*unknown step 'plannr'") as info:
+    with pytest.raises(StageDeclarationError, match=r"'overlay'.*unknown step 'plannr'") as info:
         pipeline.validate()
     assert info.value.stage == "overlay"
 
@@ -38,7 +36,7 @@ def test_unknown_predecessor_is_named() -> None:
 def test_two_stages_after_one_step() -> None:
     pipeline = make()
     pipeline.stage(after="img_gen", name="a")(noop)
-    with pytest.raises(StageDeclarationError, match="'b'.*already followed by stage 'a'"):
+    with pytest.raises(StageDeclarationError, match=r"'b'.*already followed by stage 'a'"):
         pipeline.stage(after="img_gen", name="b")(noop)
 
 
@@ -47,7 +45,7 @@ def test_cycle_is_reported_with_its_path() -> None:
     pipeline.stage(after="img_gen", name="a")(noop)
     pipeline.stage(after="c", name="b")(noop)
     pipeline.stage(after="b", name="c")(noop)
-    with pytest.raises(StageDeclarationError, match="cycle: .*b -> c|cycle: .*c -> b"):
+    with pytest.raises(StageDeclarationError, match=r"cycle: .*b -> c|cycle: .*c -> b"):
         pipeline.validate()
 
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import psycopg
 import pytest
 
@@ -23,9 +24,23 @@ JOBS, VARIANTS, WORKERS = 300, 4, 4
 
 def start_worker(dsn: str, n: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pgstagechain", "--dsn", dsn, "--log-level", "WARNING",
-         "worker", "tests.noop_app:pipeline", "--concurrency", "20", "--worker-id", f"w{n}",
-         "--scan-interval", "2"],
+        [
+            sys.executable,
+            "-m",
+            "pgstagechain",
+            "--dsn",
+            dsn,
+            "--log-level",
+            "WARNING",
+            "worker",
+            "tests.noop_app:pipeline",
+            "--concurrency",
+            "20",
+            "--worker-id",
+            f"w{n}",
+            "--scan-interval",
+            "2",
+        ],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
@@ -34,6 +49,10 @@ def start_worker(dsn: str, n: int) -> subprocess.Popen[bytes]:
 async def test_four_processes_run_every_stage_exactly_once(pgstagechain_dsn: str) -> None:
     create_tables(pgstagechain_dsn)
     await migrate(pgstagechain_dsn, pipeline)
+    await anyio.to_thread.run_sync(drive, pgstagechain_dsn)
+
+
+def drive(pgstagechain_dsn: str) -> None:
     workers = [start_worker(pgstagechain_dsn, n) for n in range(WORKERS)]
     try:
         with psycopg.connect(pgstagechain_dsn, autocommit=True) as conn:
@@ -67,10 +86,17 @@ async def test_four_processes_run_every_stage_exactly_once(pgstagechain_dsn: str
             "SELECT count(*) FROM (SELECT 1 FROM pgstagechain.runs"
             " GROUP BY stage, row_key HAVING count(*) > 1) d"
         ).fetchone()
-        other = conn.execute("SELECT count(*) FROM pgstagechain.runs WHERE state <> 'succeeded'").fetchone()
+        other = conn.execute(
+            "SELECT count(*) FROM pgstagechain.runs WHERE state <> 'succeeded'"
+        ).fetchone()
         spread = conn.execute("SELECT count(DISTINCT worker_id) FROM pgstagechain.runs").fetchone()
-        rows = conn.execute("SELECT current_step, status, count(*) FROM jobs_variants GROUP BY 1, 2").fetchall()
-    assert per_stage == {**{s: JOBS * VARIANTS for s in ROW_STAGES}, **{s: JOBS for s in GROUP_STAGES}}
+        rows = conn.execute(
+            "SELECT current_step, status, count(*) FROM jobs_variants GROUP BY 1, 2"
+        ).fetchall()
+    assert per_stage == {
+        **{s: JOBS * VARIANTS for s in ROW_STAGES},
+        **{s: JOBS for s in GROUP_STAGES},
+    }
     assert duplicates == (0,)
     assert other == (0,)
     assert rows == [("iou_eval", "done", JOBS * VARIANTS)]

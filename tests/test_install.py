@@ -8,7 +8,14 @@ from typing import Any
 import psycopg
 import pytest
 
-from pgstagechain import NotInstalledError, Pipeline, SchemaMismatchError, Worker, migrate, uninstall
+from pgstagechain import (
+    NotInstalledError,
+    Pipeline,
+    SchemaMismatchError,
+    Worker,
+    migrate,
+    uninstall,
+)
 from pgstagechain._connect import connect
 from pgstagechain._migrations import LATEST, applied_version
 from tests.seed import create_tables, seed_pipeline
@@ -81,10 +88,15 @@ async def test_missing_table_and_column_are_named(pgstagechain_dsn: str) -> None
     with pytest.raises(SchemaMismatchError, match=r"public\.jobs_variants does not exist"):
         await migrate(pgstagechain_dsn, pipeline)
     create_tables(pgstagechain_dsn)
-    wrong = Pipeline("wrong", table="jobs_variants", key="job_variants_id", start="img_gen",
-                     extra_columns=["tenant", "img_asset_id"])
+    wrong = Pipeline(
+        "wrong",
+        table="jobs_variants",
+        key="job_variants_id",
+        start="img_gen",
+        extra_columns=["tenant", "img_asset_id"],
+    )
     wrong.stage(after="img_gen", name="a")(noop)
-    with pytest.raises(SchemaMismatchError, match="no column.*'tenant'"):
+    with pytest.raises(SchemaMismatchError, match=r"no column.*'tenant'"):
         await migrate(pgstagechain_dsn, wrong)
 
 
@@ -111,16 +123,27 @@ async def test_quoted_names_work_end_to_end(pgstagechain_dsn: str) -> None:
             'INSERT INTO "My Schema"."Odd Table" ("Step", "state; drop", "group")'
             " SELECT 'start', 'done', g FROM generate_series(1, 3) g, generate_series(1, 2)"
         )
-    pipeline = Pipeline("odd", schema="My Schema", table="Odd Table", key="the key",
-                        step_column="Step", status_column="state; drop", group_column="group",
-                        start="start")
+    pipeline = Pipeline(
+        "odd",
+        schema="My Schema",
+        table="Odd Table",
+        key="the key",
+        step_column="Step",
+        status_column="state; drop",
+        group_column="group",
+        start="start",
+    )
     pipeline.stage(after="start", name="first")(noop)
     pipeline.stage(after="first", name="together", group=True)(noop)
     await migrate(pgstagechain_dsn, pipeline)
     await Worker(pipeline, pgstagechain_dsn, scan_interval=1).run_until_idle()
     with psycopg.connect(pgstagechain_dsn) as conn:
-        rows = conn.execute('SELECT "Step", "state; drop", count(*) FROM "My Schema"."Odd Table" GROUP BY 1, 2').fetchall()
-        groups = conn.execute("SELECT step, status, count(*) FROM pgstagechain.groups GROUP BY 1, 2").fetchall()
+        rows = conn.execute(
+            'SELECT "Step", "state; drop", count(*) FROM "My Schema"."Odd Table" GROUP BY 1, 2'
+        ).fetchall()
+        groups = conn.execute(
+            "SELECT step, status, count(*) FROM pgstagechain.groups GROUP BY 1, 2"
+        ).fetchall()
     assert rows == [("first", "done", 6)]
     assert groups == [("together", "done", 3)]
 
@@ -129,9 +152,10 @@ async def test_trigger_notifies_only_real_changes_to_done(pgstagechain_dsn: str)
     create_tables(pgstagechain_dsn)
     pipeline = seed_pipeline(noop)
     await migrate(pgstagechain_dsn, pipeline)
-    with psycopg.connect(pgstagechain_dsn, autocommit=True) as listen, psycopg.connect(
-        pgstagechain_dsn, autocommit=True
-    ) as conn:
+    with (
+        psycopg.connect(pgstagechain_dsn, autocommit=True) as listen,
+        psycopg.connect(pgstagechain_dsn, autocommit=True) as conn,
+    ):
         listen.execute("LISTEN pgstagechain_feedly")
         conn.execute("INSERT INTO jobs VALUES (1, 't', 'img_gen', 'running')")
         conn.execute(
@@ -139,7 +163,9 @@ async def test_trigger_notifies_only_real_changes_to_done(pgstagechain_dsn: str)
             " VALUES (101, 1, 'a', 't', 'img_gen', 'running')"
         )
         conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = 101")
-        conn.execute("UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = 101")  # no change
+        conn.execute(
+            "UPDATE jobs_variants SET status = 'done' WHERE job_variants_id = 101"
+        )  # no change
         conn.execute("UPDATE jobs_variants SET img_asset_id = 'b' WHERE job_variants_id = 101")
         conn.execute("UPDATE jobs_variants SET current_step = 'vlm_analyze', status = 'running'")
         notes = list(listen.notifies(timeout=0.5))

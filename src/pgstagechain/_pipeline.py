@@ -116,7 +116,9 @@ class Pipeline:
             extra_columns=tuple(extra_columns),
             statuses=statuses or Statuses(),
         )
-        starts: tuple[str, ...] = (start,) if isinstance(start, str) else tuple(str(s) for s in start)
+        starts: tuple[str, ...] = (
+            (start,) if isinstance(start, str) else tuple(str(s) for s in start)
+        )
         if not starts:
             raise ConfigurationError(f"pipeline {name!r} needs at least one start step")
         self.start_steps = tuple(check_name("start step", s) for s in starts)
