@@ -23,6 +23,8 @@ class TestServer:
     """The session's server. ``cluster`` is None when it came from ``PGSTAGECHAIN_TEST_DSN``
     (then tests that must restart the server are skipped)."""
 
+    __test__ = False  # not a test class, whatever pytest thinks of the name
+
     dsn: str
     cluster: TemporaryCluster | None
     counter: Iterator[int] = attrs.field(factory=lambda: itertools.count(1))
