@@ -26,8 +26,8 @@ import attrs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_app  # noqa: E402
-from pgstagechain import Worker  # noqa: E402
+from benchmarks import bench_app
+from pgstagechain import Worker
 
 ACKS: dict[int, float] = {}
 

@@ -14,7 +14,7 @@ import re
 import sys
 from pathlib import Path
 
-IDLE_LEAF = re.compile(r"^(select|poll|_run_once|wait) \((selectors|asyncio/base_events|threading)")
+IDLE_LEAF = re.compile(r"^(EpollSelector\.select|select|poll) \(")
 
 
 def load(path: Path) -> list[tuple[list[str], int]]:
@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         self_time[short(frames[-1])] += count
         for frame in {short(f) for f in frames}:
             inclusive[frame] += count
-    print(f"samples: {total}, idle (event loop waiting): {idle} ({100 * idle / max(total, 1):.1f}%)")
+    print(
+        f"samples: {total}, idle (event loop waiting): {idle} ({100 * idle / max(total, 1):.1f}%)"
+    )
     print(f"\ntop {args.top} by self time (% of busy samples)")
     for frame, count in self_time.most_common(args.top):
         print(f"{100 * count / denominator:6.1f}%  {frame}")

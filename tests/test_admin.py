@@ -51,15 +51,12 @@ async def test_status_counts_running_retrying_and_waiting_groups(pgstagechain_ds
     assert found["yolo_detect"].runs_last_hour == 1  # the failed attempt
     assert found["ad_copy_gen_kor"].waiting == 0
 
-    await Worker(
-        pipeline, pgstagechain_dsn, stages=ROW_STAGES[1:], scan_interval=1
-    ).run_until_idle()
     async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as conn:
+        report = await cancel(conn, pipeline, key="201")
+        assert (report.keys, report.runs_closed, report.retries_dropped) == (("201",), 0, 1)
         found = {s.stage: s for s in await status(conn, pipeline)}
-    # 101 and 102 stay claimed by hand (running); 202 went through, 201 awaits its retry
-    assert found["yolo_detect"].running == 3
-    assert found["iou_eval"].done == 1
-    assert found["ad_copy_gen_kor"].waiting == 0  # no job has all its variants through
+    yolo = found["yolo_detect"]
+    assert (yolo.waiting, yolo.running, yolo.retrying, yolo.done, yolo.failed) == (1, 2, 0, 0, 1)
 
 
 async def test_cancel_while_a_worker_runs_the_stage(pgstagechain_dsn: str) -> None:
@@ -85,9 +82,10 @@ async def test_cancel_while_a_worker_runs_the_stage(pgstagechain_dsn: str) -> No
             assert report.keys == ("101",)
             assert report.runs_closed == 1
             release.set()
-            with anyio.fail_after(30):
-                while worker.stats.lease_lost == 0:
-                    await anyio.sleep(0.05)
+            for _ in range(600):
+                if worker.stats.lease_lost:
+                    break
+                await anyio.sleep(0.05)
             worker.stop()
             found = await history(conn, pipeline, "101")
     assert (found.step, found.status) == ("vlm_analyze", "failed")

@@ -305,7 +305,15 @@ class Worker:
             event = parse_event(payload)
         except MalformedNotification as exc:
             self.stats.malformed += 1
-            logger.warning("ignored a malformed notification on %s: %s", channel, exc)
+            count = self.stats.malformed
+            # A flood must not become a log flood: the first few, then every thousandth.
+            logger.log(
+                logging.WARNING if count <= 10 or count % 1000 == 0 else logging.DEBUG,
+                "ignored a malformed notification on %s (%d so far): %s",
+                channel,
+                count,
+                exc,
+            )
             return
         target = self.pipeline.next_stage(event.step)
         if target is None or target.name not in self._pending:
