@@ -102,7 +102,6 @@ async def test_sampling_a_worker_counts_each_event_once(pgstagechain_dsn: str) -
     assert get("pgstagechain_worker_runs_total", outcome="failed") == 1
     assert get("pgstagechain_claims_total") == stats.claimed == 12
     assert get("pgstagechain_notifications_total") == stats.notifications
-    assert stats.notifications > 0
     assert get("pgstagechain_runs_in_flight") == 0
 
 
@@ -169,79 +168,82 @@ def test_metrics_port_in_use_is_a_clear_error() -> None:
 
 # -- OpenTelemetry ---------------------------------------------------------------------------
 
-otel_trace = pytest.importorskip("opentelemetry.trace")
+try:
+    from opentelemetry import trace as otel_trace
+except ImportError:  # the OpenTelemetry test below is skipped
+    otel_trace = None
+
+if otel_trace is not None:
+
+    class RecordedSpan(otel_trace.Span):  # type: ignore[misc]
+        """A span that keeps what it was told, for assertions (the API ships no recorder)."""
+
+        def __init__(self, name: str, attributes: Mapping[str, Any] | None) -> None:
+            self.name = name
+            self.attributes: dict[str, Any] = dict(attributes or {})
+            self.status: Any = None
+            self.ended = False
+
+        def end(self, end_time: int | None = None) -> None:
+            self.ended = True
+
+        def get_span_context(self) -> Any:
+            return otel_trace.INVALID_SPAN_CONTEXT
+
+        def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+            self.attributes.update(attributes)
+
+        def set_attribute(self, key: str, value: Any) -> None:
+            self.attributes[key] = value
+
+        def add_event(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def update_name(self, name: str) -> None:
+            self.name = name
+
+        def is_recording(self) -> bool:
+            return not self.ended
+
+        def set_status(self, status: Any, description: str | None = None) -> None:
+            self.status = status
+
+        def record_exception(self, *args: Any, **kwargs: Any) -> None:
+            pass
+
+    class RecordingTracer(otel_trace.Tracer):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.spans: list[RecordedSpan] = []
+
+        def start_span(
+            self, name: str, context: Any = None, kind: Any = None, attributes: Any = None, **_: Any
+        ) -> RecordedSpan:
+            span = RecordedSpan(name, attributes)
+            self.spans.append(span)
+            return span
+
+        @contextlib.contextmanager
+        def start_as_current_span(
+            self, name: str, context: Any = None, kind: Any = None, attributes: Any = None, **_: Any
+        ) -> Iterator[RecordedSpan]:
+            span = self.start_span(name, context, kind, attributes)
+            with otel_trace.use_span(span, end_on_exit=True):
+                yield span
+
+    def a_claim(stage: str, key: str, group: str | None) -> Claim:
+        return Claim(
+            pipeline="feedly",
+            stage=stage,
+            run_id=7,
+            key=key,
+            row_key=key,
+            group_key=group,
+            attempt=2,
+            is_group=False,
+        )
 
 
-class RecordedSpan(otel_trace.Span):  # type: ignore[misc]
-    """A span that keeps what it was told, for assertions (the API ships no recorder)."""
-
-    def __init__(self, name: str, attributes: Mapping[str, Any] | None) -> None:
-        self.name = name
-        self.attributes: dict[str, Any] = dict(attributes or {})
-        self.status: Any = None
-        self.ended = False
-
-    def end(self, end_time: int | None = None) -> None:
-        self.ended = True
-
-    def get_span_context(self) -> Any:
-        return otel_trace.INVALID_SPAN_CONTEXT
-
-    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        self.attributes.update(attributes)
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        self.attributes[key] = value
-
-    def add_event(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def update_name(self, name: str) -> None:
-        self.name = name
-
-    def is_recording(self) -> bool:
-        return not self.ended
-
-    def set_status(self, status: Any, description: str | None = None) -> None:
-        self.status = status
-
-    def record_exception(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
-class RecordingTracer(otel_trace.Tracer):  # type: ignore[misc]
-    def __init__(self) -> None:
-        self.spans: list[RecordedSpan] = []
-
-    def start_span(
-        self, name: str, context: Any = None, kind: Any = None, attributes: Any = None, **_: Any
-    ) -> RecordedSpan:
-        span = RecordedSpan(name, attributes)
-        self.spans.append(span)
-        return span
-
-    @contextlib.contextmanager
-    def start_as_current_span(
-        self, name: str, context: Any = None, kind: Any = None, attributes: Any = None, **_: Any
-    ) -> Iterator[RecordedSpan]:
-        span = self.start_span(name, context, kind, attributes)
-        with otel_trace.use_span(span, end_on_exit=True):
-            yield span
-
-
-def a_claim(stage: str, key: str, group: str | None) -> Claim:
-    return Claim(
-        pipeline="feedly",
-        stage=stage,
-        run_id=7,
-        key=key,
-        row_key=key,
-        group_key=group,
-        attempt=2,
-        is_group=False,
-    )
-
-
+@pytest.mark.skipif(otel_trace is None, reason="opentelemetry-api is not installed")
 def test_a_span_per_run_carries_the_run_and_its_outcome() -> None:
     tracer = RecordingTracer()
     metrics = Metrics("feedly", prometheus=False, tracer=tracer)

@@ -479,9 +479,10 @@ async def test_malformed_and_forged_notifications_never_run_a_stage(
             holds(lambda: worker.stats.notifications >= total), "every notification to arrive"
         )
         await wait_until(
-            holds(lambda: worker.stats.races_lost >= len(forged) - 1),
+            holds(lambda: not any(worker._pending.values()) and worker.in_flight == 0),
             "the forged hints to be tried",
         )
+        await anyio.sleep(0.5)  # a claim of the last batch may still be on the wire
         assert worker.stats.malformed == len(malformed) + len(uncastable)
         assert worker.stats.claimed == 0
         assert ran == []
@@ -578,6 +579,9 @@ async def test_chain_survives_a_server_restart(
     )
 
 
+# The pool's own background reconnection attempts made while the server shuts down can
+# leave half-made connections to the garbage collector (a ResourceWarning inside psycopg_pool).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_idle_pooled_connections_do_not_cost_attempts_after_a_restart(
     pgstagechain_dsn: str, pgstagechain_server: Any
 ) -> None:
@@ -758,6 +762,7 @@ async def test_recovery_scan_renotifies_stuck_work_and_closes_dead_leases(
             ("r", "planner", "201", "2"),
             ("r", "planner", "202", "2"),
             ("g", "iou_eval", "3", "3"),
+            ("t", "vlm_analyze", "101", None),  # the dead run's retry is due now
         ],
         key=str,
     )

@@ -50,6 +50,7 @@ class Claimer:
             "channel": pipeline.channel,
         }
         self._text: dict[str, LiteralString] = {}
+        self._ancestors: dict[str, list[str]] = {}
 
     def text(self, name: str) -> LiteralString:
         """The named statement as a string, rendered on first use."""
@@ -95,6 +96,7 @@ class Claimer:
             limit=limit if keys is None else len(keys),
             worker=worker_id,
             lease=lease,
+            ancestors=self.ancestors(stage),
         )
         cur = conn.cursor(row_factory=dict_row)
         await cur.execute(self.text(name), params)
@@ -112,19 +114,31 @@ class Claimer:
             attempt=row["attempt"],
             is_group=is_group,
             row=extras,
+            results=row.get("results") or {},
         )
 
     def ancestors(self, stage: str) -> list[str]:
-        """The stages before ``stage`` on the same level (row or group)."""
-        found: list[str] = []
-        current = self._stage(stage)
-        while current.after in self.pipeline:
-            previous = self.pipeline[current.after]
-            if previous.group != current.group:
-                break
-            found.append(previous.name)
-            current = previous
+        """The stages before ``stage`` on the same level (row or group), cached."""
+        found = self._ancestors.get(stage)
+        if found is None:
+            found = []
+            current = self._stage(stage)
+            while current.after in self.pipeline:
+                previous = self.pipeline[current.after]
+                if previous.group != current.group:
+                    break
+                found.append(previous.name)
+                current = previous
+            self._ancestors[stage] = found
         return found
+
+    def chain_target(self, stage: str) -> Stage | None:
+        """The row stage a row of ``stage`` can go straight on to, if any."""
+        following = self.pipeline.next_stage(stage)
+        current = self._stage(stage)
+        if following is None or following.group or current.group:
+            return None
+        return following
 
     def row_stages(self) -> list[str]:
         return [s.name for s in self.pipeline if not s.group]
@@ -140,50 +154,99 @@ class Claimer:
         )
         return {row_key: results for row_key, results in await cur.fetchall()}
 
-    async def members(self, conn: AsyncConnection[Any], group: str) -> dict[str, dict[str, Any]]:
-        """Every member of ``group`` with the results of its row stages."""
+    async def members(
+        self, conn: AsyncConnection[Any], groups: Sequence[str]
+    ) -> dict[str, dict[str, dict[str, Any]]]:
+        """For each of ``groups``, every member with the results of its row stages."""
         assert self.q.member_keys is not None
-        cur = await conn.execute(self.text("member_keys"), {"group": group})
-        keys = [k for (k,) in await cur.fetchall()]
-        found = await self.results(conn, keys, self.row_stages())
-        return {k: found.get(k, {}) for k in keys}
+        cur = await conn.execute(self.text("member_keys"), {"groups": list(groups)})
+        pairs = await cur.fetchall()
+        found = await self.results(conn, [key for _, key in pairs], self.row_stages())
+        members: dict[str, dict[str, dict[str, Any]]] = {group: {} for group in groups}
+        for group, key in pairs:
+            members.setdefault(group, {})[key] = found.get(key, {})
+        return members
 
-    def _complete_one(
-        self, claim: Claim, result: str | None
+    def _complete_params(
+        self,
+        stage: str,
+        is_group: bool,
+        items: Sequence[tuple[int, str | None, bool]],
+        worker_id: str,
+        lease: float,
     ) -> tuple[LiteralString, dict[str, Any]]:
-        name = "complete_group" if claim.is_group else "complete_row"
-        return self.text(name), self.params(stage=claim.stage, run_id=claim.run_id, result=result)
+        following = self.chain_target(stage)
+        params = self.params(
+            stage=stage,
+            run_ids=[run_id for run_id, _, _ in items],
+            results=[result for _, result, _ in items],
+        )
+        if is_group:
+            return self.text("complete_groups"), params
+        chain = [bool(flag and following) for _, _, flag in items]
+        params.update(
+            chain=chain,
+            next=following.name if following and any(chain) else None,
+            worker=worker_id,
+            lease=lease,
+            ancestors=self.ancestors(following.name) if following and any(chain) else [],
+        )
+        return self.text("complete_rows"), params
 
-    async def complete(self, conn: AsyncConnection[Any], claim: Claim, result: str | None) -> None:
-        """Mark the claim's stage done in ``conn``'s transaction; raise if the lease was lost."""
-        cur = await conn.execute(*self._complete_one(claim, result))
-        if await cur.fetchone() is None:
-            raise LeaseLostError(claim.run_id)
-
-    def complete_sync(self, conn: Connection[Any], claim: Claim, result: str | None) -> None:
-        """:meth:`complete` for a handler running in a thread with a blocking connection."""
-        cur = conn.execute(*self._complete_one(claim, result))
-        if cur.fetchone() is None:
-            raise LeaseLostError(claim.run_id)
+    def _read_completion(
+        self, stage: str, rows: Sequence[dict[str, Any]]
+    ) -> tuple[set[int], dict[int, Claim]]:
+        completed: set[int] = set()
+        chained: dict[int, Claim] = {}
+        following = self.chain_target(stage)
+        for row in rows:
+            completed.add(row["completed"])
+            if row.get("run_id") is not None and following is not None:
+                chained[row["completed"]] = self._to_claim(following.name, False, row)
+        return completed, chained
 
     async def complete_many(
         self,
         conn: AsyncConnection[Any],
         stage: str,
         is_group: bool,
-        items: Sequence[tuple[int, str | None]],
-    ) -> set[int]:
-        """Complete several runs of one stage in one statement; return the run ids still ours."""
-        name = "complete_groups" if is_group else "complete_rows"
-        cur = await conn.execute(
-            self.text(name),
-            self.params(
-                stage=stage,
-                run_ids=[run_id for run_id, _ in items],
-                results=[result for _, result in items],
-            ),
+        items: Sequence[tuple[int, str | None, bool]],
+        *,
+        worker_id: str = "manual",
+        lease: float = DEFAULT_LEASE,
+    ) -> tuple[set[int], dict[int, Claim]]:
+        """Complete runs of one stage in one statement.
+
+        Each item is ``(run_id, result_json, chain)``; with ``chain`` the row goes straight
+        on to the next row stage, claimed for ``worker_id``. Returns the run ids that were
+        still ours, and the new claims by the run id they continue.
+        """
+        cur = conn.cursor(row_factory=dict_row)
+        await cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
+        return self._read_completion(stage, await cur.fetchall())
+
+    def complete_many_sync(
+        self,
+        conn: Connection[Any],
+        stage: str,
+        is_group: bool,
+        items: Sequence[tuple[int, str | None, bool]],
+        *,
+        worker_id: str = "manual",
+        lease: float = DEFAULT_LEASE,
+    ) -> tuple[set[int], dict[int, Claim]]:
+        """:meth:`complete_many` on a blocking connection (a sync handler's own)."""
+        cur = conn.cursor(row_factory=dict_row)
+        cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
+        return self._read_completion(stage, cur.fetchall())
+
+    async def complete(self, conn: AsyncConnection[Any], claim: Claim, result: str | None) -> None:
+        """Mark the claim's stage done in ``conn``'s transaction; raise if the lease was lost."""
+        completed, _ = await self.complete_many(
+            conn, claim.stage, claim.is_group, [(claim.run_id, result, False)]
         )
-        return {run_id for (run_id,) in await cur.fetchall()}
+        if claim.run_id not in completed:
+            raise LeaseLostError(claim.run_id)
 
     async def fail(
         self,

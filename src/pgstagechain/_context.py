@@ -16,7 +16,8 @@ class Claim:
     """A row (or group) moved to ``(stage, running)`` by this worker, with its run record.
 
     ``key`` is the key in the column's own type (the group key, as text, for a group
-    stage); ``row`` holds the pipeline's extra columns as they were at claim time.
+    stage); ``row`` holds the pipeline's extra columns as they were at claim time, and
+    ``results`` what the earlier stages of this row (or group) returned.
     """
 
     pipeline: str
@@ -28,6 +29,7 @@ class Claim:
     attempt: int
     is_group: bool
     row: Mapping[str, Any] = attrs.field(factory=dict)
+    results: Mapping[str, Any] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -43,7 +45,6 @@ class StageContext(Generic[ConnT]):
     claim: Claim
     conn: ConnT
     worker_id: str
-    results: Mapping[str, Any] = attrs.field(factory=dict)
     members: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     log: logging.LoggerAdapter[logging.Logger] = attrs.field(
         default=attrs.Factory(lambda self: _run_logger(self.claim), takes_self=True)
@@ -72,6 +73,10 @@ class StageContext(Generic[ConnT]):
     @property
     def row(self) -> Mapping[str, Any]:
         return self.claim.row
+
+    @property
+    def results(self) -> Mapping[str, Any]:
+        return self.claim.results
 
 
 def _run_logger(claim: Claim) -> logging.LoggerAdapter[logging.Logger]:

@@ -16,7 +16,8 @@ class MalformedNotification(ValueError):
 
 @attrs.frozen
 class Event:
-    """A row (``kind == "r"``) or group (``"g"``) reached ``(step, done)``."""
+    """A row (``kind == "r"``) or group (``"g"``) reached ``(step, done)``, or a run of
+    stage ``step`` was handed back and its retry is due (``"t"``)."""
 
     kind: str
     step: str
@@ -25,7 +26,7 @@ class Event:
 
 
 def parse_event(payload: str) -> Event:
-    """Turn ``["r", step, key, group]`` into an :class:`Event` or raise :class:`MalformedNotification`."""
+    """Turn ``[kind, step, key, group]`` into an :class:`Event` or raise :class:`MalformedNotification`."""
     if len(payload) > MAX_PAYLOAD:
         raise MalformedNotification(f"payload of {len(payload)} characters is too long")
     try:
@@ -35,7 +36,7 @@ def parse_event(payload: str) -> Event:
     if not isinstance(value, list) or len(value) != 4:
         raise MalformedNotification(f"payload is not a 4-item array: {payload[:80]!r}")
     kind, step, key, group = value
-    if kind not in ("r", "g"):
+    if kind not in ("r", "g", "t"):
         raise MalformedNotification(f"unknown kind {kind!r}")
     if not isinstance(step, str) or not step:
         raise MalformedNotification(f"step is not a name: {step!r}")

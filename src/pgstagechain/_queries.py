@@ -16,6 +16,15 @@ from ._pipeline import Pipeline
 
 GROUPS = sql.SQL("pgstagechain.groups")
 RUNS = sql.SQL("pgstagechain.runs")
+# Results of the earlier stages of the claimed row `c`, looked up per key.
+EARLIER_RESULTS = sql.SQL("""
+        LEFT JOIN LATERAL (
+            SELECT jsonb_object_agg(r.stage, r.result ORDER BY r.id) AS results
+            FROM pgstagechain.runs r
+            WHERE r.pipeline = %(pipeline)s AND r.row_key = c.row_key
+              AND r.stage = ANY(%(ancestors)s::text[]) AND r.state = 'succeeded'
+              AND r.result IS NOT NULL
+        ) earlier ON c.run_id IS NOT NULL""")
 
 
 class Queries:
@@ -31,6 +40,7 @@ class Queries:
         status = sql.Identifier(spec.status_column)
         key_array = sql.SQL(info.key_type + "[]")
         key_type = sql.SQL(info.key_type)
+        group_array = sql.SQL((info.group_type or "text") + "[]")
         group_expr = (
             sql.SQL("t.{}::text").format(sql.Identifier(spec.group_column))
             if spec.group_column
@@ -51,20 +61,23 @@ class Queries:
             extras=extras,
             runs=RUNS,
             groups=GROUPS,
+            earlier=EARLIER_RESULTS,
         )
 
         # Shared tail of every claim: record the run in the ledger in the same statement,
         # then return what the handler's context needs.
+        # The run ids are drawn in `claimed` so the result needs no join back to `runs`;
+        # the results of earlier stages come along (per key, through the history index).
         record_runs = """
         runs AS (
-            INSERT INTO {runs} (pipeline, stage, row_key, group_key, attempt, worker_id, lease_until)
-            SELECT %(pipeline)s, %(stage)s, c.row_key, c.group_key, c.attempt, %(worker)s,
-                   clock_timestamp() + %(lease)s * interval '1 second'
+            INSERT INTO {runs} (id, pipeline, stage, row_key, group_key, attempt, worker_id,
+                                lease_until)
+            OVERRIDING SYSTEM VALUE
+            SELECT c.run_id, %(pipeline)s, %(stage)s, c.row_key, c.group_key, c.attempt,
+                   %(worker)s, clock_timestamp() + %(lease)s * interval '1 second'
             FROM claimed c
-            RETURNING id, row_key, attempt
         )
-        SELECT runs.id AS run_id, runs.attempt, c.*
-        FROM claimed c JOIN runs ON runs.row_key = c.row_key
+        SELECT c.*, earlier.results FROM claimed c {earlier}
         """
 
         # Verify-then-claim for row stages, as one statement: lock the rows that are
@@ -83,7 +96,7 @@ class Queries:
             UPDATE {table} t SET {step} = %(stage)s, {status} = %(running)s
             FROM picked WHERE t.{key} = picked.k
             RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
-                      1 AS attempt {extras}
+                      1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id {extras}
         ),
         """
             + record_runs
@@ -109,7 +122,8 @@ class Queries:
             UPDATE {groups} g SET step = %(stage)s, status = 'running',
                                   updated_at = clock_timestamp()
             FROM picked WHERE g.pipeline = %(pipeline)s AND g.group_key = picked.group_key
-            RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt
+            RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt,
+                      nextval('pgstagechain.runs_id_seq') AS run_id
         ),
         """
             + record_runs
@@ -146,7 +160,8 @@ class Queries:
             fmt,
             owner=sql.SQL(
                 """SELECT t.{key} AS key, c.row_key, {group_expr} AS group_key,
-                      c.attempt + 1 AS attempt {extras}
+                      c.attempt + 1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id
+                      {extras}
                FROM consumed c JOIN {table} t ON t.{key} = c.row_key::{key_type}
                WHERE t.{step} = %(stage)s AND t.{status} = %(running)s"""
             ).format(**fmt),
@@ -155,70 +170,119 @@ class Queries:
             retry_claim,
             fmt,
             owner=sql.SQL(
-                """SELECT g.group_key AS key, c.row_key, g.group_key, c.attempt + 1 AS attempt
+                """SELECT g.group_key AS key, c.row_key, g.group_key, c.attempt + 1 AS attempt,
+                      nextval('pgstagechain.runs_id_seq') AS run_id
                FROM consumed c JOIN {groups} g
                  ON g.pipeline = %(pipeline)s AND g.group_key = c.row_key
                WHERE g.step = %(stage)s AND g.status = 'running'"""
             ).format(**fmt),
         )
 
-        # Results of earlier stages, for the context.
+        # Results of earlier stages, per key through the history index (cost independent
+        # of how long the history is).
         self.results = self._render(
             """
-            SELECT row_key, jsonb_object_agg(stage, result ORDER BY id) AS results
-            FROM {runs}
-            WHERE pipeline = %(pipeline)s AND row_key = ANY(%(keys)s::text[])
-              AND stage = ANY(%(stages)s::text[]) AND state = 'succeeded' AND result IS NOT NULL
-            GROUP BY row_key
+            SELECT k.row_key, earlier.results
+            FROM unnest(%(keys)s::text[]) AS k(row_key)
+            CROSS JOIN LATERAL (
+                SELECT jsonb_object_agg(r.stage, r.result ORDER BY r.id) AS results
+                FROM {runs} r
+                WHERE r.pipeline = %(pipeline)s AND r.row_key = k.row_key
+                  AND r.stage = ANY(%(stages)s::text[]) AND r.state = 'succeeded'
+                  AND r.result IS NOT NULL
+            ) earlier
+            WHERE earlier.results IS NOT NULL
             """,
             fmt,
         )
+        # Members of groups, compared in the group column's own type so its index serves.
         self.member_keys = (
             self._render(
-                "SELECT t.{key}::text FROM {table} t WHERE {group_col}::text = %(group)s "
-                "ORDER BY t.{key}",
+                "SELECT t.{group}::text AS group_key, t.{key}::text AS row_key FROM {table} t "
+                "WHERE t.{group} = ANY(%(groups)s::text[]::{group_array}) ORDER BY 1, t.{key}",
                 fmt,
-                group_col=sql.SQL("t.{}").format(sql.Identifier(spec.group_column)),
+                group=sql.Identifier(spec.group_column),
+                group_array=group_array,
             )
             if spec.group_column
             else None
         )
 
-        # Completion: close the run only if it is still ours (its lease was not rescued),
-        # and mark the row done, which fires the trigger and so the next stage.
-        complete_tail = """
-        run AS (
-            UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
-                                 result = i.result
-            FROM input i WHERE r.id = i.run_id AND r.state = 'running'
-            RETURNING r.id, r.row_key
-        ),
-        moved AS (
-            {move}
+        # Completion: close the runs still ours (a rescued claim is not) and mark their rows
+        # done, which fires the trigger and so the next stage. A row stage may instead go
+        # straight on to the next stage on this worker (`chain`): the row moves from
+        # (stage, running) to (next, running) with the next run recorded, in the same
+        # statement; it never lands on done, so nobody else is woken for it.
+        self.complete_rows = self._render(
+            """
+            WITH input AS (
+                SELECT * FROM unnest(%(run_ids)s::bigint[], %(results)s::jsonb[],
+                                     %(chain)s::bool[]) AS i(run_id, result, chain)
+            ),
+            run AS (
+                UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
+                                     result = i.result
+                FROM input i
+                WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.id = i.run_id
+                  AND r.state = 'running'
+                RETURNING r.id, r.row_key, i.chain, i.result
+            ),
+            claimed AS (
+                UPDATE {table} t
+                SET {step} = CASE WHEN run.chain THEN %(next)s ELSE t.{step} END,
+                    {status} = CASE WHEN run.chain THEN %(running)s ELSE %(done)s END
+                FROM run
+                WHERE t.{key} = run.row_key::{key_type} AND t.{step} = %(stage)s
+                  AND t.{status} = %(running)s
+                RETURNING run.id AS done_id, run.chain, t.{key} AS key, t.{key}::text AS row_key,
+                          {group_expr} AS group_key, 1 AS attempt,
+                          CASE WHEN run.chain THEN nextval('pgstagechain.runs_id_seq') END
+                              AS run_id {extras}
+            ),
+            runs AS (
+                INSERT INTO {runs} (id, pipeline, stage, row_key, group_key, attempt, worker_id,
+                                    lease_until)
+                OVERRIDING SYSTEM VALUE
+                SELECT c.run_id, %(pipeline)s, %(next)s, c.row_key, c.group_key, 1, %(worker)s,
+                       clock_timestamp() + %(lease)s * interval '1 second'
+                FROM claimed c WHERE c.chain
+            )
+            -- this statement cannot see the result it just stored: add it by hand
+            SELECT run.id AS completed, c.*,
+                   CASE WHEN c.run_id IS NOT NULL THEN
+                       coalesce(earlier.results, '{{}}'::jsonb)
+                       || CASE WHEN run.result IS NULL THEN '{{}}'::jsonb
+                               ELSE jsonb_build_object(%(stage)s::text, run.result) END
+                   END AS results
+            FROM run LEFT JOIN claimed c ON c.done_id = run.id AND c.chain {earlier}
+            """,
+            fmt,
         )
-        SELECT run.id FROM run
-        """
-        row_move = sql.SQL(
-            """UPDATE {table} t SET {status} = %(done)s FROM run
-            WHERE t.{key} = run.row_key::{key_type} AND t.{step} = %(stage)s
-              AND t.{status} = %(running)s
-            RETURNING 1"""
-        ).format(**fmt)
-        group_move = sql.SQL(
-            """UPDATE {groups} g SET status = 'done', updated_at = clock_timestamp() FROM run
-            WHERE g.pipeline = %(pipeline)s AND g.group_key = run.row_key
-              AND g.step = %(stage)s AND g.status = 'running'
-            RETURNING 1"""
-        ).format(**fmt)
-        one = "WITH input AS (SELECT %(run_id)s::bigint AS run_id, %(result)s::jsonb AS result),"
-        many = (
-            "WITH input AS (SELECT * FROM unnest(%(run_ids)s::bigint[], %(results)s::jsonb[])"
-            " AS i(run_id, result)),"
+        self.complete_groups = self._render(
+            """
+            WITH input AS (
+                SELECT * FROM unnest(%(run_ids)s::bigint[], %(results)s::jsonb[])
+                    AS i(run_id, result)
+            ),
+            run AS (
+                UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
+                                     result = i.result
+                FROM input i
+                WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.id = i.run_id
+                  AND r.state = 'running'
+                RETURNING r.id, r.row_key
+            ),
+            moved AS (
+                UPDATE {groups} g SET status = 'done', updated_at = clock_timestamp()
+                FROM run
+                WHERE g.pipeline = %(pipeline)s AND g.group_key = run.row_key
+                  AND g.step = %(stage)s AND g.status = 'running'
+                RETURNING 1
+            )
+            SELECT run.id AS completed FROM run
+            """,
+            fmt,
         )
-        self.complete_row = self._render(one + complete_tail, fmt, move=row_move)
-        self.complete_group = self._render(one + complete_tail, fmt, move=group_move)
-        self.complete_rows = self._render(many + complete_tail, fmt, move=row_move)
-        self.complete_groups = self._render(many + complete_tail, fmt, move=group_move)
 
         # Failure: close the run; when no retry is pending the row (or group) fails too.
         fail_tail = """
@@ -276,7 +340,8 @@ class Queries:
                 UPDATE {runs} r SET state = 'expired', finished_at = clock_timestamp(),
                     error = coalesce(%(reason)s, 'lease expired: worker ' || r.worker_id
                                      || ' stopped renewing it (crashed, frozen or cut off)'),
-                    retry_at = CASE WHEN r.attempt < p.max_attempts OR %(free)s
+                    -- a dead worker is not the handler's fault: at least 3 attempts
+                    retry_at = CASE WHEN r.attempt < greatest(p.max_attempts, 3) OR %(free)s
                                     THEN clock_timestamp() END
                 FROM policy p
                 WHERE r.pipeline = %(pipeline)s AND r.stage = p.stage AND r.state = 'running'
@@ -297,7 +362,11 @@ class Queries:
                   AND g.group_key = e.row_key AND g.step = e.stage AND g.status = 'running'
                 RETURNING 1
             )
-            SELECT stage, row_key, retry_at IS NOT NULL AS retrying FROM expired
+            -- wake any worker serving the stage: its retry is due now
+            SELECT stage, row_key, retry_at IS NOT NULL AS retrying,
+                   CASE WHEN retry_at IS NOT NULL THEN pg_notify(%(channel)s,
+                       json_build_array('t', stage, row_key, NULL)::text) END
+            FROM expired
             """,
             fmt,
         )

@@ -15,7 +15,9 @@ import logging
 import os
 import random
 import socket
+import time
 import traceback
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,7 +27,7 @@ import attrs
 import psycopg
 from anyio.abc import TaskGroup
 from psycopg import AsyncConnection, Connection, pq
-from psycopg_pool import AsyncConnectionPool, ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ._claim import DEFAULT_LEASE, Claimer, claimer_for, to_json
 from ._connect import connect, conninfo_with_defaults, redact
@@ -57,8 +59,19 @@ class WorkerStats:
     timed_out: int = 0
     lease_lost: int = 0
     rescued: int = 0
+    chained: int = 0
     scans: int = 0
     db_errors: int = 0
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True for errors that mean the connection died, not that a statement was wrong."""
+    if isinstance(exc, (PoolTimeout, psycopg.InterfaceError)):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate
+        return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    return False
 
 
 class _Link:
@@ -94,11 +107,40 @@ class _Link:
             await self.conn.close()
 
 
+class _Freshness:
+    """Test a pooled connection at checkout only if it sat idle long enough to have died
+    unnoticed: a busy worker reuses connections within milliseconds and skips the round trip."""
+
+    def __init__(self, idle: float = 1.0) -> None:
+        self.idle = idle
+        self.last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def _stale(self, conn: Any) -> bool:
+        return time.monotonic() - self.last_used.get(conn, 0.0) > self.idle
+
+    async def check_async(self, conn: AsyncConnection[Any]) -> None:
+        if self._stale(conn):
+            await AsyncConnectionPool.check_connection(conn)
+
+    async def returned_async(self, conn: AsyncConnection[Any]) -> None:
+        self.last_used[conn] = time.monotonic()
+
+    def check(self, conn: Connection[Any]) -> None:
+        if self._stale(conn):
+            ConnectionPool.check_connection(conn)
+
+    def returned(self, conn: Connection[Any]) -> None:
+        self.last_used[conn] = time.monotonic()
+
+
 class _Batch:
+    """Completions waiting for the next flush: (run id, result, go on to the next stage)."""
+
     def __init__(self) -> None:
-        self.items: dict[tuple[str, bool], list[tuple[int, str | None]]] = {}
+        self.items: dict[tuple[str, bool], list[tuple[int, str | None, bool]]] = {}
         self.done = anyio.Event()
         self.completed: set[int] = set()
+        self.chained: dict[int, Claim] = {}
 
 
 class Worker:
@@ -194,6 +236,7 @@ class Worker:
         self._control = _Link(self._given_conninfo, "pgstagechain-control")
         self._finisher = _Link(self._given_conninfo, "pgstagechain-finisher")
         self._handlers: TaskGroup | None = None
+        self._freshness = _Freshness()
         self._maintenance: TaskGroup | None = None
 
     # -- public -------------------------------------------------------------------------
@@ -226,7 +269,7 @@ class Worker:
 
     async def _serve(self, *, until_idle: bool) -> None:
         self._stopping = False
-        control = await self._control.get()
+        control = await self._connect_first()
         try:
             await require_installed(control, self.pipeline)
             self._claimer = await claimer_for(control, self.pipeline)
@@ -241,8 +284,9 @@ class Worker:
             kwargs={"application_name": "pgstagechain-handler"},
             name=f"pgstagechain-{self.pipeline.name}",
             # A connection that died while idle (server restart, failover, idle timeout)
-            # must not cost a handler an attempt: test it at checkout.
-            check=AsyncConnectionPool.check_connection,
+            # must not cost a handler an attempt: one idle for a while is tested at checkout.
+            check=self._freshness.check_async,
+            reset=self._freshness.returned_async,
         )
         if any(not s.is_async and s.connection for s in self.served):
             self._sync_pool = ConnectionPool(
@@ -251,7 +295,8 @@ class Worker:
                 max_size=self.pool_size,
                 open=False,
                 kwargs={"application_name": "pgstagechain-handler"},
-                check=ConnectionPool.check_connection,
+                check=self._freshness.check,
+                reset=self._freshness.returned,
             )
             await anyio.to_thread.run_sync(self._sync_pool.open)
         await self._pool.open()
@@ -285,6 +330,17 @@ class Worker:
                 await self._control.close()
                 await self._finisher.close()
 
+    async def _connect_first(self) -> AsyncConnection[Any]:
+        """Wait for the database at start-up (it may be restarting) rather than die."""
+        while True:
+            try:
+                return await self._control.get()
+            except DB_ERRORS as exc:
+                if self._stopping:
+                    raise
+                self.stats.db_errors += 1
+                await self._control.broke(exc)
+
     async def _drain(self) -> None:
         """Let in-flight runs finish within the deadline; hand the rest back at once."""
         with anyio.move_on_after(self.shutdown_timeout):
@@ -314,6 +370,11 @@ class Worker:
                 count,
                 exc,
             )
+            return
+        if event.kind == "t":  # a run was handed back: its retry is due now
+            if event.step in self._retry_due:
+                self._retry_due[event.step] = True
+                self._wake.set()
             return
         target = self.pipeline.next_stage(event.step)
         if target is None or target.name not in self._pending:
@@ -361,7 +422,12 @@ class Worker:
                 await anyio.lowlevel.checkpoint()
                 continue
             if until_idle and self._quiet():
-                next_retry = await self._scan()
+                try:
+                    next_retry = await self._scan()
+                except DB_ERRORS as exc:
+                    self.stats.db_errors += 1
+                    await self._control.broke(exc)
+                    continue
                 if self._quiet():
                     if next_retry is None:
                         return
@@ -384,6 +450,13 @@ class Worker:
             keys: list[str] | None = None
             if self._retry_due[stage.name]:
                 mode = "retry"
+            elif len(self._pending[stage.name]) > limit:
+                # More hints than one batch: claim ready rows instead, so that workers that
+                # heard the same notifications take disjoint rows (SKIP LOCKED) rather than
+                # racing for the same keys.
+                self._pending[stage.name].clear()
+                self._needs_scan[stage.name] = True
+                mode = "ready"
             elif self._pending[stage.name]:
                 bucket = self._pending[stage.name]
                 keys = list(itertools.islice(bucket, limit))
@@ -462,34 +535,22 @@ class Worker:
         self._inflight_total += len(claims)
         for each in claims:
             self._live[each.run_id] = anyio.CancelScope()
-        claimer = self._claimer_()
-        results: dict[str, dict[str, Any]] = {}
         members: dict[str, dict[str, dict[str, Any]]] = {}
-        try:
-            conn = await self._control.get()
-            ancestors = claimer.ancestors(stage.name)
-            if ancestors:
-                results = await claimer.results(conn, [c.row_key for c in claims], ancestors)
-            if stage.group:
+        if stage.group:
+            try:
+                conn = await self._control.get()
+                members = await self._claimer_().members(conn, [c.row_key for c in claims])
+            except DB_ERRORS as exc:
+                # The runs are claimed but we cannot feed them: hand them back at once.
+                self.stats.db_errors += 1
+                await self._control.broke(exc)
+                await self._release([c.run_id for c in claims], "worker lost its connection")
                 for each in claims:
-                    members[each.row_key] = await claimer.members(conn, each.row_key)
-        except DB_ERRORS as exc:
-            # The runs are claimed but we cannot feed them: hand them back at once.
-            self.stats.db_errors += 1
-            await self._control.broke(exc)
-            await self._release([c.run_id for c in claims], "worker lost its connection")
-            for each in claims:
-                self._finished(stage, each)
-            return
+                    self._finished(stage, each)
+                return
         assert self._handlers is not None
         for each in claims:
-            self._handlers.start_soon(
-                self._execute,
-                stage,
-                each,
-                results.get(each.row_key, {}),
-                members.get(each.row_key, {}),
-            )
+            self._handlers.start_soon(self._execute, stage, each, members.get(each.row_key, {}))
 
     def _finished(self, stage: Stage, claim: Claim) -> None:
         self._live.pop(claim.run_id, None)
@@ -500,79 +561,144 @@ class Worker:
     # -- running a handler ----------------------------------------------------------------------
 
     async def _execute(
-        self,
-        stage: Stage,
-        claim: Claim,
-        results: Mapping[str, Any],
-        members: Mapping[str, Mapping[str, Any]],
+        self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
     ) -> None:
-        scope = self._live.get(claim.run_id) or anyio.CancelScope()
+        """Run ``claim``'s handler; when the row goes straight on to the next stage here,
+        run that one too, in the same task (the slot passes along with the row)."""
+        current: tuple[Stage, Claim] | None = (stage, claim)
         try:
-            with scope:
-                try:
-                    if stage.is_async:
-                        await self._run_async(stage, claim, results, members)
-                    else:
-                        await self._run_sync(stage, claim, results, members)
-                    self.stats.succeeded += 1
-                except LeaseLostError:
-                    self.stats.lease_lost += 1
-                    logger.warning(
-                        "run %s of %s lost its lease; result discarded", claim.run_id, stage.name
-                    )
-                except Exception as exc:
-                    await self._record_failure(stage, claim, exc)
-            if scope.cancelled_caught:
-                # Shut down past the deadline, or the lease was found lost: hand it back.
-                with anyio.CancelScope(shield=True):
-                    await self._release([claim.run_id], "worker stopped before the run finished")
+            while current is not None:
+                stage, claim = current
+                current = await self._run_one(stage, claim, members)
+                members = {}
         finally:
             self._finished(stage, claim)
 
+    async def _run_one(
+        self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[Stage, Claim] | None:
+        scope = self._live.get(claim.run_id)
+        if scope is None:
+            scope = self._live[claim.run_id] = anyio.CancelScope()
+        following: tuple[Stage, Claim] | None = None
+        with scope:
+            try:
+                if stage.is_async:
+                    following = await self._run_async(stage, claim, members)
+                else:
+                    following = await self._run_sync(stage, claim, members)
+                self.stats.succeeded += 1
+            except LeaseLostError:
+                self.stats.lease_lost += 1
+                logger.warning(
+                    "run %s of %s lost its lease; result discarded", claim.run_id, stage.name
+                )
+            except Exception as exc:
+                if connection_lost(exc):
+                    # The database went away under the handler (restart, failover, a cut
+                    # connection): like a crash, not the handler's fault. Retry at once.
+                    logger.warning(
+                        "run %s of %s lost its database connection (%s); retrying",
+                        claim.run_id,
+                        stage.name,
+                        str(exc).strip() or type(exc).__name__,
+                    )
+                    await self._release([claim.run_id], f"connection lost: {exc}", free=False)
+                    self._retry_due[stage.name] = True
+                else:
+                    await self._record_failure(stage, claim, exc)
+        if scope.cancelled_caught:
+            # Shut down past the deadline, or the lease was found lost: hand it back.
+            with anyio.CancelScope(shield=True):
+                await self._release([claim.run_id], "worker stopped before the run finished")
+        if following is not None:
+            # The slot passes from this stage to the next along with the row.
+            self._live.pop(claim.run_id, None)
+            self._inflight[stage.name] -= 1
+            self.stats.claimed += 1
+            self.stats.chained += 1
+        return following
+
+    def _reserve_chain(self, stage: Stage) -> Stage | None:
+        """Book a slot of the next stage if this row can go straight on to it here."""
+        following = self._claimer_().chain_target(stage.name)
+        if (
+            following is None
+            or self._stopping
+            or following.name not in self._inflight
+            or self._inflight[following.name] >= self.limits[following.name]
+        ):
+            return None
+        self._inflight[following.name] += 1
+        return following
+
+    def _settle_chain(
+        self, booked: Stage | None, claim: Claim, chained: Mapping[int, Claim]
+    ) -> tuple[Stage, Claim] | None:
+        if booked is None:
+            return None
+        nxt = chained.get(claim.run_id)
+        if nxt is None:
+            self._inflight[booked.name] -= 1
+            self._wake.set()
+            return None
+        self._live[nxt.run_id] = anyio.CancelScope()
+        return booked, nxt
+
     async def _run_async(
-        self,
-        stage: Stage,
-        claim: Claim,
-        results: Mapping[str, Any],
-        members: Mapping[str, Mapping[str, Any]],
-    ) -> None:
+        self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[Stage, Claim] | None:
         if not stage.connection:
-            ctx: StageContext[Any] = self._context(claim, None, results, members)
-            with anyio.fail_after(stage.timeout):
-                result = await stage.run(ctx)
-            await self._complete_batched(stage, claim, to_json(stage.name, result))
-            return
+            result = await self._call(stage, self._context(claim, None, members))
+            return await self._complete_batched(stage, claim, to_json(stage.name, result))
         assert self._pool is not None
         async with self._pool.connection() as conn:
-            ctx = self._context(claim, conn, results, members)
-            with anyio.fail_after(stage.timeout):
-                result = await stage.run(ctx)
+            result = await self._call(stage, self._context(claim, conn, members))
             payload = to_json(stage.name, result)
-            if conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                pass  # the handler wrote nothing: batch the completion
-            else:
-                await self._claimer_().complete(conn, claim, payload)
-                await conn.commit()
-                return
-        await self._complete_batched(stage, claim, payload)
+            if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                # The handler wrote: complete in its transaction, so both commit or neither.
+                booked = self._reserve_chain(stage)
+                try:
+                    completed, chained = await self._claimer_().complete_many(
+                        conn,
+                        stage.name,
+                        stage.group,
+                        [(claim.run_id, payload, booked is not None)],
+                        worker_id=self.worker_id,
+                        lease=self.lease,
+                    )
+                    if claim.run_id not in completed:
+                        raise LeaseLostError(claim.run_id)
+                    await conn.commit()
+                except BaseException:
+                    self._settle_chain(booked, claim, {})
+                    raise
+                return self._settle_chain(booked, claim, chained)
+        return await self._complete_batched(stage, claim, payload)
+
+    async def _call(self, stage: Stage, ctx: StageContext[Any]) -> Any:
+        if stage.timeout is None:
+            return await stage.run(ctx)
+        with anyio.fail_after(stage.timeout):
+            return await stage.run(ctx)
 
     async def _run_sync(
-        self,
-        stage: Stage,
-        claim: Claim,
-        results: Mapping[str, Any],
-        members: Mapping[str, Mapping[str, Any]],
-    ) -> None:
+        self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
+    ) -> tuple[Stage, Claim] | None:
         def call() -> tuple[bool, str | None]:
             if not stage.connection or self._sync_pool is None:
-                result = stage.run(self._context(claim, None, results, members))
+                result = stage.run(self._context(claim, None, members))
                 return False, to_json(stage.name, result)
             with self._sync_pool.connection() as conn:
-                result = stage.run(self._context(claim, conn, results, members))
+                result = stage.run(self._context(claim, conn, members))
                 payload = to_json(stage.name, result)
                 if conn.info.transaction_status == pq.TransactionStatus.IDLE:
                     return False, payload
-                self._claimer_().complete_sync(conn, claim, payload)
+                completed, _ = self._claimer_().complete_many_sync(
+                    conn, stage.name, stage.group, [(claim.run_id, payload, False)]
+                )
+                if claim.run_id not in completed:
+                    raise LeaseLostError(claim.run_id)
                 conn.commit()
                 return True, None
 
@@ -580,19 +706,14 @@ class Worker:
             committed, payload = await anyio.to_thread.run_sync(
                 call, abandon_on_cancel=True, limiter=self._threads
             )
-        if not committed:
-            await self._complete_batched(stage, claim, payload)
+        if committed:
+            return None
+        return await self._complete_batched(stage, claim, payload)
 
     def _context(
-        self,
-        claim: Claim,
-        conn: Any,
-        results: Mapping[str, Any],
-        members: Mapping[str, Mapping[str, Any]],
+        self, claim: Claim, conn: Any, members: Mapping[str, Mapping[str, Any]]
     ) -> StageContext[Any]:
-        return StageContext(
-            claim=claim, conn=conn, worker_id=self.worker_id, results=results, members=members
-        )
+        return StageContext(claim=claim, conn=conn, worker_id=self.worker_id, members=members)
 
     async def _record_failure(self, stage: Stage, claim: Claim, exc: Exception) -> None:
         if isinstance(exc, TimeoutError):
@@ -638,11 +759,15 @@ class Worker:
         self._retry_due[stage] = True
         self._wake.set()
 
-    async def _release(self, run_ids: list[int], reason: str) -> None:
-        """Close runs we give up on so another worker retries them now, not at lease expiry."""
+    async def _release(self, run_ids: list[int], reason: str, *, free: bool = True) -> None:
+        """Close runs we give up on so another worker retries them now, not at lease expiry.
+
+        ``free`` retries even when the stage's attempts are used up (the run was abandoned,
+        not tried); otherwise the rule for dead workers applies (at least 3 attempts).
+        """
         try:
             conn = await self._finisher.get()
-            await self._expire(conn, run_ids, reason=reason, free=True)
+            await self._expire(conn, run_ids, reason=reason, free=free)
         except DB_ERRORS as exc:
             logger.warning(
                 "could not release %d run(s) (%s); their leases will expire", len(run_ids), exc
@@ -664,18 +789,25 @@ class Worker:
                 free=free,
             ),
         )
-        return [(stage, key, retrying) for stage, key, retrying in await cur.fetchall()]
+        return [(stage, key, retrying) for stage, key, retrying, _ in await cur.fetchall()]
 
     # -- completions ------------------------------------------------------------------------------
 
-    async def _complete_batched(self, stage: Stage, claim: Claim, payload: str | None) -> None:
+    async def _complete_batched(
+        self, stage: Stage, claim: Claim, payload: str | None
+    ) -> tuple[Stage, Claim] | None:
+        booked = self._reserve_chain(stage)
         batch = self._batch
-        batch.items.setdefault((stage.name, stage.group), []).append((claim.run_id, payload))
+        batch.items.setdefault((stage.name, stage.group), []).append(
+            (claim.run_id, payload, booked is not None)
+        )
         self._batch_ready.set()
         with anyio.CancelScope(shield=True):
             await batch.done.wait()
         if claim.run_id not in batch.completed:
+            self._settle_chain(booked, claim, {})
             raise LeaseLostError(claim.run_id)
+        return self._settle_chain(booked, claim, batch.chained)
 
     async def _completer_loop(self) -> None:
         while True:
@@ -696,7 +828,11 @@ class Worker:
             for attempt in range(5):
                 try:
                     conn = await self._finisher.get()
-                    batch.completed |= await claimer.complete_many(conn, stage, is_group, items)
+                    completed, chained = await claimer.complete_many(
+                        conn, stage, is_group, items, worker_id=self.worker_id, lease=self.lease
+                    )
+                    batch.completed |= completed
+                    batch.chained.update(chained)
                     self._finisher.ok()
                     break
                 except DB_ERRORS as exc:
@@ -735,7 +871,7 @@ class Worker:
                     scope.cancel()
 
     def _batch_has(self, run_id: int) -> bool:
-        return any(run_id == rid for items in self._batch.items.values() for rid, _ in items)
+        return any(run_id == rid for items in self._batch.items.values() for rid, _, _ in items)
 
     async def _scan_loop(self) -> None:
         while True:

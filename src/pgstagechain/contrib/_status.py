@@ -16,7 +16,7 @@ from .._claim import claim, claimer_for, complete, fail, to_json
 from .._connect import connect, conninfo_with_defaults
 from .._context import StageContext
 from .._pipeline import Pipeline
-from ..errors import ConfigurationError, PermanentError
+from ..errors import ConfigurationError, LeaseLostError, PermanentError
 
 #: Finished runs are counted over this many seconds (live ones always).
 STATUS_WINDOW = 3600.0
@@ -137,13 +137,9 @@ async def run_stage(
         if claimed is None:
             return ManualRun(outcome="not_claimed")
         claimer = await claimer_for(conn, pipeline)
-        ancestors = claimer.ancestors(stage)
-        results = (await claimer.results(conn, [claimed.row_key], ancestors)).get(
-            claimed.row_key, {}
-        )
         members: Mapping[str, Mapping[str, Any]] = {}
         if target.group:
-            members = await claimer.members(conn, claimed.row_key)
+            members = (await claimer.members(conn, [claimed.row_key]))[claimed.row_key]
         await conn.commit()
         try:
             if target.is_async:
@@ -151,7 +147,6 @@ async def run_stage(
                     claim=claimed,
                     conn=conn if target.connection else None,
                     worker_id=worker_id,
-                    results=results,
                     members=members,
                 )
                 with anyio.fail_after(target.timeout):
@@ -166,11 +161,17 @@ async def run_stage(
                             claim=claimed,
                             conn=sync_conn if target.connection else None,
                             worker_id=worker_id,
-                            results=results,
                             members=members,
                         )
                         value = target.run(ctx)
-                        claimer.complete_sync(sync_conn, claimed, to_json(stage, value))
+                        completed, _ = claimer.complete_many_sync(
+                            sync_conn,
+                            stage,
+                            claimed.is_group,
+                            [(claimed.run_id, to_json(stage, value), False)],
+                        )
+                        if claimed.run_id not in completed:
+                            raise LeaseLostError(claimed.run_id)
                         sync_conn.commit()
                         return value
 
