@@ -42,11 +42,12 @@ def instrument_completions() -> bool:
         return False
 
     async def complete_many(self: Any, *args: Any, **kwargs: Any) -> Any:
-        done = await original(self, *args, **kwargs)
+        outcome = await original(self, *args, **kwargs)
         now = time.time()
-        for run_id in done:
+        completed = outcome[0] if isinstance(outcome, tuple) else outcome
+        for run_id in completed:
             ACKS[run_id] = now
-        return done
+        return outcome
 
     Claimer.complete_many = complete_many  # type: ignore[method-assign]
     return True

@@ -9,6 +9,7 @@ statement; a scanner re-drives whatever a lost notification or a dead worker lef
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import logging
@@ -19,7 +20,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -38,6 +39,9 @@ from ._listener import Backoff, Listener
 from ._pipeline import Pipeline
 from ._stage import Stage
 from .errors import ConfigurationError, LeaseLostError, PermanentError
+
+if TYPE_CHECKING:
+    from .metrics import RunObserver
 
 logger = logging.getLogger("pgstagechain.worker")
 
@@ -176,6 +180,7 @@ class Worker:
         listen: bool = True,
         poll_interval: float = 1.0,
         max_pending: int = 10_000,
+        observer: RunObserver | None = None,
     ) -> None:
         pipeline.validate()
         self.pipeline = pipeline
@@ -213,6 +218,8 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self.max_pending = max_pending
         self.stats = WorkerStats()
+        #: told about every run (spans, per-stage metrics): see pgstagechain.metrics.Metrics
+        self.observer = observer
         self.listener: Listener | None = None
 
         self._pending: dict[str, dict[str, None]] = {s.name: {} for s in self.served}
@@ -581,32 +588,42 @@ class Worker:
         if scope is None:
             scope = self._live[claim.run_id] = anyio.CancelScope()
         following: tuple[Stage, Claim] | None = None
-        with scope:
-            try:
-                if stage.is_async:
-                    following = await self._run_async(stage, claim, members)
-                else:
-                    following = await self._run_sync(stage, claim, members)
-                self.stats.succeeded += 1
-            except LeaseLostError:
-                self.stats.lease_lost += 1
-                logger.warning(
-                    "run %s of %s lost its lease; result discarded", claim.run_id, stage.name
-                )
-            except Exception as exc:
-                if connection_lost(exc):
-                    # The database went away under the handler (restart, failover, a cut
-                    # connection): like a crash, not the handler's fault. Retry at once.
+        observer = self.observer
+        started = time.monotonic()
+        outcome = "abandoned"
+        span = observer.span(stage.name, claim) if observer else contextlib.nullcontext()
+        with span:
+            with scope:
+                try:
+                    if stage.is_async:
+                        following = await self._run_async(stage, claim, members)
+                    else:
+                        following = await self._run_sync(stage, claim, members)
+                    self.stats.succeeded += 1
+                    outcome = "succeeded"
+                except LeaseLostError:
+                    self.stats.lease_lost += 1
+                    outcome = "lease_lost"
                     logger.warning(
-                        "run %s of %s lost its database connection (%s); retrying",
-                        claim.run_id,
-                        stage.name,
-                        str(exc).strip() or type(exc).__name__,
+                        "run %s of %s lost its lease; result discarded", claim.run_id, stage.name
                     )
-                    await self._release([claim.run_id], f"connection lost: {exc}", free=False)
-                    self._retry_due[stage.name] = True
-                else:
-                    await self._record_failure(stage, claim, exc)
+                except Exception as exc:
+                    if connection_lost(exc):
+                        # The database went away under the handler (restart, failover, a
+                        # cut connection): like a crash, not the handler's fault. Retry now.
+                        logger.warning(
+                            "run %s of %s lost its database connection (%s); retrying",
+                            claim.run_id,
+                            stage.name,
+                            str(exc).strip() or type(exc).__name__,
+                        )
+                        await self._release([claim.run_id], f"connection lost: {exc}", free=False)
+                        self._retry_due[stage.name] = True
+                        outcome = "retried"
+                    else:
+                        outcome = await self._record_failure(stage, claim, exc)
+            if observer is not None:
+                observer.observe_run(stage.name, outcome, time.monotonic() - started)
         if scope.cancelled_caught:
             # Shut down past the deadline, or the lease was found lost: hand it back.
             with anyio.CancelScope(shield=True):
@@ -715,7 +732,8 @@ class Worker:
     ) -> StageContext[Any]:
         return StageContext(claim=claim, conn=conn, worker_id=self.worker_id, members=members)
 
-    async def _record_failure(self, stage: Stage, claim: Claim, exc: Exception) -> None:
+    async def _record_failure(self, stage: Stage, claim: Claim, exc: Exception) -> str:
+        """Record the failure; return the outcome: failed, retried, lease_lost or abandoned."""
         if isinstance(exc, TimeoutError):
             self.stats.timed_out += 1
             error = f"TimeoutError: stage {stage.name!r} ran longer than {stage.timeout}s"
@@ -744,15 +762,17 @@ class Worker:
                 self.stats.db_errors += 1
                 await self._finisher.broke(db_exc)
         else:
-            return  # the lease will run out and the scanner will re-drive the row
+            return "abandoned"  # the lease will run out and the scanner will re-drive the row
         if not ours:
             self.stats.lease_lost += 1
-        elif retry_in is None:
+            return "lease_lost"
+        if retry_in is None:
             self.stats.failed += 1
-        else:
-            self.stats.retried += 1
-            assert self._maintenance is not None
-            self._maintenance.start_soon(self._retry_timer, stage.name, retry_in)
+            return "failed"
+        self.stats.retried += 1
+        assert self._maintenance is not None
+        self._maintenance.start_soon(self._retry_timer, stage.name, retry_in)
+        return "retried"
 
     async def _retry_timer(self, stage: str, delay: float) -> None:
         await anyio.sleep(delay)

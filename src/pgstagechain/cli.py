@@ -144,6 +144,7 @@ def _worker(args: argparse.Namespace) -> int:
         listen=not args.poll,
         poll_interval=args.poll_interval,
         worker_id=args.worker_id,
+        observer=metrics,
     )
     logger.info("starting %s", describe(worker))
 
@@ -525,13 +526,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(COMMANDS[args.command](args) or 0)
-    except PgStageChainError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        cause = _known_error(exc)
+        if cause is None:
+            raise
+        if isinstance(cause, PgStageChainError):
+            print(f"error: {cause}", file=sys.stderr)
+        else:
+            message = str(cause).strip() or type(cause).__name__
+            print(f"error: {message} (database {redact(_dsn(args))})", file=sys.stderr)
         return 2
-    except (OSError, psycopg.Error) as exc:
-        message = str(exc).strip() or type(exc).__name__
-        print(f"error: {message} (database {redact(_dsn(args))})", file=sys.stderr)
-        return 2
+
+
+def _known_error(exc: BaseException) -> BaseException | None:
+    """The library or database error behind ``exc``, looking inside task-group wrappers."""
+    if isinstance(exc, (PgStageChainError, OSError, psycopg.Error)):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _known_error(inner)
+            if found is not None:
+                return found
+    return None
 
 
 if __name__ == "__main__":

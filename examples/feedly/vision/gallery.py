@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,16 +40,26 @@ def _fmt(v: Any) -> str:
 
 
 def render_gallery(
-    jobs: Sequence[Mapping[str, Any]], base_dir: str | Path, title: str = "Feedly results"
+    jobs: Sequence[Mapping[str, Any]],
+    base_dir: str | Path,
+    title: str = "Feedly results",
+    korean_font: str | None = None,
 ) -> str:
     """HTML for ``jobs``; each job mapping has job_id, chosen_variant_id, chosen_overlay,
     feed_image, caption_ko, hashtags, optional english, backends, and variants (each with
-    variant_id, optional overlay image and the score columns)."""
+    variant_id, optional overlay image and the score columns). ``korean_font`` is a URL
+    (relative to the page) of a font for the Korean text, for browsers without one."""
     base = Path(base_dir)
     e = html.escape
+    face = ""
+    if korean_font:
+        face = (
+            f"@font-face{{font-family:'FeedlyKorean';src:url('{e(korean_font)}')}}"
+            "[lang=ko]{font-family:'FeedlyKorean',system-ui,sans-serif}"
+        )
     out = [
         f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>",
-        f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>",
+        f"<style>{_CSS}{face}</style></head><body><h1>{e(title)}</h1>",
     ]
     for job in jobs:
         jid = str(job["job_id"])
@@ -95,8 +106,18 @@ def render_gallery(
 def write_gallery(
     out_path: str | Path, jobs: Sequence[Mapping[str, Any]], title: str = "Feedly results"
 ) -> Path:
-    """Write the gallery page; links are relative to its folder."""
+    """Write the gallery page; links are relative to its folder. A Korean font, when one is
+    found, is copied beside the page so the captions render in any browser."""
+    from .feed import find_korean_font
+
     p = Path(out_path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(render_gallery(jobs, p.parent, title), encoding="utf-8")
+    font = find_korean_font()
+    font_url = None
+    if font:
+        copied = p.parent / ("korean" + Path(font).suffix)
+        if not copied.exists():
+            shutil.copyfile(font, copied)
+        font_url = copied.name
+    p.write_text(render_gallery(jobs, p.parent, title, font_url), encoding="utf-8")
     return p
