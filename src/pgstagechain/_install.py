@@ -168,12 +168,15 @@ async def install(conn: AsyncConnection[Any], pipeline: Pipeline) -> None:
         )
         await conn.execute(
             sql.SQL(
+                # WHEN is checked without calling the function: the many updates that
+                # claim a row (status running) cost no trigger call at all.
                 "CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OF {step}, {status} ON {table} "
-                "FOR EACH ROW EXECUTE FUNCTION {function}()"
+                "FOR EACH ROW WHEN (NEW.{status} = {done}) EXECUTE FUNCTION {function}()"
             ).format(
                 trigger=sql.Identifier(names["trigger"]),
                 step=sql.Identifier(spec.step_column),
                 status=sql.Identifier(spec.status_column),
+                done=sql.Literal(spec.statuses.done),
                 table=table,
                 function=sql.Identifier("pgstagechain", names["function"]),
             )
