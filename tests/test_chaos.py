@@ -390,6 +390,20 @@ async def test_chains_survive_chaos(
         " (SELECT count(*) FROM pgstagechain.runs WHERE error LIKE '%%injected failure%%'),"
         " (SELECT count(*) FROM pgstagechain.runs WHERE state = 'expired')",
     )
+    reasons = await query(
+        dsn,
+        """
+        SELECT v.job_variants_id, v.current_step, r.attempt,
+               right(rtrim(r.error, E'\n '), 160) AS reason
+        FROM jobs_variants v
+        JOIN LATERAL (SELECT attempt, error FROM pgstagechain.runs
+                      WHERE row_key = v.job_variants_id::text AND stage = v.current_step
+                      ORDER BY id DESC LIMIT 1) r ON true
+        WHERE v.status = 'failed'
+        """,
+    )
+    for key, step, attempt, reason in reasons:
+        print(f"  failed: variant {key} at {step} after attempt {attempt}: {reason[:160]}")
     print(
         f"\nchaos (seed {seed}): {JOBS * VARIANTS} chains ({JOBS} jobs x {VARIANTS} variants)"
         f" through {WORKERS} worker processes in {elapsed:.1f}s\n"
