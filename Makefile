@@ -15,7 +15,12 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/python -m examples.feedly $(ARGS)
 
-test: $(VENV)/.installed
+# The tests also build a tiny LLaVA offline: torch (CPU build) and transformers.
+$(VENV)/.installed-llava: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet "torch==2.13.0" -e ".[feedly-llava]"
+	touch $@
+
+test: $(VENV)/.installed-llava
 	$(VENV)/bin/pytest $(ARGS)
 
 lint: $(VENV)/.installed
