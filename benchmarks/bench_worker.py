@@ -66,7 +66,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    instrumented = instrument_completions() and not args.no_record
+    bench_app.RECORD = not args.no_record
+    instrumented = not args.no_record and instrument_completions()
     pipeline = bench_app.build_pipeline(
         args.row_stages, args.group_stages, connection=bool(args.connection)
     )
