@@ -81,9 +81,10 @@ def connection_lost(exc: BaseException) -> bool:
 class _Link:
     """An autocommit connection that is reopened on next use after it broke."""
 
-    def __init__(self, conninfo: str, name: str) -> None:
+    def __init__(self, conninfo: str, name: str, *, durable: bool = True) -> None:
         self.conninfo = conninfo
         self.name = name
+        self.durable = durable
         self.conn: AsyncConnection[Any] | None = None
         self.failures = 0
 
@@ -91,7 +92,10 @@ class _Link:
         if self.conn is None or self.conn.closed or self.conn.broken:
             if self.conn is not None:
                 await self.conn.close()
-            self.conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
+            conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
+            if not self.durable:
+                await conn.execute("SET synchronous_commit = off")
+            self.conn = conn
         return self.conn
 
     async def broke(self, exc: BaseException) -> None:
@@ -240,7 +244,10 @@ class Worker:
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._sync_pool: ConnectionPool[Connection[Any]] | None = None
         self._threads = anyio.CapacityLimiter(concurrency)
-        self._control = _Link(self._given_conninfo, "pgstagechain-control")
+        # Claims need not wait for their WAL flush: a claim lost in a crash leaves the row at
+        # (previous step, done), where the scan finds it, and a completion for a run that
+        # was never stored is refused. Completions and failures stay durable.
+        self._control = _Link(self._given_conninfo, "pgstagechain-control", durable=False)
         self._finisher = _Link(self._given_conninfo, "pgstagechain-finisher")
         self._handlers: TaskGroup | None = None
         self._freshness = _Freshness()
