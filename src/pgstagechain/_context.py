@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
@@ -46,9 +47,11 @@ class StageContext(Generic[ConnT]):
     conn: ConnT
     worker_id: str
     members: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
-    log: logging.LoggerAdapter[logging.Logger] = attrs.field(
-        default=attrs.Factory(lambda self: _run_logger(self.claim), takes_self=True)
-    )
+
+    @functools.cached_property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger that tags every record with the pipeline, stage, key, attempt and run."""
+        return _run_logger(self.claim)
 
     @property
     def key(self) -> Any:
