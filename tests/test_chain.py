@@ -1,0 +1,91 @@
+"""Rows go straight on to the next stage on the worker that finished the previous one."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from pgstagechain import Worker, migrate
+from tests.seed import GROUP_STAGES, ROW_STAGES, add_jobs, create_tables, seed_pipeline
+
+pytestmark = pytest.mark.anyio
+
+
+async def noop(ctx: Any) -> None:
+    return None
+
+
+async def test_middle_stages_need_no_notification(pgstagechain_dsn: str) -> None:
+    create_tables(pgstagechain_dsn)
+    pipeline = seed_pipeline(noop)
+    await migrate(pgstagechain_dsn, pipeline)
+    add_jobs(pgstagechain_dsn, jobs=3, variants=3, release=False)
+    async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as ears:
+        await ears.execute("LISTEN pgstagechain_feedly")
+        with psycopg.connect(pgstagechain_dsn, autocommit=True) as conn:
+            conn.execute("UPDATE jobs_variants SET status = 'done'")
+        stats = await Worker(pipeline, pgstagechain_dsn, scan_interval=1).run_until_idle()
+        heard = [json.loads(n.payload) async for n in ears.notifies(timeout=0.5)]
+    # 9 rows released, then each of the 3 groups formed and done at both group stages;
+    # every row stage after the first was reached without a notification.
+    assert sorted((kind, step) for kind, step, _, _ in heard) == sorted(
+        [("r", "img_gen")] * 9 + [("g", step) for step in ["iou_eval", *GROUP_STAGES]] * 3
+    )
+    assert stats.chained == 9 * (len(ROW_STAGES) - 1)
+    assert stats.claimed == 9 * len(ROW_STAGES) + 3 * len(GROUP_STAGES)
+    with psycopg.connect(pgstagechain_dsn) as conn:
+        assert (
+            conn.execute(
+                "SELECT count(*), count(DISTINCT (stage, row_key)) FROM pgstagechain.runs"
+            ).fetchone()
+            == (9 * len(ROW_STAGES) + 3 * len(GROUP_STAGES),) * 2
+        )
+
+
+async def test_rows_are_handed_over_between_workers_serving_different_stages(
+    pgstagechain_dsn: str,
+) -> None:
+    create_tables(pgstagechain_dsn)
+    pipeline = seed_pipeline(noop)
+    await migrate(pgstagechain_dsn, pipeline)
+    first, second = ROW_STAGES[:4], ROW_STAGES[4:] + GROUP_STAGES
+    cpu = Worker(pipeline, pgstagechain_dsn, stages=first, worker_id="cpu", scan_interval=1)
+    gpu = Worker(pipeline, pgstagechain_dsn, stages=second, worker_id="gpu", scan_interval=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(cpu.run)
+        tg.start_soon(gpu.run)
+        await cpu.wait_started()
+        await gpu.wait_started()
+        add_jobs(pgstagechain_dsn, jobs=4, variants=2)
+        with anyio.fail_after(60):
+            while True:
+                with psycopg.connect(pgstagechain_dsn) as conn:
+                    done = conn.execute(
+                        "SELECT count(*) FROM pgstagechain.groups"
+                        " WHERE step = %s AND status = 'done'",
+                        (GROUP_STAGES[-1],),
+                    ).fetchone()
+                if done == (4,):
+                    break
+                await anyio.sleep(0.05)
+        cpu.stop()
+        gpu.stop()
+    with psycopg.connect(pgstagechain_dsn) as conn:
+        by_worker = dict(
+            conn.execute(
+                "SELECT worker_id, array_agg(DISTINCT stage ORDER BY stage)"
+                " FROM pgstagechain.runs GROUP BY 1"
+            ).fetchall()
+        )
+        runs = conn.execute(
+            "SELECT count(*), count(DISTINCT (stage, row_key)) FROM pgstagechain.runs"
+            " WHERE state = 'succeeded'"
+        ).fetchone()
+    assert by_worker == {"cpu": sorted(first), "gpu": sorted(second)}
+    assert runs == (8 * len(ROW_STAGES) + 4 * len(GROUP_STAGES),) * 2
+    assert cpu.stats.chained == 8 * (len(first) - 1)
+    assert gpu.stats.chained == 8 * (len(ROW_STAGES) - len(first) - 1)
