@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, LiteralString, cast
 
 from psycopg import AsyncConnection, Connection
-from psycopg.rows import dict_row
 
 from ._catalog import inspect_table
 from ._context import Claim
@@ -51,6 +50,7 @@ class Claimer:
         }
         self._text: dict[str, LiteralString] = {}
         self._ancestors: dict[str, list[str]] = {}
+        self._chain_targets: dict[str, Stage | None] = {}
 
     def text(self, name: str) -> LiteralString:
         """The named statement as a string, rendered on first use."""
@@ -98,24 +98,36 @@ class Claimer:
             lease=lease,
             ancestors=self.ancestors(stage),
         )
-        cur = conn.cursor(row_factory=dict_row)
+        cur = conn.cursor()
         await cur.execute(self.text(name), params)
-        return [self._to_claim(stage, target.group, row) for row in await cur.fetchall()]
+        make = self._claim_maker(stage, target.group, cur.description)
+        return [make(row) for row in await cur.fetchall()]
 
-    def _to_claim(self, stage: str, is_group: bool, row: dict[str, Any]) -> Claim:
-        extras = {k[2:]: v for k, v in row.items() if k.startswith("x_")}
-        return Claim(
-            pipeline=self.pipeline.name,
-            stage=stage,
-            run_id=row["run_id"],
-            key=row["key"],
-            row_key=row["row_key"],
-            group_key=row["group_key"],
-            attempt=row["attempt"],
-            is_group=is_group,
-            row=extras,
-            results=row.get("results") or {},
-        )
+    def _claim_maker(
+        self, stage: str, is_group: bool, description: Sequence[Any] | None
+    ) -> Callable[[Sequence[Any]], Claim]:
+        """Build claims from plain rows: the column positions are looked up once."""
+        at = {column.name: i for i, column in enumerate(description or ())}
+        run_id, key, row_key = at["run_id"], at["key"], at["row_key"]
+        group_key, attempt, results = at["group_key"], at["attempt"], at["results"]
+        extras = [(name[2:], i) for name, i in at.items() if name.startswith("x_")]
+        pipeline = self.pipeline.name
+
+        def make(row: Sequence[Any]) -> Claim:
+            return Claim(
+                pipeline=pipeline,
+                stage=stage,
+                run_id=row[run_id],
+                key=row[key],
+                row_key=row[row_key],
+                group_key=row[group_key],
+                attempt=row[attempt],
+                is_group=is_group,
+                row={name: row[i] for name, i in extras},
+                results=row[results] or {},
+            )
+
+        return make
 
     def ancestors(self, stage: str) -> list[str]:
         """The stages before ``stage`` on the same level (row or group), cached."""
@@ -133,12 +145,13 @@ class Claimer:
         return found
 
     def chain_target(self, stage: str) -> Stage | None:
-        """The row stage a row of ``stage`` can go straight on to, if any."""
-        following = self.pipeline.next_stage(stage)
-        current = self._stage(stage)
-        if following is None or following.group or current.group:
-            return None
-        return following
+        """The row stage a row of ``stage`` can go straight on to, if any (cached)."""
+        if stage not in self._chain_targets:
+            following = self.pipeline.next_stage(stage)
+            if following is not None and (following.group or self._stage(stage).group):
+                following = None
+            self._chain_targets[stage] = following
+        return self._chain_targets[stage]
 
     def row_stages(self) -> list[str]:
         return [s.name for s in self.pipeline if not s.group]
@@ -194,15 +207,17 @@ class Claimer:
         return self.text("complete_rows"), params
 
     def _read_completion(
-        self, stage: str, rows: Sequence[dict[str, Any]]
+        self, stage: str, description: Sequence[Any] | None, rows: Sequence[Sequence[Any]]
     ) -> tuple[set[int], dict[int, Claim]]:
-        completed: set[int] = set()
-        chained: dict[int, Claim] = {}
+        completed = {row[0] for row in rows}  # the first column is the completed run id
         following = self.chain_target(stage)
-        for row in rows:
-            completed.add(row["completed"])
-            if row.get("run_id") is not None and following is not None:
-                chained[row["completed"]] = self._to_claim(following.name, False, row)
+        chained: dict[int, Claim] = {}
+        if following is not None and len(description or ()) > 1:
+            make = self._claim_maker(following.name, False, description)
+            run_id = [column.name for column in description or ()].index("run_id")
+            for row in rows:
+                if row[run_id] is not None:
+                    chained[row[0]] = make(row)
         return completed, chained
 
     async def complete_many(
@@ -221,9 +236,9 @@ class Claimer:
         on to the next row stage, claimed for ``worker_id``. Returns the run ids that were
         still ours, and the new claims by the run id they continue.
         """
-        cur = conn.cursor(row_factory=dict_row)
+        cur = conn.cursor()
         await cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
-        return self._read_completion(stage, await cur.fetchall())
+        return self._read_completion(stage, cur.description, await cur.fetchall())
 
     def complete_many_sync(
         self,
@@ -236,9 +251,9 @@ class Claimer:
         lease: float = DEFAULT_LEASE,
     ) -> tuple[set[int], dict[int, Claim]]:
         """:meth:`complete_many` on a blocking connection (a sync handler's own)."""
-        cur = conn.cursor(row_factory=dict_row)
+        cur = conn.cursor()
         cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
-        return self._read_completion(stage, cur.fetchall())
+        return self._read_completion(stage, cur.description, cur.fetchall())
 
     async def complete(self, conn: AsyncConnection[Any], claim: Claim, result: str | None) -> None:
         """Mark the claim's stage done in ``conn``'s transaction; raise if the lease was lost."""
