@@ -7,7 +7,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -16,6 +16,7 @@ import pytest
 
 from pgstagechain import Pipeline, Retry, StageContext, Worker, migrate
 from pgstagechain.http import HttpPermanentError, HttpStage, http_stage, shared_client
+from tests.local_http import serving
 from tests.seed import add_jobs, create_tables
 
 pytestmark = pytest.mark.anyio
@@ -53,15 +54,8 @@ def http_server(routes: dict[str, Route]) -> Iterator[tuple[str, list[dict[str, 
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", received
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serving(Handler) as base:
+        yield base, received
 
 
 def make_pipeline(base: str, *, flaky: bool = False, first_path: str = "/analyze") -> Pipeline:
