@@ -180,6 +180,8 @@ async def explain(dsn: str, pipeline: Pipeline) -> None:
         }
         for name, extra in STATEMENTS.items():
             params = claimer.params(**common, **extra)
+            if "stage" in extra:
+                params["ancestors"] = claimer.ancestors(extra["stage"])
             text = claimer.text(name)
             started = time.perf_counter()
             cur = await conn.execute(
