@@ -791,7 +791,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backlog-seconds", type=float, default=8.0)
     p.add_argument("--commit-clients", type=_ints, default=[1, 4, 16])
     p.add_argument("--commit-seconds", type=int, default=3)
-    p.add_argument("--profile", type=Path, help="py-spy the first one-worker burst of the first mode into DIR")
+    p.add_argument(
+        "--profile", type=Path, help="py-spy the first one-worker burst of the first mode into DIR"
+    )
     p.add_argument("--skip", default="", help="comma-separated: commit,steady,idle,backlog")
     p.add_argument(
         "--setting",
