@@ -82,14 +82,18 @@ class StageContext(Generic[ConnT]):
         return self.claim.results
 
 
+def run_fields(claim: Claim) -> dict[str, object]:
+    """What identifies a run in a log record (``extra=``), for structured logs."""
+    return {
+        "pipeline": claim.pipeline,
+        "stage": claim.stage,
+        "key": claim.row_key,
+        "attempt": claim.attempt,
+        "run_id": claim.run_id,
+    }
+
+
 def _run_logger(claim: Claim) -> logging.LoggerAdapter[logging.Logger]:
     return logging.LoggerAdapter(
-        logging.getLogger(f"pgstagechain.stage.{claim.stage}"),
-        {
-            "pipeline": claim.pipeline,
-            "stage": claim.stage,
-            "key": claim.row_key,
-            "attempt": claim.attempt,
-            "run_id": claim.run_id,
-        },
+        logging.getLogger(f"pgstagechain.stage.{claim.stage}"), run_fields(claim)
     )

@@ -32,7 +32,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ._claim import DEFAULT_LEASE, Claimer, claimer_for, to_json
 from ._connect import connect, conninfo_with_defaults, redact
-from ._context import Claim, StageContext
+from ._context import Claim, StageContext, run_fields
 from ._events import MalformedNotification, parse_event
 from ._install import require_installed
 from ._listener import Backoff, Listener
@@ -757,6 +757,7 @@ class Worker:
             claim.attempt,
             f", retrying in {retry_in:.2f}s" if retry_in is not None else "",
             str(exc) or type(exc).__name__,
+            extra=run_fields(claim),
         )
         for _ in range(3):
             try:

@@ -32,6 +32,7 @@ from rich.text import Text
 from . import _admin
 from ._connect import connect, redact
 from ._install import migrate, uninstall
+from ._logging import JsonFormatter
 from ._pipeline import Pipeline
 from ._recovery import RecoveryScanner
 from ._worker import Worker, describe
@@ -455,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ... (default INFO)"
     )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="json: one JSON object a line, with the run's pipeline, stage, key and attempt",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("migrate", help="install or upgrade the schema and the pipelines' triggers")
@@ -520,10 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonFormatter()
+        if args.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
         return int(COMMANDS[args.command](args) or 0)
     except Exception as exc:
