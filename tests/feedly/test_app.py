@@ -18,18 +18,9 @@ import pytest
 from PIL import Image
 
 from pgstagechain.testing.plugin import TestServer as PgServer
+from tests.seed import ROW_STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
-ROW_STAGES = [
-    "vlm_analyze",
-    "yolo_detect",
-    "planner",
-    "overlay",
-    "vlm_judge",
-    "ocr_eval",
-    "readability_eval",
-    "iou_eval",
-]
 
 pytestmark = pytest.mark.slow
 
