@@ -9,7 +9,7 @@ import anyio
 import psycopg
 import pytest
 
-from pgstagechain import Worker, migrate
+from pgstagechain import Pipeline, Worker, migrate
 from tests.seed import GROUP_STAGES, ROW_STAGES, add_jobs, create_tables, seed_pipeline
 
 pytestmark = pytest.mark.anyio
@@ -89,3 +89,48 @@ async def test_rows_are_handed_over_between_workers_serving_different_stages(
     assert runs == (8 * len(ROW_STAGES) + 4 * len(GROUP_STAGES),) * 2
     assert cpu.stats.chained == 8 * (len(first) - 1)
     assert gpu.stats.chained == 8 * (len(ROW_STAGES) - len(first) - 1)
+
+
+async def test_chained_stages_see_every_earlier_result(pgstagechain_dsn: str) -> None:
+    """Completion and the next claim are one statement, which cannot read the result it
+    stores: the worker adds it. Every stage must still see all earlier results."""
+    create_tables(pgstagechain_dsn)
+    pipeline = Pipeline(
+        "results",
+        table="jobs_variants",
+        key="job_variants_id",
+        group_column="job_id",
+        start="img_gen",
+    )
+    seen: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def record(ctx: Any, value: Any) -> Any:
+        seen[(ctx.stage, ctx.key)] = dict(ctx.results)
+        return value
+
+    @pipeline.stage(after="img_gen", connection=False)
+    async def first(ctx: Any) -> Any:
+        return record(ctx, {"first": ctx.key})
+
+    @pipeline.stage(after="first", connection=False)
+    async def second(ctx: Any) -> Any:
+        return record(ctx, None)  # returns nothing: no entry for it later
+
+    @pipeline.stage(after="second", connection=False)
+    async def third(ctx: Any) -> Any:
+        return record(ctx, [ctx.results["first"]["first"], "third"])
+
+    @pipeline.stage(after="third", connection=False)
+    async def fourth(ctx: Any) -> Any:
+        return record(ctx, None)
+
+    await migrate(pgstagechain_dsn, pipeline)
+    add_jobs(pgstagechain_dsn, jobs=3, variants=4)
+    stats = await Worker(pipeline, pgstagechain_dsn, scan_interval=1).run_until_idle()
+    keys = [job * 100 + v for job in (1, 2, 3) for v in range(1, 5)]
+    assert stats.chained == len(keys) * 3  # the results did not stop the chain
+    for key in keys:
+        assert seen[("first", key)] == {}
+        assert seen[("second", key)] == {"first": {"first": key}}
+        assert seen[("third", key)] == {"first": {"first": key}}
+        assert seen[("fourth", key)] == {"first": {"first": key}, "third": [key, "third"]}

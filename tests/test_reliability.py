@@ -787,3 +787,36 @@ async def test_recovery_scan_renotifies_stuck_work_and_closes_dead_leases(
         )
         == 3
     )
+
+
+async def test_deep_scan_closes_a_dead_run_whose_row_was_moved_by_hand(
+    pgstagechain_dsn: str,
+) -> None:
+    # Live runs are found through their rows at (stage, running); a row an operator moved
+    # elsewhere hides its dead run from the regular scan, the deep scan still closes it.
+    create_tables(pgstagechain_dsn)
+    pipeline = seed_pipeline(lambda ctx: None)
+    await migrate(pgstagechain_dsn, pipeline)
+    add_jobs(pgstagechain_dsn, jobs=1, variants=2)
+    async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as conn:
+        hidden = await claim(conn, pipeline, "vlm_analyze", 101, lease=0.05, worker_id="gone")
+        visible = await claim(conn, pipeline, "vlm_analyze", 102, lease=0.05, worker_id="gone")
+        assert hidden is not None and visible is not None
+    await query(
+        pgstagechain_dsn,
+        "UPDATE jobs_variants SET current_step = 'planner', status = 'failed'"
+        " WHERE job_variants_id = 101",
+    )
+    await anyio.sleep(0.2)  # both leases run out
+
+    regular = await RecoveryScanner(pipeline, pgstagechain_dsn).scan()
+    assert regular.expired_leases == 1
+    assert [r[1] for r in await runs_of(pgstagechain_dsn, "102", "vlm_analyze")] == ["expired"]
+    assert [r[1] for r in await runs_of(pgstagechain_dsn, "101", "vlm_analyze")] == ["running"]
+
+    deep = await RecoveryScanner(pipeline, pgstagechain_dsn).scan(deep=True)
+    assert deep.expired_leases == 1
+    [(attempt, state, error, *_)] = await runs_of(pgstagechain_dsn, "101", "vlm_analyze")
+    assert (attempt, state) == (1, "expired") and "worker gone" in error
+    # The row stays where the operator put it.
+    assert await variant(pgstagechain_dsn, 101) == ("planner", "failed")

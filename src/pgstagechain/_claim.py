@@ -12,6 +12,7 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, LiteralString, cast
 
+import attrs
 from psycopg import AsyncConnection, Connection
 
 from ._catalog import inspect_table
@@ -23,6 +24,9 @@ from .errors import ConfigurationError, LeaseLostError
 
 DEFAULT_LEASE = 30.0
 
+#: One run to complete: (run id, row key, result as JSON or None, go on to the next stage)
+Completion = tuple[int, str, str | None, bool]
+
 
 def to_json(stage: str, result: Any) -> str | None:
     """Serialise a handler's result, or raise a TypeError that names the stage."""
@@ -32,6 +36,12 @@ def to_json(stage: str, result: Any) -> str | None:
         return json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"stage {stage!r} returned a result that is not JSON: {exc}") from None
+
+
+def results_by_run(items: Iterable[Completion]) -> str | None:
+    """The results as one JSON object keyed by run id (None when every result is None)."""
+    found = [f'"{run_id}":{result}' for run_id, _, result, _ in items if result is not None]
+    return "{" + ",".join(found) + "}" if found else None
 
 
 class Claimer:
@@ -47,6 +57,9 @@ class Claimer:
             "running": spec.statuses.running,
             "failed": spec.statuses.failed,
             "channel": pipeline.channel,
+            "live_row_stages": [s.name for s in pipeline if not s.group],
+            "live_group_stages": [s.name for s in pipeline if s.group],
+            "deep": False,
         }
         self._text: dict[str, LiteralString] = {}
         self._ancestors: dict[str, list[str]] = {}
@@ -184,40 +197,52 @@ class Claimer:
         self,
         stage: str,
         is_group: bool,
-        items: Sequence[tuple[int, str | None, bool]],
+        items: Sequence[Completion],
         worker_id: str,
         lease: float,
     ) -> tuple[LiteralString, dict[str, Any]]:
         following = self.chain_target(stage)
         params = self.params(
             stage=stage,
-            run_ids=[run_id for run_id, _, _ in items],
-            results=[result for _, result, _ in items],
+            run_ids=[run_id for run_id, _, _, _ in items],
+            results=results_by_run(items),
         )
         if is_group:
             return self.text("complete_groups"), params
-        chain = [bool(flag and following) for _, _, flag in items]
+        # one flag for the statement (a per-row test would cost the server per row)
+        chain = following is not None and all(flag for _, _, _, flag in items)
         params.update(
             chain=chain,
-            next=following.name if following and any(chain) else None,
+            next=following.name if chain and following else None,
             worker=worker_id,
             lease=lease,
-            ancestors=self.ancestors(following.name) if following and any(chain) else [],
+            ancestors=self.ancestors(following.name) if chain and following else [],
         )
         return self.text("complete_rows"), params
 
     def _read_completion(
-        self, stage: str, description: Sequence[Any] | None, rows: Sequence[Sequence[Any]]
+        self,
+        stage: str,
+        items: Sequence[Completion],
+        description: Sequence[Any] | None,
+        rows: Sequence[Sequence[Any]],
     ) -> tuple[set[int], dict[int, Claim]]:
-        completed = {row[0] for row in rows}  # the first column is the completed run id
+        """The completed run ids (first column), and the chained claims by the run they
+        continue (the other rows), with the result just stored added to their results."""
+        completed = {row[0] for row in rows if row[0] is not None}
         following = self.chain_target(stage)
         chained: dict[int, Claim] = {}
-        if following is not None and len(description or ()) > 1:
-            make = self._claim_maker(following.name, False, description)
-            run_id = [column.name for column in description or ()].index("run_id")
-            for row in rows:
-                if row[run_id] is not None:
-                    chained[row[0]] = make(row)
+        if following is None or len(completed) == len(rows):
+            return completed, chained
+        make = self._claim_maker(following.name, False, description)
+        by_key = {key: (run_id, result) for run_id, key, result, chain in items if chain}
+        for row in rows:
+            if row[0] is None:
+                made = make(row)
+                run_id, result = by_key[made.row_key]
+                if result is not None:
+                    made = attrs.evolve(made, results={**made.results, stage: json.loads(result)})
+                chained[run_id] = made
         return completed, chained
 
     async def complete_many(
@@ -225,27 +250,28 @@ class Claimer:
         conn: AsyncConnection[Any],
         stage: str,
         is_group: bool,
-        items: Sequence[tuple[int, str | None, bool]],
+        items: Sequence[Completion],
         *,
         worker_id: str = "manual",
         lease: float = DEFAULT_LEASE,
     ) -> tuple[set[int], dict[int, Claim]]:
         """Complete runs of one stage in one statement.
 
-        Each item is ``(run_id, result_json, chain)``; with ``chain`` the row goes straight
-        on to the next row stage, claimed for ``worker_id``. Returns the run ids that were
-        still ours, and the new claims by the run id they continue.
+        Each item is ``(run_id, row_key, result_json, chain)``. When every item has
+        ``chain``, the rows go straight on to the next row stage, claimed for
+        ``worker_id``; otherwise they land on done. Returns the run ids that were still
+        ours, and the new claims by the run id they continue.
         """
         cur = conn.cursor()
         await cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
-        return self._read_completion(stage, cur.description, await cur.fetchall())
+        return self._read_completion(stage, items, cur.description, await cur.fetchall())
 
     def complete_many_sync(
         self,
         conn: Connection[Any],
         stage: str,
         is_group: bool,
-        items: Sequence[tuple[int, str | None, bool]],
+        items: Sequence[Completion],
         *,
         worker_id: str = "manual",
         lease: float = DEFAULT_LEASE,
@@ -253,12 +279,12 @@ class Claimer:
         """:meth:`complete_many` on a blocking connection (a sync handler's own)."""
         cur = conn.cursor()
         cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
-        return self._read_completion(stage, cur.description, cur.fetchall())
+        return self._read_completion(stage, items, cur.description, cur.fetchall())
 
     async def complete(self, conn: AsyncConnection[Any], claim: Claim, result: str | None) -> None:
         """Mark the claim's stage done in ``conn``'s transaction; raise if the lease was lost."""
         completed, _ = await self.complete_many(
-            conn, claim.stage, claim.is_group, [(claim.run_id, result, False)]
+            conn, claim.stage, claim.is_group, [(claim.run_id, claim.row_key, result, False)]
         )
         if claim.run_id not in completed:
             raise LeaseLostError(claim.run_id)

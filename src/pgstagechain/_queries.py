@@ -21,10 +21,34 @@ EARLIER_RESULTS = sql.SQL("""
         LEFT JOIN LATERAL (
             SELECT jsonb_object_agg(r.stage, r.result ORDER BY r.id) AS results
             FROM pgstagechain.runs r
-            WHERE r.pipeline = %(pipeline)s AND r.row_key = c.row_key
+            WHERE cardinality(%(ancestors)s::text[]) > 0  -- else not even looked up
+              AND r.pipeline = %(pipeline)s AND r.row_key = c.row_key
               AND r.stage = ANY(%(ancestors)s::text[]) AND r.state = 'succeeded'
               AND r.result IS NOT NULL
         ) earlier ON c.run_id IS NOT NULL""")
+
+
+# Live runs whose lease ran out, found through their rows: a row (or group) at
+# (stage, running) leads to its run by the history index, so the cost follows the rows
+# being worked on, not the ledger. `deep` also reads the ledger itself, for runs whose
+# row was moved on by hand while they ran.
+EXPIRED_RUNS = sql.SQL("""
+        SELECT r.id FROM {table} t
+        JOIN pgstagechain.runs r
+          ON r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text AND r.stage = t.{step}
+        WHERE t.{step} = ANY(%(live_row_stages)s::text[]) AND t.{status} = %(running)s
+          AND r.state = 'running' AND r.lease_until < clock_timestamp()
+        UNION ALL
+        SELECT r.id FROM pgstagechain.groups g
+        JOIN pgstagechain.runs r
+          ON r.pipeline = g.pipeline AND r.row_key = g.group_key AND r.stage = g.step
+        WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(live_group_stages)s::text[])
+          AND g.status = 'running' AND r.state = 'running'
+          AND r.lease_until < clock_timestamp()
+        UNION ALL
+        SELECT r.id FROM pgstagechain.runs r
+        WHERE %(deep)s AND r.pipeline = %(pipeline)s AND r.state = 'running'
+          AND r.lease_until < clock_timestamp()""")
 
 
 class Queries:
@@ -63,6 +87,7 @@ class Queries:
             groups=GROUPS,
             earlier=EARLIER_RESULTS,
         )
+        fmt["expired_runs"] = EXPIRED_RUNS.format(**fmt)
 
         # Shared tail of every claim: record the run in the ledger in the same statement,
         # then return what the handler's context needs.
@@ -82,19 +107,20 @@ class Queries:
 
         # Verify-then-claim for row stages, as one statement: lock the rows that are
         # still at (after, done), skipping rows another claimer holds; move them to
-        # (stage, running); record the runs.
+        # (stage, running); record the runs. Given keys are found by key (the state
+        # test kept out of the index choice: `IS NOT DISTINCT FROM`), any ready rows
+        # through the state index.
         row_claim = (
             """
         WITH picked AS (
             SELECT t.{key} AS k FROM {table} t
             WHERE {pick}
-              AND t.{step} = %(after)s AND t.{status} = %(done)s
             LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED
         ),
         claimed AS (
             UPDATE {table} t SET {step} = %(stage)s, {status} = %(running)s
-            FROM picked WHERE t.{key} = picked.k
+            WHERE t.{key} = ANY(ARRAY(SELECT k FROM picked))
             RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
                       1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id {extras}
         ),
@@ -104,24 +130,30 @@ class Queries:
         self.claim_rows_by_key = self._render(
             row_claim,
             fmt,
-            pick=sql.SQL("t.{} = ANY(%(keys)s::text[]::{})").format(key, key_array),
+            pick=sql.SQL(
+                "t.{key} = ANY(%(keys)s::text[]::{key_array}) AND t.{step} IS NOT DISTINCT FROM"
+                " %(after)s AND t.{status} IS NOT DISTINCT FROM %(done)s"
+            ).format(**fmt),
         )
-        self.claim_rows_ready = self._render(row_claim, fmt, pick=sql.SQL("TRUE"))
+        self.claim_rows_ready = self._render(
+            row_claim,
+            fmt,
+            pick=sql.SQL("t.{step} = %(after)s AND t.{status} = %(done)s").format(**fmt),
+        )
 
         # The same for group stages, on the group table.
         group_claim = (
             """
         WITH picked AS (
-            SELECT g.group_key FROM {groups} g
-            WHERE g.pipeline = %(pipeline)s AND {pick}
-              AND g.step = %(after)s AND g.status = 'done'
+            SELECT g.ctid FROM {groups} g
+            WHERE {pick}
             LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED
         ),
         claimed AS (
             UPDATE {groups} g SET step = %(stage)s, status = 'running',
                                   updated_at = clock_timestamp()
-            FROM picked WHERE g.pipeline = %(pipeline)s AND g.group_key = picked.group_key
+            WHERE g.ctid = ANY(ARRAY(SELECT ctid FROM picked))  -- locked: it cannot move
             RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt,
                       nextval('pgstagechain.runs_id_seq') AS run_id
         ),
@@ -129,9 +161,19 @@ class Queries:
             + record_runs
         )
         self.claim_groups_by_key = self._render(
-            group_claim, fmt, pick=sql.SQL("g.group_key = ANY(%(keys)s::text[])")
+            group_claim,
+            fmt,
+            pick=sql.SQL(
+                "g.group_key = ANY(%(keys)s::text[]) AND g.pipeline IS NOT DISTINCT FROM"
+                " %(pipeline)s AND g.step IS NOT DISTINCT FROM %(after)s"
+                " AND g.status IS NOT DISTINCT FROM 'done'"
+            ),
         )
-        self.claim_groups_ready = self._render(group_claim, fmt, pick=sql.SQL("TRUE"))
+        self.claim_groups_ready = self._render(
+            group_claim,
+            fmt,
+            pick=sql.SQL("g.step = %(after)s AND g.status = 'done' AND g.pipeline = %(pipeline)s"),
+        )
 
         # Retries whose time has come: consume the pending retry of the failed run and
         # open the next attempt, provided the row is still ours at (stage, running).
@@ -213,31 +255,31 @@ class Queries:
         # straight on to the next stage on this worker (`chain`): the row moves from
         # (stage, running) to (next, running) with the next run recorded, in the same
         # statement; it never lands on done, so nobody else is woken for it.
+        # Each part is driven by the input arrays or by an array built once from the part
+        # before (never a join of two CTEs, which the planner, blind to their sizes, would
+        # make quadratic); results come as one JSON object keyed by run id. Rows are found
+        # by key: `IS NOT DISTINCT FROM` keeps the state index out of it, whose statistics
+        # are always stale during a burst. The rows give the completed run ids, then the
+        # new claims; the result just stored is not visible here, the caller adds it.
         self.complete_rows = self._render(
             """
-            WITH input AS (
-                SELECT * FROM unnest(%(run_ids)s::bigint[], %(results)s::jsonb[],
-                                     %(chain)s::bool[]) AS i(run_id, result, chain)
-            ),
-            run AS (
+            WITH run AS (
                 UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
-                                     result = i.result
-                FROM input i
-                WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.id = i.run_id
-                  AND r.state = 'running'
-                RETURNING r.id, r.row_key, i.chain, i.result
+                                     result = %(results)s::jsonb -> r.id::text
+                WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.state = 'running'
+                RETURNING r.id, r.row_key
             ),
             claimed AS (
                 UPDATE {table} t
-                SET {step} = CASE WHEN run.chain THEN %(next)s ELSE t.{step} END,
-                    {status} = CASE WHEN run.chain THEN %(running)s ELSE %(done)s END
-                FROM run
-                WHERE t.{key} = run.row_key::{key_type} AND t.{step} = %(stage)s
-                  AND t.{status} = %(running)s
-                RETURNING run.id AS done_id, run.chain, t.{key} AS key, t.{key}::text AS row_key,
-                          {group_expr} AS group_key, 1 AS attempt,
-                          CASE WHEN run.chain THEN nextval('pgstagechain.runs_id_seq') END
-                              AS run_id {extras}
+                SET {step} = CASE WHEN %(chain)s::bool THEN %(next)s ELSE t.{step} END,
+                    {status} = CASE WHEN %(chain)s::bool THEN %(running)s ELSE %(done)s END
+                WHERE t.{key} = ANY(ARRAY(SELECT run.row_key::{key_type} FROM run))
+                  AND t.{step} IS NOT DISTINCT FROM %(stage)s
+                  AND t.{status} IS NOT DISTINCT FROM %(running)s
+                RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
+                          1 AS attempt, t.{status} = %(running)s AS chain,
+                          CASE WHEN t.{status} = %(running)s
+                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id {extras}
             ),
             runs AS (
                 INSERT INTO {runs} (id, pipeline, stage, row_key, group_key, attempt, worker_id,
@@ -247,36 +289,32 @@ class Queries:
                        clock_timestamp() + %(lease)s * interval '1 second'
                 FROM claimed c WHERE c.chain
             )
-            -- this statement cannot see the result it just stored: add it by hand
-            SELECT run.id AS completed, c.*,
-                   CASE WHEN c.run_id IS NOT NULL THEN
-                       coalesce(earlier.results, '{{}}'::jsonb)
-                       || CASE WHEN run.result IS NULL THEN '{{}}'::jsonb
-                               ELSE jsonb_build_object(%(stage)s::text, run.result) END
-                   END AS results
-            FROM run LEFT JOIN claimed c ON c.done_id = run.id AND c.chain {earlier}
+            SELECT NULL::bigint AS completed, c.key, c.row_key, c.group_key, c.attempt,
+                   c.chain, c.run_id {extra_names}, earlier.results
+            FROM claimed c {earlier} WHERE c.chain
+            UNION ALL
+            SELECT run.id, {nulls} FROM run
             """,
             fmt,
+            nulls=sql.SQL(", ").join([sql.SQL("NULL")] * (7 + len(spec.extra_columns))),
+            extra_names=sql.SQL("").join(
+                sql.SQL(", c.{}").format(sql.Identifier("x_" + c)) for c in spec.extra_columns
+            ),
         )
         self.complete_groups = self._render(
             """
-            WITH input AS (
-                SELECT * FROM unnest(%(run_ids)s::bigint[], %(results)s::jsonb[])
-                    AS i(run_id, result)
-            ),
-            run AS (
+            WITH run AS (
                 UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
-                                     result = i.result
-                FROM input i
-                WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.id = i.run_id
-                  AND r.state = 'running'
+                                     result = %(results)s::jsonb -> r.id::text
+                WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.state = 'running'
                 RETURNING r.id, r.row_key
             ),
             moved AS (
                 UPDATE {groups} g SET status = 'done', updated_at = clock_timestamp()
-                FROM run
-                WHERE g.pipeline = %(pipeline)s AND g.group_key = run.row_key
-                  AND g.step = %(stage)s AND g.status = 'running'
+                WHERE g.group_key = ANY(ARRAY(SELECT row_key FROM run))
+                  AND g.pipeline IS NOT DISTINCT FROM %(pipeline)s
+                  AND g.step IS NOT DISTINCT FROM %(stage)s
+                  AND g.status IS NOT DISTINCT FROM 'running'
                 RETURNING 1
             )
             SELECT run.id AS completed FROM run
@@ -344,8 +382,8 @@ class Queries:
                     retry_at = CASE WHEN r.attempt < greatest(p.max_attempts, 3) OR %(free)s
                                     THEN clock_timestamp() END
                 FROM policy p
-                WHERE r.pipeline = %(pipeline)s AND r.stage = p.stage AND r.state = 'running'
-                  AND (r.lease_until < clock_timestamp() OR r.id = ANY(%(run_ids)s::bigint[]))
+                WHERE r.id = ANY(ARRAY({expired_runs}) || %(run_ids)s::bigint[])
+                  AND r.pipeline = %(pipeline)s AND r.stage = p.stage AND r.state = 'running'
                 RETURNING r.row_key, r.stage, r.retry_at, p.is_group
             ),
             failed_rows AS (
@@ -384,9 +422,7 @@ class Queries:
                WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(group_steps)s::text[])
                  AND g.status = 'done')
                 AS ready_group_steps,
-              (SELECT count(*) FROM {runs} r
-               WHERE r.state = 'running' AND r.lease_until < clock_timestamp()
-                 AND r.pipeline = %(pipeline)s) AS expired_leases,
+              (SELECT count(*) FROM ({expired_runs}) e) AS expired_leases,
               (SELECT min(r.retry_at) FROM {runs} r
                WHERE r.retry_at IS NOT NULL AND r.pipeline = %(pipeline)s) AS next_retry_at
             """,

@@ -58,7 +58,8 @@ class RecoveryScanner:
         self, conn: AsyncConnection[Any] | None = None, *, deep: bool = False
     ) -> RecoveryReport:
         """Run one scan. ``deep`` also looks for groups that formed while no trigger was
-        installed (a full pass over the fan-in steps, not index-bounded)."""
+        installed, and for expired runs whose row was moved on by hand while they ran
+        (full passes over the fan-in steps and the live runs, not index-bounded)."""
         if conn is None:
             async with await connect(self.conninfo, autocommit=True) as own:
                 return await self.scan(own, deep=deep)
@@ -77,6 +78,7 @@ class RecoveryScanner:
                     run_ids=[],
                     reason=None,
                     free=False,
+                    deep=deep,
                 ),
             )
             expired = len(await cur.fetchall())

@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 from psycopg import AsyncConnection, Connection, pq
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from ._claim import DEFAULT_LEASE, Claimer, claimer_for, to_json
+from ._claim import DEFAULT_LEASE, Claimer, Completion, claimer_for, to_json
 from ._connect import connect, conninfo_with_defaults, redact
 from ._context import Claim, StageContext, run_fields
 from ._events import MalformedNotification, parse_event
@@ -45,6 +45,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("pgstagechain.worker")
 
+#: completion statements in flight at once (one connection each)
+COMPLETERS = 2
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 MAX_ERROR_TEXT = 4000
 
@@ -130,22 +132,22 @@ class _Freshness:
         if self._stale(conn):
             await AsyncConnectionPool.check_connection(conn)
 
-    async def returned_async(self, conn: AsyncConnection[Any]) -> None:
-        self.last_used[conn] = time.monotonic()
-
     def check(self, conn: Connection[Any]) -> None:
         if self._stale(conn):
             ConnectionPool.check_connection(conn)
 
-    def returned(self, conn: Connection[Any]) -> None:
+    def used(self, conn: Any) -> None:
+        """Note the connection's last use (not through the pool's reset hook, which
+        would cost a pool task per return)."""
         self.last_used[conn] = time.monotonic()
 
 
 class _Batch:
-    """Completions waiting for the next flush: (run id, result, go on to the next stage)."""
+    """Completions waiting for the next flush, by (stage, group stage, go on to the next)."""
 
     def __init__(self) -> None:
-        self.items: dict[tuple[str, bool], list[tuple[int, str | None, bool]]] = {}
+        self.items: dict[tuple[str, bool, bool], list[Completion]] = {}
+        self.size = 0
         self.done = anyio.Event()
         self.completed: set[int] = set()
         self.chained: dict[int, Claim] = {}
@@ -232,6 +234,7 @@ class Worker:
         self._inflight: dict[str, int] = {s.name: 0 for s in self.served}
         self._inflight_total = 0
         self._live: dict[int, anyio.CancelScope] = {}
+        self._queued: set[int] = set()  # runs whose completion waits in a batch
         self._wake = anyio.Event()
         self._scan_now = anyio.Event()
         self._stopping = False
@@ -239,7 +242,7 @@ class Worker:
         self._order = itertools.cycle(range(len(self.served)))
         self._batch = _Batch()
         self._batch_ready = anyio.Event()
-        self._flushing = False
+        self._flushing = 0
         self._claimer: Claimer | None = None
         self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
         self._sync_pool: ConnectionPool[Connection[Any]] | None = None
@@ -248,9 +251,15 @@ class Worker:
         # (previous step, done), where the scan finds it, and a completion for a run that
         # was never stored is refused. Completions and failures stay durable.
         self._control = _Link(self._given_conninfo, "pgstagechain-control", durable=False)
-        self._finisher = _Link(self._given_conninfo, "pgstagechain-finisher")
+        # Two completers, each on its own connection: while one batch's statement runs,
+        # the handlers of the other batch run here, so neither side waits on the other.
+        self._completers = [
+            _Link(self._given_conninfo, "pgstagechain-finisher") for _ in range(COMPLETERS)
+        ]
+        self._finisher = self._completers[0]
         self._handlers: TaskGroup | None = None
         self._freshness = _Freshness()
+        self._pool_slots: anyio.Semaphore | None = None
         self._maintenance: TaskGroup | None = None
 
     # -- public -------------------------------------------------------------------------
@@ -300,7 +309,6 @@ class Worker:
             # A connection that died while idle (server restart, failover, idle timeout)
             # must not cost a handler an attempt: one idle for a while is tested at checkout.
             check=self._freshness.check_async,
-            reset=self._freshness.returned_async,
         )
         if any(not s.is_async and s.connection for s in self.served):
             self._sync_pool = ConnectionPool(
@@ -310,14 +318,15 @@ class Worker:
                 open=False,
                 kwargs={"application_name": "pgstagechain-handler"},
                 check=self._freshness.check,
-                reset=self._freshness.returned,
             )
             await anyio.to_thread.run_sync(self._sync_pool.open)
         await self._pool.open()
+        self._pool_slots = anyio.Semaphore(self.pool_size)
         try:
             async with anyio.create_task_group() as maintenance:
                 self._maintenance = maintenance
-                maintenance.start_soon(self._completer_loop)
+                for link in self._completers:
+                    maintenance.start_soon(self._completer_loop, link)
                 maintenance.start_soon(self._heartbeat_loop)
                 maintenance.start_soon(self._scan_loop)
                 if self.listen:
@@ -342,7 +351,8 @@ class Worker:
                 if self._sync_pool is not None:
                     await anyio.to_thread.run_sync(self._sync_pool.close)
                 await self._control.close()
-                await self._finisher.close()
+                for link in self._completers:
+                    await link.close()
 
     async def _connect_first(self) -> AsyncConnection[Any]:
         """Wait for the database at start-up (it may be restarting) rather than die."""
@@ -364,8 +374,9 @@ class Worker:
             logger.warning(
                 "shutdown deadline passed: abandoning %d run(s) to other workers", len(self._live)
             )
-            for scope in list(self._live.values()):
-                scope.cancel()
+            for run_id, scope in list(self._live.items()):
+                if run_id not in self._queued:  # a queued completion is about to land
+                    scope.cancel()
 
     # -- notifications --------------------------------------------------------------------
 
@@ -578,29 +589,33 @@ class Worker:
         self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
     ) -> None:
         """Run ``claim``'s handler; when the row goes straight on to the next stage here,
-        run that one too, in the same task (the slot passes along with the row)."""
+        run that one too, in the same task (the slot passes along with the row). One
+        cancel scope serves the whole chain: it cancels whichever run is current."""
+        scope = self._live[claim.run_id]
         current: tuple[Stage, Claim] | None = (stage, claim)
         try:
-            while current is not None:
-                stage, claim = current
-                current = await self._run_one(stage, claim, members)
-                members = {}
+            with scope:
+                while current is not None:
+                    stage, claim = current
+                    current = await self._run_one(stage, claim, members)
+                    members = {}
+            if scope.cancelled_caught:
+                # Shut down past the deadline, or the lease was found lost: hand it back.
+                with anyio.CancelScope(shield=True):
+                    await self._release([claim.run_id], "worker stopped before the run finished")
         finally:
             self._finished(stage, claim)
 
     async def _run_one(
         self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
     ) -> tuple[Stage, Claim] | None:
-        scope = self._live.get(claim.run_id)
-        if scope is None:
-            scope = self._live[claim.run_id] = anyio.CancelScope()
         following: tuple[Stage, Claim] | None = None
         observer = self.observer
-        started = time.monotonic()
+        started = time.monotonic() if observer is not None else 0.0
         outcome = "abandoned"
         span = observer.span(stage.name, claim) if observer else contextlib.nullcontext()
-        with span:
-            with scope:
+        try:
+            with span:
                 try:
                     if stage.is_async:
                         following = await self._run_async(stage, claim, members)
@@ -629,12 +644,9 @@ class Worker:
                         outcome = "retried"
                     else:
                         outcome = await self._record_failure(stage, claim, exc)
+        finally:
             if observer is not None:
                 observer.observe_run(stage.name, outcome, time.monotonic() - started)
-        if scope.cancelled_caught:
-            # Shut down past the deadline, or the lease was found lost: hand it back.
-            with anyio.CancelScope(shield=True):
-                await self._release([claim.run_id], "worker stopped before the run finished")
         if following is not None:
             # The slot passes from this stage to the next along with the row.
             self._live.pop(claim.run_id, None)
@@ -666,7 +678,7 @@ class Worker:
             self._inflight[booked.name] -= 1
             self._wake.set()
             return None
-        self._live[nxt.run_id] = anyio.CancelScope()
+        self._live[nxt.run_id] = self._live[claim.run_id]
         return booked, nxt
 
     async def _run_async(
@@ -676,8 +688,13 @@ class Worker:
             result = await self._call(stage, self._context(claim, None, members))
             return await self._complete_batched(stage, claim, to_json(stage.name, result))
         assert self._pool is not None
-        async with self._pool.connection() as conn:
-            result = await self._call(stage, self._context(claim, conn, members))
+        assert self._pool_slots is not None
+        # Runs queue on a semaphore, which is cheap, rather than inside the pool.
+        async with self._pool_slots, self._pool.connection() as conn:
+            try:
+                result = await self._call(stage, self._context(claim, conn, members))
+            finally:
+                self._freshness.used(conn)
             payload = to_json(stage.name, result)
             if conn.info.transaction_status != pq.TransactionStatus.IDLE:
                 # The handler wrote: complete in its transaction, so both commit or neither.
@@ -687,7 +704,7 @@ class Worker:
                         conn,
                         stage.name,
                         stage.group,
-                        [(claim.run_id, payload, booked is not None)],
+                        [(claim.run_id, claim.row_key, payload, booked is not None)],
                         worker_id=self.worker_id,
                         lease=self.lease,
                     )
@@ -714,12 +731,15 @@ class Worker:
                 result = stage.run(self._context(claim, None, members))
                 return False, to_json(stage.name, result)
             with self._sync_pool.connection() as conn:
-                result = stage.run(self._context(claim, conn, members))
+                try:
+                    result = stage.run(self._context(claim, conn, members))
+                finally:
+                    self._freshness.used(conn)
                 payload = to_json(stage.name, result)
                 if conn.info.transaction_status == pq.TransactionStatus.IDLE:
                     return False, payload
                 completed, _ = self._claimer_().complete_many_sync(
-                    conn, stage.name, stage.group, [(claim.run_id, payload, False)]
+                    conn, stage.name, stage.group, [(claim.run_id, claim.row_key, payload, False)]
                 )
                 if claim.run_id not in completed:
                     raise LeaseLostError(claim.run_id)
@@ -826,42 +846,56 @@ class Worker:
     ) -> tuple[Stage, Claim] | None:
         booked = self._reserve_chain(stage)
         batch = self._batch
-        batch.items.setdefault((stage.name, stage.group), []).append(
-            (claim.run_id, payload, booked is not None)
+        batch.items.setdefault((stage.name, stage.group, booked is not None), []).append(
+            (claim.run_id, claim.row_key, payload, booked is not None)
         )
+        batch.size += 1
         self._batch_ready.set()
-        with anyio.CancelScope(shield=True):
+        self._queued.add(claim.run_id)
+        try:
             await batch.done.wait()
+        finally:
+            self._queued.discard(claim.run_id)
         if claim.run_id not in batch.completed:
             self._settle_chain(booked, claim, {})
             raise LeaseLostError(claim.run_id)
         return self._settle_chain(booked, claim, batch.chained)
 
-    async def _completer_loop(self) -> None:
+    async def _completer_loop(self, link: _Link) -> None:
         while True:
             await self._batch_ready.wait()
+            if not self._batch.items:
+                # another completer took the batch that woke this one
+                self._batch_ready = anyio.Event()
+                continue
+            # Let every handler that is about to finish join this batch: flush once a
+            # pass of the event loop added nothing (at light load, one pass: ~µs).
+            seen = 0
+            while seen != self._batch.size < self.batch_size:
+                seen = self._batch.size
+                await anyio.lowlevel.checkpoint()
             self._batch_ready = anyio.Event()
             batch, self._batch = self._batch, _Batch()
-            self._flushing = True
+            self._flushing += 1
             try:
-                await self._flush(batch)
+                await self._flush(batch, link)
             finally:
-                self._flushing = False
+                self._flushing -= 1
                 batch.done.set()
                 self._wake.set()
 
-    async def _flush(self, batch: _Batch) -> None:
+    async def _flush(self, batch: _Batch, link: _Link) -> None:
         claimer = self._claimer_()
-        for (stage, is_group), items in batch.items.items():
+        for (stage, is_group, _), items in batch.items.items():
             for attempt in range(5):
                 try:
-                    conn = await self._finisher.get()
+                    conn = await link.get()
                     completed, chained = await claimer.complete_many(
                         conn, stage, is_group, items, worker_id=self.worker_id, lease=self.lease
                     )
                     batch.completed |= completed
                     batch.chained.update(chained)
-                    self._finisher.ok()
+                    link.ok()
                     break
                 except DB_ERRORS as exc:
                     # Safe to repeat: a completion only applies to runs still running.
@@ -870,7 +904,7 @@ class Worker:
                         logger.error(
                             "gave up completing %d run(s) of %s: %s", len(items), stage, exc
                         )
-                    await self._finisher.broke(exc)
+                    await link.broke(exc)
 
     # -- leases and recovery -------------------------------------------------------------------------
 
@@ -894,12 +928,9 @@ class Worker:
                 continue
             for run_id in run_ids:
                 scope = self._live.get(run_id)
-                if run_id not in kept and scope is not None and not self._batch_has(run_id):
+                if run_id not in kept and scope is not None and run_id not in self._queued:
                     logger.warning("run %s lost its lease; cancelling its handler", run_id)
                     scope.cancel()
-
-    def _batch_has(self, run_id: int) -> bool:
-        return any(run_id == rid for items in self._batch.items.values() for rid, _, _ in items)
 
     async def _scan_loop(self) -> None:
         while True:

@@ -168,7 +168,7 @@ async def run_stage(
                             sync_conn,
                             stage,
                             claimed.is_group,
-                            [(claimed.run_id, to_json(stage, value), False)],
+                            [(claimed.run_id, claimed.row_key, to_json(stage, value), False)],
                         )
                         if claimed.run_id not in completed:
                             raise LeaseLostError(claimed.run_id)
