@@ -125,6 +125,14 @@ def _comm(pid: int) -> str:
 # -- statistics ----------------------------------------------------------------------------------
 
 
+def by_kind(found: Sequence[tuple[str, float]]) -> dict[str, dict[str, float | int | None]]:
+    """:func:`percentiles` per kind of hand-over."""
+    kinds: dict[str, list[float]] = {}
+    for kind, seconds in found:
+        kinds.setdefault(kind, []).append(seconds)
+    return {kind: percentiles(values) for kind, values in sorted(kinds.items())}
+
+
 def percentiles(values_s: Sequence[float]) -> dict[str, float | int | None]:
     """p50/p95/p99/max in milliseconds (nearest rank) and the sample count."""
     if not values_s:
@@ -304,8 +312,10 @@ class Bench:
         dsn: str,
         reports: list[dict[str, Any]],
         released: dict[str, float],
-    ) -> tuple[list[float], str]:
-        """Seconds from each (step, done) commit to the start of the next handler.
+    ) -> tuple[list[tuple[str, float]], str]:
+        """Seconds from each (step, done) commit to the start of the next handler, by kind
+        of hand-over: ``release`` (the first stage, woken by the benchmark's own update),
+        ``row_to_row``, ``fan_in`` (the first group stage) and ``group_to_group``.
 
         Completions: the time the committing worker saw its commit acknowledged, else
         the server's ``finished_at``. Releases: the time the benchmark's own UPDATE
@@ -332,20 +342,23 @@ class Bench:
                 group_ready[group_key] = max(group_ready.get(group_key, 0.0), at)
         previous = {s: p for p, s in zip([None, *self.rows[:-1]], self.rows, strict=True)}
         gprevious = {s: p for p, s in zip([None, *self.groups[:-1]], self.groups, strict=True)}
-        found: list[float] = []
+        found: list[tuple[str, float]] = []
         for report in reports:
             for stage, key, started in report["starts"]:
                 if stage in previous:
                     before = previous[stage]
                     if before is None:
-                        at = released.get(str(int(key) // 1000))
+                        kind, at = "release", released.get(str(int(key) // 1000))
                     else:
-                        at = done.get((before, key))
+                        kind, at = "row_to_row", done.get((before, key))
                 else:
                     gbefore = gprevious[stage]
-                    at = group_ready.get(key) if gbefore is None else done.get((gbefore, key))
+                    if gbefore is None:
+                        kind, at = "fan_in", group_ready.get(key)
+                    else:
+                        kind, at = "group_to_group", done.get((gbefore, key))
                 if at is not None:
-                    found.append(started - at)
+                    found.append((kind, started - at))
         return found, basis
 
     def cpu_snapshot(
@@ -407,7 +420,8 @@ class Bench:
             "completed": finished and transitions >= expected,
             "seconds": round(seconds, 3),
             "transitions_per_s": round(transitions / seconds, 1),
-            "latency_ms": percentiles(lat),
+            "latency_ms": percentiles([seconds for _, seconds in lat]),
+            "latency_ms_by_kind": by_kind(lat),
             "latency_basis": basis,
             "cpu_us_per_transition": self._cpu(cpu0, cpu1, transitions),
             "worker_stats": _sum_stats(reports),
@@ -479,11 +493,14 @@ class Bench:
             "rows": rows,
             "transitions": transitions,
             "completed": finished,
-            "latency_ms": percentiles(lat),
+            "latency_ms": percentiles([seconds for _, seconds in lat]),
+            "latency_ms_by_kind": by_kind(lat),
             "latency_basis": basis,
             "cpu_us_per_transition": self._cpu(cpu0, cpu1, transitions),
         }
         log(f"steady: {result['latency_ms']}")
+        for kind, figures in result["latency_ms_by_kind"].items():
+            log(f"  {kind}: {figures}")
         return result
 
     def idle(self) -> dict[str, Any]:

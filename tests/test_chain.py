@@ -30,12 +30,13 @@ async def test_middle_stages_need_no_notification(pgstagechain_dsn: str) -> None
             conn.execute("UPDATE jobs_variants SET status = 'done'")
         stats = await Worker(pipeline, pgstagechain_dsn, scan_interval=1).run_until_idle()
         heard = [json.loads(n.payload) async for n in ears.notifies(timeout=0.5)]
-    # 9 rows released, then each of the 3 groups formed and done at both group stages;
-    # every row stage after the first was reached without a notification.
+    # 9 rows released, then each of the 3 groups formed, and done at the last group stage;
+    # every row stage after the first, and every group stage after the first, was reached
+    # without a notification.
     assert sorted((kind, step) for kind, step, _, _ in heard) == sorted(
-        [("r", "img_gen")] * 9 + [("g", step) for step in ["iou_eval", *GROUP_STAGES]] * 3
+        [("r", "img_gen")] * 9 + [("g", step) for step in ["iou_eval", GROUP_STAGES[-1]]] * 3
     )
-    assert stats.chained == 9 * (len(ROW_STAGES) - 1)
+    assert stats.chained == 9 * (len(ROW_STAGES) - 1) + 3 * (len(GROUP_STAGES) - 1)
     assert stats.claimed == 9 * len(ROW_STAGES) + 3 * len(GROUP_STAGES)
     with psycopg.connect(pgstagechain_dsn) as conn:
         assert (
@@ -88,7 +89,8 @@ async def test_rows_are_handed_over_between_workers_serving_different_stages(
     assert by_worker == {"cpu": sorted(first), "gpu": sorted(second)}
     assert runs == (8 * len(ROW_STAGES) + 4 * len(GROUP_STAGES),) * 2
     assert cpu.stats.chained == 8 * (len(first) - 1)
-    assert gpu.stats.chained == 8 * (len(ROW_STAGES) - len(first) - 1)
+    # 4 jobs: their groups go from the first group stage to the second on the same worker
+    assert gpu.stats.chained == 8 * (len(ROW_STAGES) - len(first) - 1) + 4 * (len(GROUP_STAGES) - 1)
 
 
 async def test_chained_stages_see_every_earlier_result(pgstagechain_dsn: str) -> None:
@@ -134,3 +136,38 @@ async def test_chained_stages_see_every_earlier_result(pgstagechain_dsn: str) ->
         assert seen[("second", key)] == {"first": {"first": key}}
         assert seen[("third", key)] == {"first": {"first": key}}
         assert seen[("fourth", key)] == {"first": {"first": key}, "third": [key, "third"]}
+
+
+async def test_chained_group_stages_keep_members_and_see_earlier_results(
+    pgstagechain_dsn: str,
+) -> None:
+    create_tables(pgstagechain_dsn)
+
+    async def row(ctx: Any) -> Any:
+        return {"variant": ctx.key} if ctx.stage == "iou_eval" else None
+
+    async def group(ctx: Any) -> Any:
+        return {
+            "members": sorted(ctx.members),
+            "variants": sorted(m["iou_eval"]["variant"] for m in ctx.members.values()),
+            "seen": ctx.results,
+        }
+
+    pipeline = seed_pipeline(row, group)
+    await migrate(pgstagechain_dsn, pipeline)
+    add_jobs(pgstagechain_dsn, jobs=2, variants=3)
+    stats = await Worker(pipeline, pgstagechain_dsn, scan_interval=1).run_until_idle()
+    assert stats.chained == 6 * (len(ROW_STAGES) - 1) + 2 * (len(GROUP_STAGES) - 1)
+    with psycopg.connect(pgstagechain_dsn) as conn:
+        results = dict(
+            conn.execute(
+                "SELECT row_key || '/' || stage, result FROM pgstagechain.runs"
+                " WHERE stage = ANY(%s)",
+                (GROUP_STAGES,),
+            ).fetchall()
+        )
+    for job in (1, 2):
+        variants = [job * 100 + v for v in (1, 2, 3)]
+        first = {"members": [str(v) for v in variants], "variants": variants, "seen": {}}
+        assert results[f"{job}/{GROUP_STAGES[0]}"] == first
+        assert results[f"{job}/{GROUP_STAGES[1]}"] == {**first, "seen": {GROUP_STAGES[0]: first}}

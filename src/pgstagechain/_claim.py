@@ -57,8 +57,8 @@ class Claimer:
             "running": spec.statuses.running,
             "failed": spec.statuses.failed,
             "channel": pipeline.channel,
-            "live_row_stages": [s.name for s in pipeline if not s.group],
-            "live_group_stages": [s.name for s in pipeline if s.group],
+            "row_stages": [s.name for s in pipeline if not s.group],
+            "group_stages": [s.name for s in pipeline if s.group],
             "deep": False,
         }
         self._text: dict[str, LiteralString] = {}
@@ -124,6 +124,7 @@ class Claimer:
         run_id, key, row_key = at["run_id"], at["key"], at["row_key"]
         group_key, attempt, results = at["group_key"], at["attempt"], at["results"]
         extras = [(name[2:], i) for name, i in at.items() if name.startswith("x_")]
+        members = at.get("members")
         pipeline = self.pipeline.name
 
         def make(row: Sequence[Any]) -> Claim:
@@ -138,6 +139,7 @@ class Claimer:
                 is_group=is_group,
                 row={name: row[i] for name, i in extras},
                 results=row[results] or {},
+                members=(row[members] or {}) if members is not None else {},
             )
 
         return make
@@ -158,40 +160,15 @@ class Claimer:
         return found
 
     def chain_target(self, stage: str) -> Stage | None:
-        """The row stage a row of ``stage`` can go straight on to, if any (cached)."""
+        """The stage a row (or group) of ``stage`` can go straight on to, if any: the next
+        stage on the same level (a fan-in needs all members, so it goes through the
+        group table's trigger). Cached."""
         if stage not in self._chain_targets:
             following = self.pipeline.next_stage(stage)
-            if following is not None and (following.group or self._stage(stage).group):
+            if following is not None and following.group != self._stage(stage).group:
                 following = None
             self._chain_targets[stage] = following
         return self._chain_targets[stage]
-
-    def row_stages(self) -> list[str]:
-        return [s.name for s in self.pipeline if not s.group]
-
-    async def results(
-        self, conn: AsyncConnection[Any], row_keys: Iterable[str], stages: Sequence[str]
-    ) -> dict[str, dict[str, Any]]:
-        """Results of ``stages`` for each of ``row_keys`` (only those with any)."""
-        if not stages:
-            return {}
-        cur = await conn.execute(
-            self.text("results"), self.params(keys=list(row_keys), stages=list(stages))
-        )
-        return {row_key: results for row_key, results in await cur.fetchall()}
-
-    async def members(
-        self, conn: AsyncConnection[Any], groups: Sequence[str]
-    ) -> dict[str, dict[str, dict[str, Any]]]:
-        """For each of ``groups``, every member with the results of its row stages."""
-        assert self.q.member_keys is not None
-        cur = await conn.execute(self.text("member_keys"), {"groups": list(groups)})
-        pairs = await cur.fetchall()
-        found = await self.results(conn, [key for _, key in pairs], self.row_stages())
-        members: dict[str, dict[str, dict[str, Any]]] = {group: {} for group in groups}
-        for group, key in pairs:
-            members.setdefault(group, {})[key] = found.get(key, {})
-        return members
 
     def _complete_params(
         self,
@@ -207,8 +184,6 @@ class Claimer:
             run_ids=[run_id for run_id, _, _, _ in items],
             results=results_by_run(items),
         )
-        if is_group:
-            return self.text("complete_groups"), params
         # one flag for the statement (a per-row test would cost the server per row)
         chain = following is not None and all(flag for _, _, _, flag in items)
         params.update(
@@ -218,7 +193,7 @@ class Claimer:
             lease=lease,
             ancestors=self.ancestors(following.name) if chain and following else [],
         )
-        return self.text("complete_rows"), params
+        return self.text("complete_groups" if is_group else "complete_rows"), params
 
     def _read_completion(
         self,
@@ -234,7 +209,7 @@ class Claimer:
         chained: dict[int, Claim] = {}
         if following is None or len(completed) == len(rows):
             return completed, chained
-        make = self._claim_maker(following.name, False, description)
+        make = self._claim_maker(following.name, following.group, description)
         by_key = {key: (run_id, result) for run_id, key, result, chain in items if chain}
         for row in rows:
             if row[0] is None:

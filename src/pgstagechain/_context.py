@@ -17,8 +17,9 @@ class Claim:
     """A row (or group) moved to ``(stage, running)`` by this worker, with its run record.
 
     ``key`` is the key in the column's own type (the group key, as text, for a group
-    stage); ``row`` holds the pipeline's extra columns as they were at claim time, and
-    ``results`` what the earlier stages of this row (or group) returned.
+    stage); ``row`` holds the pipeline's extra columns as they were at claim time,
+    ``results`` what the earlier stages of this row (or group) returned, and for a group
+    stage ``members`` maps each member's key to the results of its row stages.
     """
 
     pipeline: str
@@ -31,6 +32,7 @@ class Claim:
     is_group: bool
     row: Mapping[str, Any] = attrs.field(factory=dict)
     results: Mapping[str, Any] = attrs.field(factory=dict)
+    members: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
 
 @attrs.frozen(kw_only=True)
@@ -46,7 +48,11 @@ class StageContext(Generic[ConnT]):
     claim: Claim
     conn: ConnT
     worker_id: str
-    members: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    members: Mapping[str, Mapping[str, Any]] = attrs.field()
+
+    @members.default
+    def _claimed_members(self) -> Mapping[str, Mapping[str, Any]]:
+        return self.claim.members
 
     @functools.cached_property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

@@ -28,6 +28,22 @@ EARLIER_RESULTS = sql.SQL("""
         ) earlier ON c.run_id IS NOT NULL""")
 
 
+# Members of the claimed group `c`, each with the results of its row stages: the group
+# column compared in its own type so that its index serves.
+MEMBERS = sql.SQL("""
+        LEFT JOIN LATERAL (
+            SELECT jsonb_object_agg(m.row_key, coalesce(mr.results, '{{}}'::jsonb)) AS members
+            FROM (SELECT t.{key}::text AS row_key FROM {table} t
+                  WHERE t.{group} = c.group_key::{group_type}) m
+            LEFT JOIN LATERAL (
+                SELECT jsonb_object_agg(r.stage, r.result ORDER BY r.id) AS results
+                FROM pgstagechain.runs r
+                WHERE r.pipeline = %(pipeline)s AND r.row_key = m.row_key
+                  AND r.stage = ANY(%(row_stages)s::text[]) AND r.state = 'succeeded'
+                  AND r.result IS NOT NULL
+            ) mr ON TRUE
+        ) mem ON c.run_id IS NOT NULL""")
+
 # Live runs whose lease ran out, found through their rows: a row (or group) at
 # (stage, running) leads to its run by the history index, so the cost follows the rows
 # being worked on, not the ledger. `deep` also reads the ledger itself, for runs whose
@@ -36,13 +52,13 @@ EXPIRED_RUNS = sql.SQL("""
         SELECT r.id FROM {table} t
         JOIN pgstagechain.runs r
           ON r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text AND r.stage = t.{step}
-        WHERE t.{step} = ANY(%(live_row_stages)s::text[]) AND t.{status} = %(running)s
+        WHERE t.{step} = ANY(%(row_stages)s::text[]) AND t.{status} = %(running)s
           AND r.state = 'running' AND r.lease_until < clock_timestamp()
         UNION ALL
         SELECT r.id FROM pgstagechain.groups g
         JOIN pgstagechain.runs r
           ON r.pipeline = g.pipeline AND r.row_key = g.group_key AND r.stage = g.step
-        WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(live_group_stages)s::text[])
+        WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(group_stages)s::text[])
           AND g.status = 'running' AND r.state = 'running'
           AND r.lease_until < clock_timestamp()
         UNION ALL
@@ -64,7 +80,6 @@ class Queries:
         status = sql.Identifier(spec.status_column)
         key_array = sql.SQL(info.key_type + "[]")
         key_type = sql.SQL(info.key_type)
-        group_array = sql.SQL((info.group_type or "text") + "[]")
         group_expr = (
             sql.SQL("t.{}::text").format(sql.Identifier(spec.group_column))
             if spec.group_column
@@ -88,6 +103,17 @@ class Queries:
             earlier=EARLIER_RESULTS,
         )
         fmt["expired_runs"] = EXPIRED_RUNS.format(**fmt)
+        # group stages need a group column (validated): their claims carry the members
+        fmt["members"] = (
+            MEMBERS.format(
+                group=sql.Identifier(spec.group_column),
+                group_type=sql.SQL(info.group_type or "text"),
+                **fmt,
+            )
+            if spec.group_column
+            else sql.SQL("")
+        )
+        fmt["members_column"] = sql.SQL(", mem.members" if spec.group_column else "")
 
         # Shared tail of every claim: record the run in the ledger in the same statement,
         # then return what the handler's context needs.
@@ -102,8 +128,11 @@ class Queries:
                    %(worker)s, clock_timestamp() + %(lease)s * interval '1 second'
             FROM claimed c
         )
-        SELECT c.*, earlier.results FROM claimed c {earlier}
+        SELECT c.*, earlier.results {also} FROM claimed c {earlier} {joined}
         """
+        row_tail = {"also": sql.SQL(""), "joined": sql.SQL("")}
+        # a group's claim carries its members, so its handler needs no other round trip
+        group_tail = {"also": fmt["members_column"], "joined": fmt["members"]}
 
         # Verify-then-claim for row stages, as one statement: lock the rows that are
         # still at (after, done), skipping rows another claimer holds; move them to
@@ -130,6 +159,7 @@ class Queries:
         self.claim_rows_by_key = self._render(
             row_claim,
             fmt,
+            **row_tail,
             pick=sql.SQL(
                 "t.{key} = ANY(%(keys)s::text[]::{key_array}) AND t.{step} IS NOT DISTINCT FROM"
                 " %(after)s AND t.{status} IS NOT DISTINCT FROM %(done)s"
@@ -138,6 +168,7 @@ class Queries:
         self.claim_rows_ready = self._render(
             row_claim,
             fmt,
+            **row_tail,
             pick=sql.SQL("t.{step} = %(after)s AND t.{status} = %(done)s").format(**fmt),
         )
 
@@ -163,6 +194,7 @@ class Queries:
         self.claim_groups_by_key = self._render(
             group_claim,
             fmt,
+            **group_tail,
             pick=sql.SQL(
                 "g.group_key = ANY(%(keys)s::text[]) AND g.pipeline IS NOT DISTINCT FROM"
                 " %(pipeline)s AND g.step IS NOT DISTINCT FROM %(after)s"
@@ -172,6 +204,7 @@ class Queries:
         self.claim_groups_ready = self._render(
             group_claim,
             fmt,
+            **group_tail,
             pick=sql.SQL("g.step = %(after)s AND g.status = 'done' AND g.pipeline = %(pipeline)s"),
         )
 
@@ -200,6 +233,7 @@ class Queries:
         self.claim_row_retries = self._render(
             retry_claim,
             fmt,
+            **row_tail,
             owner=sql.SQL(
                 """SELECT t.{key} AS key, c.row_key, {group_expr} AS group_key,
                       c.attempt + 1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id
@@ -211,6 +245,7 @@ class Queries:
         self.claim_group_retries = self._render(
             retry_claim,
             fmt,
+            **group_tail,
             owner=sql.SQL(
                 """SELECT g.group_key AS key, c.row_key, g.group_key, c.attempt + 1 AS attempt,
                       nextval('pgstagechain.runs_id_seq') AS run_id
@@ -218,36 +253,6 @@ class Queries:
                  ON g.pipeline = %(pipeline)s AND g.group_key = c.row_key
                WHERE g.step = %(stage)s AND g.status = 'running'"""
             ).format(**fmt),
-        )
-
-        # Results of earlier stages, per key through the history index (cost independent
-        # of how long the history is).
-        self.results = self._render(
-            """
-            SELECT k.row_key, earlier.results
-            FROM unnest(%(keys)s::text[]) AS k(row_key)
-            CROSS JOIN LATERAL (
-                SELECT jsonb_object_agg(r.stage, r.result ORDER BY r.id) AS results
-                FROM {runs} r
-                WHERE r.pipeline = %(pipeline)s AND r.row_key = k.row_key
-                  AND r.stage = ANY(%(stages)s::text[]) AND r.state = 'succeeded'
-                  AND r.result IS NOT NULL
-            ) earlier
-            WHERE earlier.results IS NOT NULL
-            """,
-            fmt,
-        )
-        # Members of groups, compared in the group column's own type so its index serves.
-        self.member_keys = (
-            self._render(
-                "SELECT t.{group}::text AS group_key, t.{key}::text AS row_key FROM {table} t "
-                "WHERE t.{group} = ANY(%(groups)s::text[]::{group_array}) ORDER BY 1, t.{key}",
-                fmt,
-                group=sql.Identifier(spec.group_column),
-                group_array=group_array,
-            )
-            if spec.group_column
-            else None
         )
 
         # Completion: close the runs still ours (a rescued claim is not) and mark their rows
@@ -301,6 +306,8 @@ class Queries:
                 sql.SQL(", c.{}").format(sql.Identifier("x_" + c)) for c in spec.extra_columns
             ),
         )
+        # The same for group stages, on the group table; a group may go straight on to
+        # the next group stage, with the same members.
         self.complete_groups = self._render(
             """
             WITH run AS (
@@ -309,17 +316,36 @@ class Queries:
                 WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.state = 'running'
                 RETURNING r.id, r.row_key
             ),
-            moved AS (
-                UPDATE {groups} g SET status = 'done', updated_at = clock_timestamp()
+            claimed AS (
+                UPDATE {groups} g
+                SET step = CASE WHEN %(chain)s::bool THEN %(next)s ELSE g.step END,
+                    status = CASE WHEN %(chain)s::bool THEN 'running' ELSE 'done' END,
+                    updated_at = clock_timestamp()
                 WHERE g.group_key = ANY(ARRAY(SELECT row_key FROM run))
                   AND g.pipeline IS NOT DISTINCT FROM %(pipeline)s
                   AND g.step IS NOT DISTINCT FROM %(stage)s
                   AND g.status IS NOT DISTINCT FROM 'running'
-                RETURNING 1
+                RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt,
+                          g.status = 'running' AS chain,
+                          CASE WHEN g.status = 'running'
+                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id
+            ),
+            runs AS (
+                INSERT INTO {runs} (id, pipeline, stage, row_key, group_key, attempt, worker_id,
+                                    lease_until)
+                OVERRIDING SYSTEM VALUE
+                SELECT c.run_id, %(pipeline)s, %(next)s, c.row_key, c.group_key, 1, %(worker)s,
+                       clock_timestamp() + %(lease)s * interval '1 second'
+                FROM claimed c WHERE c.chain
             )
-            SELECT run.id AS completed FROM run
+            SELECT NULL::bigint AS completed, c.key, c.row_key, c.group_key, c.attempt,
+                   c.chain, c.run_id, earlier.results {members_column}
+            FROM claimed c {earlier} {members} WHERE c.chain
+            UNION ALL
+            SELECT run.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL {more_nulls} FROM run
             """,
             fmt,
+            more_nulls=sql.SQL(", NULL" if spec.group_column else ""),
         )
 
         # Failure: close the run; when no retry is pending the row (or group) fails too.

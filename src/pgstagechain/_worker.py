@@ -554,28 +554,14 @@ class Worker:
         return self._claimer
 
     async def _start(self, stage: Stage, claims: Sequence[Claim]) -> None:
-        """Fetch what the handlers need to see, then start one task per claim."""
+        """Start one task per claim (a group's claim carries its members)."""
         self.stats.claimed += len(claims)
         self._inflight[stage.name] += len(claims)
         self._inflight_total += len(claims)
-        for each in claims:
-            self._live[each.run_id] = anyio.CancelScope()
-        members: dict[str, dict[str, dict[str, Any]]] = {}
-        if stage.group:
-            try:
-                conn = await self._control.get()
-                members = await self._claimer_().members(conn, [c.row_key for c in claims])
-            except DB_ERRORS as exc:
-                # The runs are claimed but we cannot feed them: hand them back at once.
-                self.stats.db_errors += 1
-                await self._control.broke(exc)
-                await self._release([c.run_id for c in claims], "worker lost its connection")
-                for each in claims:
-                    self._finished(stage, each)
-                return
         assert self._handlers is not None
         for each in claims:
-            self._handlers.start_soon(self._execute, stage, each, members.get(each.row_key, {}))
+            self._live[each.run_id] = anyio.CancelScope()
+            self._handlers.start_soon(self._execute, stage, each)
 
     def _finished(self, stage: Stage, claim: Claim) -> None:
         self._live.pop(claim.run_id, None)
@@ -585,9 +571,7 @@ class Worker:
 
     # -- running a handler ----------------------------------------------------------------------
 
-    async def _execute(
-        self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
-    ) -> None:
+    async def _execute(self, stage: Stage, claim: Claim) -> None:
         """Run ``claim``'s handler; when the row goes straight on to the next stage here,
         run that one too, in the same task (the slot passes along with the row). One
         cancel scope serves the whole chain: it cancels whichever run is current."""
@@ -597,8 +581,7 @@ class Worker:
             with scope:
                 while current is not None:
                     stage, claim = current
-                    current = await self._run_one(stage, claim, members)
-                    members = {}
+                    current = await self._run_one(stage, claim)
             if scope.cancelled_caught:
                 # Shut down past the deadline, or the lease was found lost: hand it back.
                 with anyio.CancelScope(shield=True):
@@ -606,9 +589,7 @@ class Worker:
         finally:
             self._finished(stage, claim)
 
-    async def _run_one(
-        self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
-    ) -> tuple[Stage, Claim] | None:
+    async def _run_one(self, stage: Stage, claim: Claim) -> tuple[Stage, Claim] | None:
         following: tuple[Stage, Claim] | None = None
         observer = self.observer
         started = time.monotonic() if observer is not None else 0.0
@@ -618,9 +599,9 @@ class Worker:
             with span:
                 try:
                     if stage.is_async:
-                        following = await self._run_async(stage, claim, members)
+                        following = await self._run_async(stage, claim)
                     else:
-                        following = await self._run_sync(stage, claim, members)
+                        following = await self._run_sync(stage, claim)
                     self.stats.succeeded += 1
                     outcome = "succeeded"
                 except LeaseLostError:
@@ -681,18 +662,16 @@ class Worker:
         self._live[nxt.run_id] = self._live[claim.run_id]
         return booked, nxt
 
-    async def _run_async(
-        self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
-    ) -> tuple[Stage, Claim] | None:
+    async def _run_async(self, stage: Stage, claim: Claim) -> tuple[Stage, Claim] | None:
         if not stage.connection:
-            result = await self._call(stage, self._context(claim, None, members))
+            result = await self._call(stage, self._context(claim, None))
             return await self._complete_batched(stage, claim, to_json(stage.name, result))
         assert self._pool is not None
         assert self._pool_slots is not None
         # Runs queue on a semaphore, which is cheap, rather than inside the pool.
         async with self._pool_slots, self._pool.connection() as conn:
             try:
-                result = await self._call(stage, self._context(claim, conn, members))
+                result = await self._call(stage, self._context(claim, conn))
             finally:
                 self._freshness.used(conn)
             payload = to_json(stage.name, result)
@@ -723,16 +702,14 @@ class Worker:
         with anyio.fail_after(stage.timeout):
             return await stage.run(ctx)
 
-    async def _run_sync(
-        self, stage: Stage, claim: Claim, members: Mapping[str, Mapping[str, Any]]
-    ) -> tuple[Stage, Claim] | None:
+    async def _run_sync(self, stage: Stage, claim: Claim) -> tuple[Stage, Claim] | None:
         def call() -> tuple[bool, str | None]:
             if not stage.connection or self._sync_pool is None:
-                result = stage.run(self._context(claim, None, members))
+                result = stage.run(self._context(claim, None))
                 return False, to_json(stage.name, result)
             with self._sync_pool.connection() as conn:
                 try:
-                    result = stage.run(self._context(claim, conn, members))
+                    result = stage.run(self._context(claim, conn))
                 finally:
                     self._freshness.used(conn)
                 payload = to_json(stage.name, result)
@@ -754,10 +731,8 @@ class Worker:
             return None
         return await self._complete_batched(stage, claim, payload)
 
-    def _context(
-        self, claim: Claim, conn: Any, members: Mapping[str, Mapping[str, Any]]
-    ) -> StageContext[Any]:
-        return StageContext(claim=claim, conn=conn, worker_id=self.worker_id, members=members)
+    def _context(self, claim: Claim, conn: Any) -> StageContext[Any]:
+        return StageContext(claim=claim, conn=conn, worker_id=self.worker_id)
 
     async def _record_failure(self, stage: Stage, claim: Claim, exc: Exception) -> str:
         """Record the failure; return the outcome: failed, retried, lease_lost or abandoned."""

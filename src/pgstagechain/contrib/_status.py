@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import traceback
-from collections.abc import Mapping
 from typing import Any
 
 import anyio
@@ -137,17 +136,12 @@ async def run_stage(
         if claimed is None:
             return ManualRun(outcome="not_claimed")
         claimer = await claimer_for(conn, pipeline)
-        members: Mapping[str, Mapping[str, Any]] = {}
-        if target.group:
-            members = (await claimer.members(conn, [claimed.row_key]))[claimed.row_key]
-        await conn.commit()
         try:
             if target.is_async:
                 ctx: StageContext[Any] = StageContext(
                     claim=claimed,
                     conn=conn if target.connection else None,
                     worker_id=worker_id,
-                    members=members,
                 )
                 with anyio.fail_after(target.timeout):
                     result = await target.run(ctx)
@@ -161,7 +155,6 @@ async def run_stage(
                             claim=claimed,
                             conn=sync_conn if target.connection else None,
                             worker_id=worker_id,
-                            members=members,
                         )
                         value = target.run(ctx)
                         completed, _ = claimer.complete_many_sync(
