@@ -788,7 +788,7 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dsn", help="use this server instead of starting one (needs CREATEDB)")
-    p.add_argument("--chains", type=int, default=2000, help="rows released in each burst")
+    p.add_argument("--chains", type=int, default=10000, help="rows released in each burst")
     p.add_argument("--group-size", type=int, default=4, help="rows per group (job)")
     p.add_argument("--row-stages", type=int, default=8)
     p.add_argument("--group-stages", type=int, default=2)
@@ -798,8 +798,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="noconn,conn",
         help="noconn: stages declared connection=False; conn: the default connection=True",
     )
-    p.add_argument("--concurrency", type=int, default=100, help="per worker process")
-    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--concurrency", type=int, default=400, help="per worker process")
+    p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--burst-timeout", type=float, default=120.0)
     p.add_argument("--steady-rate", type=float, default=20.0, help="rows released per second")
     p.add_argument("--steady-seconds", type=float, default=6.0)

@@ -88,6 +88,11 @@ def test_benchmark_command_reports_every_figure(pgstagechain_server: plugin.Test
         assert burst["worker_stats"]["failed"] == 0
     _percentiles(report["latency_ms"]["burst"])
     _percentiles(report["latency_ms"]["steady"])
+    kinds = {"release", "row_to_row", "fan_in", "group_to_group"}
+    for figures in (report["steady"], report["bursts"][0]):
+        assert set(figures["latency_ms_by_kind"]) == kinds
+        for found in figures["latency_ms_by_kind"].values():
+            _percentiles(found)
     assert report["latency_ms"]["basis"] in ("commit_ack", "finished_at")
     for clients in ("1", "4"):
         assert (

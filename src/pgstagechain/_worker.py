@@ -96,7 +96,11 @@ class _Link:
                 await self.conn.close()
             conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
             if not self.durable:
-                await conn.execute("SET synchronous_commit = off")
+                try:
+                    await conn.execute("SET synchronous_commit = off")
+                except BaseException:
+                    await conn.close()
+                    raise
             self.conn = conn
         return self.conn
 
