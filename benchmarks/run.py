@@ -674,6 +674,49 @@ class Bench:
         result["tool"] = tool
         return result
 
+    def floor(self, samples: int = 150, gap: float = 0.03) -> dict[str, Any]:
+        """What a hand-over through a notification cannot beat on this machine, at light load:
+        a bare NOTIFY from commit acknowledged to a listener's receipt, and the round trip
+        of a one-row UPDATE committed without waiting for its flush (what a claim is), each
+        after ``gap`` seconds of quiet, as in the steady phase."""
+        dsn = self.new_database("floor")
+        received: list[float] = []
+        listening = threading.Event()
+
+        def listen() -> None:
+            with psycopg.connect(dsn, autocommit=True) as ears:
+                ears.execute("LISTEN floor")
+                listening.set()
+                for _ in ears.notifies(timeout=gap * samples + 10, stop_after=samples):
+                    received.append(time.time())
+
+        thread = threading.Thread(target=listen, daemon=True)
+        thread.start()
+        listening.wait(10)
+        sent: list[float] = []
+        trips: list[float] = []
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for _ in range(samples):
+                time.sleep(gap)
+                conn.execute("SELECT pg_notify('floor', '')")
+                sent.append(time.time())
+            thread.join(gap * samples + 15)
+            conn.execute("CREATE TABLE floor (id int PRIMARY KEY, v bigint NOT NULL)")
+            conn.execute("INSERT INTO floor SELECT g, 0 FROM generate_series(1, 1000) g")
+            conn.execute("SET synchronous_commit = off")
+            for i in range(samples):
+                time.sleep(gap)
+                started = time.perf_counter()
+                conn.execute("UPDATE floor SET v = v + 1 WHERE id = %s RETURNING v", (i + 1,))
+                trips.append(time.perf_counter() - started)
+        result = {
+            "notify": percentiles([r - s for s, r in zip(sent, received, strict=False)]),
+            "update_round_trip": percentiles(trips),
+            "gap_s": gap,
+        }
+        log(f"floor at light load: {result}")
+        return result
+
     def _pgbench(self, pgbench: Path, dsn: str, clients: int) -> float:
         script = self.tmp / "update.sql"
         script.write_text(
@@ -811,7 +854,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--profile", type=Path, help="py-spy the first one-worker burst of the first mode into DIR"
     )
-    p.add_argument("--skip", default="", help="comma-separated: commit,steady,idle,backlog")
+    p.add_argument(
+        "--floor-samples", type=int, default=150, help="notifications and round trips timed"
+    )
+    p.add_argument(
+        "--skip", default="", help="comma-separated: commit,floor,steady,idle,backlog"
+    )
     p.add_argument(
         "--setting",
         action="append",
@@ -902,6 +950,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         try:
             commit = bench.commit_tps() if "commit" not in args.skip else {}
+            floor = bench.floor(args.floor_samples) if "floor" not in args.skip else None
             bursts = []
             for mode in args.modes:
                 for count in args.workers:
@@ -946,6 +995,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{b['mode']}_x{b['workers']}": b["cpu_us_per_transition"] for b in bursts
             },
             "server_commit_tps": commit,
+            "floor_ms": floor,
             "ratio_to_commit_tps_1": (
                 {m: {k: round(v / single, 3) for k, v in per.items()} for m, per in tps.items()}
                 if single

@@ -65,6 +65,8 @@ def test_benchmark_command_reports_every_figure(pgstagechain_server: plugin.Test
                 "1,4",
                 "--commit-seconds",
                 "1",
+                "--floor-samples",
+                "10",
             ],
             capture_output=True,
             text=True,
@@ -88,6 +90,8 @@ def test_benchmark_command_reports_every_figure(pgstagechain_server: plugin.Test
         assert burst["worker_stats"]["failed"] == 0
     _percentiles(report["latency_ms"]["burst"])
     _percentiles(report["latency_ms"]["steady"])
+    _percentiles(report["floor_ms"]["notify"])
+    _percentiles(report["floor_ms"]["update_round_trip"])
     kinds = {"release", "row_to_row", "fan_in", "group_to_group"}
     for figures in (report["steady"], report["bursts"][0]):
         assert set(figures["latency_ms_by_kind"]) == kinds
