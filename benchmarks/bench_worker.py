@@ -27,7 +27,7 @@ import attrs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_app
-from pgstagechain import Worker
+from pgstagechain import Worker, tune_gc
 
 ACKS: dict[int, float] = {}
 
@@ -98,6 +98,7 @@ def main() -> int:
             await worker.run()
             tg.cancel_scope.cancel()
 
+    tune_gc()  # as `pgstagechain worker` does
     anyio.run(run)
     if args.no_record:
         bench_app.STARTS.clear()

@@ -646,6 +646,8 @@ class Bench:
             "end": _mb(end_kb),
             "peak": _mb(peak_kb),
             "max_sampled": _mb(max(samples) if samples else None),
+            # flat means: after the first second (the in-flight runs' working set) it stops
+            "by_second": [_mb(kb) for kb in samples[::4]],
         }
         log(f"backlog: {result}")
         return result
@@ -857,9 +859,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--floor-samples", type=int, default=150, help="notifications and round trips timed"
     )
-    p.add_argument(
-        "--skip", default="", help="comma-separated: commit,floor,steady,idle,backlog"
-    )
+    p.add_argument("--skip", default="", help="comma-separated: commit,floor,steady,idle,backlog")
     p.add_argument(
         "--setting",
         action="append",

@@ -31,6 +31,7 @@ INTENDED = {
     "uninstall",
     # helpers
     "redact",
+    "tune_gc",
     "MalformedNotification",
     # errors
     "PgStageChainError",

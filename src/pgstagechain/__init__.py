@@ -15,6 +15,7 @@ from ._connect import redact as redact
 from ._context import Claim as Claim
 from ._context import StageContext as StageContext
 from ._events import MalformedNotification as MalformedNotification
+from ._gc import tune_gc as tune_gc
 from ._install import migrate as migrate
 from ._install import uninstall as uninstall
 from ._listener import Backoff as Backoff
@@ -65,5 +66,6 @@ __all__ = [
     "migrate",
     "redact",
     "stage",
+    "tune_gc",
     "uninstall",
 ]

@@ -31,6 +31,7 @@ from rich.text import Text
 
 from . import _admin
 from ._connect import connect, redact
+from ._gc import tune_gc
 from ._install import migrate, uninstall
 from ._logging import JsonFormatter
 from ._pipeline import Pipeline
@@ -148,6 +149,7 @@ def _worker(args: argparse.Namespace) -> int:
         observer=metrics,
     )
     logger.info("starting %s", describe(worker))
+    tune_gc()
 
     async def run() -> None:
         async with anyio.create_task_group() as tg:
