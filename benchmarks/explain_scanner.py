@@ -10,7 +10,8 @@ executed for real inside a transaction that is rolled back:
 * ``pending``: the worker's probe, once per scan interval;
 * ``claim_rows_ready``: claim up to 100 ready rows of a stage;
 * ``renotify_rows``: re-send the notifications of stuck rows;
-* ``expire_leases``: close runs whose lease ran out.
+* ``expire_leases``: close runs whose lease ran out (found through their rows at
+  ``(stage, running)``).
 
 It starts a throwaway cluster (``pgstagechain.testing.TemporaryCluster``) unless
 ``PGSTAGECHAIN_DSN`` names a server, where it works in a schema of its own and removes
@@ -139,7 +140,16 @@ def load_ledger(conn: psycopg.Connection[Any], rows: int, stuck: int, pipeline: 
         """,
         {"pipeline": pipeline, "jobs": jobs, "variants": VARIANTS},
     )
-    # Live runs: 200 with a valid lease, 20 whose worker died, 50 failed awaiting a retry.
+    # Live runs: 200 with a valid lease, 20 whose worker died, 50 failed awaiting a retry;
+    # their rows are at (overlay, running), which is how the scanner finds them.
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.jobs_variants (job_variants_id, job_id, img_asset_id, tenant_id,"
+            " current_step, status)"
+            " SELECT 10000000 + i, 1, 'live', 'tenant-1', 'overlay', 'running'"
+            " FROM generate_series(1, 270) i"
+        ).format(sql.Identifier(SCHEMA))
+    )
     conn.execute(
         """
         INSERT INTO pgstagechain.runs (pipeline, stage, row_key, attempt, worker_id,

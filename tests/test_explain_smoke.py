@@ -32,3 +32,6 @@ def test_explain_script_prints_every_plan(pgstagechain_server: Any) -> None:
     for statement in ("pending", "claim_rows_ready", "renotify_rows", "expire_leases"):
         assert f"=== {statement} " in shown
     assert shown.count("Execution Time") == 4
+    # the 20 dead leases among 220 live runs are found (through their rows) and closed
+    expire = shown.split("=== expire_leases ")[1]
+    assert "Update on runs" in expire and "rows=20 loops=1" in expire
