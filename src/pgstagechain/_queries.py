@@ -266,8 +266,7 @@ class Queries:
         # by key: `IS NOT DISTINCT FROM` keeps the state index out of it, whose statistics
         # are always stale during a burst. The rows give the completed run ids, then the
         # new claims; the result just stored is not visible here, the caller adds it.
-        self.complete_rows = self._render(
-            """
+        complete = """
             WITH run AS (
                 UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
                                      result = %(results)s::jsonb -> r.id::text
@@ -275,16 +274,7 @@ class Queries:
                 RETURNING r.id, r.row_key
             ),
             claimed AS (
-                UPDATE {table} t
-                SET {step} = CASE WHEN %(chain)s::bool THEN %(next)s ELSE t.{step} END,
-                    {status} = CASE WHEN %(chain)s::bool THEN %(running)s ELSE %(done)s END
-                WHERE t.{key} = ANY(ARRAY(SELECT run.row_key::{key_type} FROM run))
-                  AND t.{step} IS NOT DISTINCT FROM %(stage)s
-                  AND t.{status} IS NOT DISTINCT FROM %(running)s
-                RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
-                          1 AS attempt, t.{status} = %(running)s AS chain,
-                          CASE WHEN t.{status} = %(running)s
-                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id {extras}
+                {move}
             ),
             runs AS (
                 INSERT INTO {runs} (id, pipeline, stage, row_key, group_key, attempt, worker_id,
@@ -295,29 +285,43 @@ class Queries:
                 FROM claimed c WHERE c.chain
             )
             SELECT NULL::bigint AS completed, c.key, c.row_key, c.group_key, c.attempt,
-                   c.chain, c.run_id {extra_names}, earlier.results
-            FROM claimed c {earlier} WHERE c.chain
+                   c.chain, c.run_id {extra_names}, earlier.results {also}
+            FROM claimed c {earlier} {joined} WHERE c.chain
             UNION ALL
             SELECT run.id, {nulls} FROM run
-            """,
+            """
+
+        def nulls(count: int) -> sql.Composable:
+            return sql.SQL(", ").join([sql.SQL("NULL")] * count)
+
+        self.complete_rows = self._render(
+            complete,
             fmt,
-            nulls=sql.SQL(", ").join([sql.SQL("NULL")] * (7 + len(spec.extra_columns))),
+            move=sql.SQL(
+                """UPDATE {table} t
+                SET {step} = CASE WHEN %(chain)s::bool THEN %(next)s ELSE t.{step} END,
+                    {status} = CASE WHEN %(chain)s::bool THEN %(running)s ELSE %(done)s END
+                WHERE t.{key} = ANY(ARRAY(SELECT run.row_key::{key_type} FROM run))
+                  AND t.{step} IS NOT DISTINCT FROM %(stage)s
+                  AND t.{status} IS NOT DISTINCT FROM %(running)s
+                RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
+                          1 AS attempt, t.{status} = %(running)s AS chain,
+                          CASE WHEN t.{status} = %(running)s
+                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id {extras}"""
+            ).format(**fmt),
             extra_names=sql.SQL("").join(
                 sql.SQL(", c.{}").format(sql.Identifier("x_" + c)) for c in spec.extra_columns
             ),
+            nulls=nulls(7 + len(spec.extra_columns)),
+            **row_tail,
         )
         # The same for group stages, on the group table; a group may go straight on to
-        # the next group stage, with the same members.
+        # the next group stage, with its members.
         self.complete_groups = self._render(
-            """
-            WITH run AS (
-                UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
-                                     result = %(results)s::jsonb -> r.id::text
-                WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.state = 'running'
-                RETURNING r.id, r.row_key
-            ),
-            claimed AS (
-                UPDATE {groups} g
+            complete,
+            fmt,
+            move=sql.SQL(
+                """UPDATE {groups} g
                 SET step = CASE WHEN %(chain)s::bool THEN %(next)s ELSE g.step END,
                     status = CASE WHEN %(chain)s::bool THEN 'running' ELSE 'done' END,
                     updated_at = clock_timestamp()
@@ -328,24 +332,11 @@ class Queries:
                 RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt,
                           g.status = 'running' AS chain,
                           CASE WHEN g.status = 'running'
-                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id
-            ),
-            runs AS (
-                INSERT INTO {runs} (id, pipeline, stage, row_key, group_key, attempt, worker_id,
-                                    lease_until)
-                OVERRIDING SYSTEM VALUE
-                SELECT c.run_id, %(pipeline)s, %(next)s, c.row_key, c.group_key, 1, %(worker)s,
-                       clock_timestamp() + %(lease)s * interval '1 second'
-                FROM claimed c WHERE c.chain
-            )
-            SELECT NULL::bigint AS completed, c.key, c.row_key, c.group_key, c.attempt,
-                   c.chain, c.run_id, earlier.results {members_column}
-            FROM claimed c {earlier} {members} WHERE c.chain
-            UNION ALL
-            SELECT run.id, NULL, NULL, NULL, NULL, NULL, NULL, NULL {more_nulls} FROM run
-            """,
-            fmt,
-            more_nulls=sql.SQL(", NULL" if spec.group_column else ""),
+                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id"""
+            ).format(**fmt),
+            extra_names=sql.SQL(""),
+            nulls=nulls(7 + (1 if spec.group_column else 0)),
+            **group_tail,
         )
 
         # Failure: close the run; when no retry is pending the row (or group) fails too.
