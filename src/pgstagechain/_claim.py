@@ -233,9 +233,9 @@ class Claimer:
         """Complete runs of one stage in one statement.
 
         Each item is ``(run_id, row_key, result_json, chain)``. When every item has
-        ``chain``, the rows go straight on to the next row stage, claimed for
-        ``worker_id``; otherwise they land on done. Returns the run ids that were still
-        ours, and the new claims by the run id they continue.
+        ``chain``, the rows (or groups) go straight on to the next stage of their level,
+        claimed for ``worker_id``; otherwise they land on done. Returns the run ids that
+        were still ours, and the new claims by the run id they continue.
         """
         cur = conn.cursor()
         await cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
