@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +21,10 @@ class Claim:
     stage); ``row`` holds the pipeline's extra columns as they were at claim time,
     ``results`` what the earlier stages of this row (or group) returned, and for a group
     stage ``members`` maps each member's key to the results of its row stages.
+
+    ``token`` proves the claim is this one: random, drawn by the claim itself, so it never
+    repeats, not even after a crash has rolled the run ids back. ``series`` is the token of
+    the first attempt and stays the same through every retry of it.
     """
 
     pipeline: str
@@ -30,9 +35,15 @@ class Claim:
     group_key: str | None
     attempt: int
     is_group: bool
+    token: uuid.UUID = attrs.field(factory=uuid.uuid4)
+    series: uuid.UUID = attrs.field()
     row: Mapping[str, Any] = attrs.field(factory=dict)
     results: Mapping[str, Any] = attrs.field(factory=dict)
     members: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+
+    @series.default
+    def _first_attempt(self) -> uuid.UUID:
+        return self.token
 
 
 @attrs.frozen(kw_only=True)
@@ -78,6 +89,12 @@ class StageContext(Generic[ConnT]):
     @property
     def run_id(self) -> int:
         return self.claim.run_id
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same for every attempt of this stage for this row, and never used again: send
+        it with a side effect outside the database so the receiver can drop a repeat."""
+        return str(self.claim.series)
 
     @property
     def row(self) -> Mapping[str, Any]:
