@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import bench_app
 from pgstagechain import Worker, tune_gc
 
-ACKS: dict[int, float] = {}
+ACKS: dict[str, float] = {}  # by the run's claim token
 
 
 def instrument_completions() -> bool:
@@ -45,8 +45,8 @@ def instrument_completions() -> bool:
         outcome = await original(self, *args, **kwargs)
         now = time.time()
         completed = outcome[0] if isinstance(outcome, tuple) else outcome
-        for run_id in completed:
-            ACKS[run_id] = now
+        for token in completed:
+            ACKS[str(token)] = now
         return outcome
 
     Claimer.complete_many = complete_many  # type: ignore[method-assign]

@@ -170,7 +170,7 @@ STATEMENTS: dict[str, dict[str, Any]] = {
     "pending": {},
     "claim_rows_ready": {"stage": "overlay", "after": "planner", "limit": 100},
     "renotify_rows": {"limit": 10_000},
-    "expire_leases": {"run_ids": [], "reason": None, "free": False},
+    "expire_leases": {"run_ids": [], "tokens": [], "reason": None, "free": False},
 }
 
 
@@ -182,6 +182,7 @@ async def explain(dsn: str, pipeline: Pipeline) -> None:
             "row_steps": [s.after for s in stages if not s.group],
             "group_steps": [s.after for s in stages if s.group],
             "stages": [s.name for s in stages],
+            "afters": [s.after for s in stages],
             "max_attempts": [s.retry.max_attempts for s in stages],
             "is_group": [s.group for s in stages],
             "keys": None,

@@ -321,20 +321,21 @@ class Bench:
         the server's ``finished_at``. Releases: the time the benchmark's own UPDATE
         committed (``released`` maps job ids to it).
         """
-        acks: dict[int, float] = {}
+        acks: dict[str, float] = {}  # by the run's claim token
         for report in reports:
-            acks.update({int(k): v for k, v in report["acks"]})
+            acks.update(dict(report["acks"]))
         with psycopg.connect(dsn) as conn:
             runs = conn.execute(
-                "SELECT id, stage, row_key, group_key, extract(epoch FROM finished_at)::float8"
+                "SELECT token::text, stage, row_key, group_key,"
+                " extract(epoch FROM finished_at)::float8"
                 " FROM pgstagechain.runs WHERE pipeline = 'bench' AND state = 'succeeded'"
             ).fetchall()
         basis = "commit_ack" if acks else "finished_at"
         done: dict[tuple[str, str], float] = {}
         group_ready: dict[str, float] = {}
         last_row = self.rows[-1]
-        for run_id, stage, row_key, group_key, finished in runs:
-            at = acks.get(run_id) if acks else finished
+        for token, stage, row_key, group_key, finished in runs:
+            at = acks.get(token) if acks else finished
             if at is None:
                 continue
             done[(stage, row_key)] = at

@@ -8,8 +8,9 @@ an HTTP endpoint, a management command, a test).
 from __future__ import annotations
 
 import json
+import uuid
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, LiteralString, cast
 
 import attrs
@@ -23,9 +24,12 @@ from ._stage import Stage
 from .errors import ConfigurationError, LeaseLostError
 
 DEFAULT_LEASE = 30.0
+#: A worker that dies is not the handler's fault: its runs get at least this many attempts.
+DEAD_WORKER_ATTEMPTS = 3
 
-#: One run to complete: (run id, row key, result as JSON or None, go on to the next stage)
-Completion = tuple[int, str, str | None, bool]
+#: One run to complete: (run id, its claim's token, row key, result as JSON or None, go on
+#: to the next stage)
+Completion = tuple[int, uuid.UUID, str, str | None, bool]
 
 
 def to_json(stage: str, result: Any) -> str | None:
@@ -36,12 +40,6 @@ def to_json(stage: str, result: Any) -> str | None:
         return json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"stage {stage!r} returned a result that is not JSON: {exc}") from None
-
-
-def results_by_run(items: Iterable[Completion]) -> str | None:
-    """The results as one JSON object keyed by run id (None when every result is None)."""
-    found = [f'"{run_id}":{result}' for run_id, _, result, _ in items if result is not None]
-    return "{" + ",".join(found) + "}" if found else None
 
 
 class Claimer:
@@ -121,7 +119,8 @@ class Claimer:
     ) -> Callable[[Sequence[Any]], Claim]:
         """Build claims from plain rows: the column positions are looked up once."""
         at = {column.name: i for i, column in enumerate(description or ())}
-        run_id, key, row_key = at["run_id"], at["key"], at["row_key"]
+        run_id, key, row_key, token = at["run_id"], at["key"], at["row_key"], at["token"]
+        series = at.get("series")
         group_key, attempt, results = at["group_key"], at["attempt"], at["results"]
         extras = [(name[2:], i) for name, i in at.items() if name.startswith("x_")]
         members = at.get("members")
@@ -137,6 +136,8 @@ class Claimer:
                 group_key=row[group_key],
                 attempt=row[attempt],
                 is_group=is_group,
+                token=row[token],
+                series=row[token] if series is None else row[series] or row[token],
                 row={name: row[i] for name, i in extras},
                 results=row[results] or {},
                 members=(row[members] or {}) if members is not None else {},
@@ -181,11 +182,12 @@ class Claimer:
         following = self.chain_target(stage)
         params = self.params(
             stage=stage,
-            run_ids=[run_id for run_id, _, _, _ in items],
-            results=results_by_run(items),
+            run_ids=[item[0] for item in items],
+            tokens=[item[1] for item in items],
+            results=[item[3] for item in items],
         )
         # one flag for the statement (a per-row test would cost the server per row)
-        chain = following is not None and all(flag for _, _, _, flag in items)
+        chain = following is not None and all(item[4] for item in items)
         params.update(
             chain=chain,
             next=following.name if chain and following else None,
@@ -201,23 +203,28 @@ class Claimer:
         items: Sequence[Completion],
         description: Sequence[Any] | None,
         rows: Sequence[Sequence[Any]],
-    ) -> tuple[set[int], dict[int, Claim]]:
-        """The completed run ids (first column), and the chained claims by the run they
-        continue (the other rows), with the result just stored added to their results."""
+    ) -> tuple[set[uuid.UUID], dict[uuid.UUID, Claim]]:
+        """The tokens of the completed runs (first column), and the chained claims by the
+        token of the run they continue (the other rows), with the result just stored added
+        to their results."""
         completed = {row[0] for row in rows if row[0] is not None}
         following = self.chain_target(stage)
-        chained: dict[int, Claim] = {}
+        chained: dict[uuid.UUID, Claim] = {}
         if following is None or len(completed) == len(rows):
             return completed, chained
         make = self._claim_maker(following.name, following.group, description)
-        by_key = {key: (run_id, result) for run_id, key, result, chain in items if chain}
+        by_key = {
+            key: (token, result)
+            for _, token, key, result, chain in items
+            if chain and token in completed
+        }
         for row in rows:
             if row[0] is None:
                 made = make(row)
-                run_id, result = by_key[made.row_key]
+                token, result = by_key[made.row_key]
                 if result is not None:
                     made = attrs.evolve(made, results={**made.results, stage: json.loads(result)})
-                chained[run_id] = made
+                chained[token] = made
         return completed, chained
 
     async def complete_many(
@@ -229,13 +236,13 @@ class Claimer:
         *,
         worker_id: str = "manual",
         lease: float = DEFAULT_LEASE,
-    ) -> tuple[set[int], dict[int, Claim]]:
+    ) -> tuple[set[uuid.UUID], dict[uuid.UUID, Claim]]:
         """Complete runs of one stage in one statement.
 
-        Each item is ``(run_id, row_key, result_json, chain)``. When every item has
+        Each item is ``(run_id, token, row_key, result_json, chain)``. When every item has
         ``chain``, the rows (or groups) go straight on to the next stage of their level,
-        claimed for ``worker_id``; otherwise they land on done. Returns the run ids that
-        were still ours, and the new claims by the run id they continue.
+        claimed for ``worker_id``; otherwise they land on done. Returns the tokens of the
+        runs that were still ours, and the new claims by the token of the run they continue.
         """
         cur = conn.cursor()
         await cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
@@ -250,7 +257,7 @@ class Claimer:
         *,
         worker_id: str = "manual",
         lease: float = DEFAULT_LEASE,
-    ) -> tuple[set[int], dict[int, Claim]]:
+    ) -> tuple[set[uuid.UUID], dict[uuid.UUID, Claim]]:
         """:meth:`complete_many` on a blocking connection (a sync handler's own)."""
         cur = conn.cursor()
         cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))
@@ -259,10 +266,50 @@ class Claimer:
     async def complete(self, conn: AsyncConnection[Any], claim: Claim, result: str | None) -> None:
         """Mark the claim's stage done in ``conn``'s transaction; raise if the lease was lost."""
         completed, _ = await self.complete_many(
-            conn, claim.stage, claim.is_group, [(claim.run_id, claim.row_key, result, False)]
+            conn,
+            claim.stage,
+            claim.is_group,
+            [(claim.run_id, claim.token, claim.row_key, result, False)],
         )
-        if claim.run_id not in completed:
+        if claim.token not in completed:
             raise LeaseLostError(claim.run_id)
+
+    async def expire(
+        self,
+        conn: AsyncConnection[Any],
+        claims: Sequence[Claim] = (),
+        *,
+        reason: str | None = None,
+        free: bool = False,
+        deep: bool = False,
+    ) -> list[tuple[str, str, bool, bool]]:
+        """Close ``claims`` (handed back) and every run whose lease ran out, and undo the
+        claims of rows no run holds. Returns ``(stage, key, retrying, was unheld)`` for each.
+
+        ``free`` retries the closed runs even when their attempts are used up (they were
+        abandoned, not tried); otherwise the rule for dead workers applies (at least
+        :data:`DEAD_WORKER_ATTEMPTS` attempts). ``deep`` also finds expired runs whose row
+        was moved on by hand (not index-bounded).
+        """
+        stages = list(self.pipeline)
+        cur = await conn.execute(
+            self.text("expire_leases"),
+            self.params(
+                stages=[s.name for s in stages],
+                afters=[s.after for s in stages],
+                max_attempts=[max(s.retry.max_attempts, DEAD_WORKER_ATTEMPTS) for s in stages],
+                is_group=[s.group for s in stages],
+                run_ids=[c.run_id for c in claims],
+                tokens=[c.token for c in claims],
+                reason=reason,
+                free=free,
+                deep=deep,
+            ),
+        )
+        return [
+            (stage, key, retrying, unheld)
+            for stage, key, retrying, unheld, _ in await cur.fetchall()
+        ]
 
     async def fail(
         self,
@@ -283,6 +330,7 @@ class Claimer:
             self.params(
                 stage=claim.stage,
                 run_id=claim.run_id,
+                token=claim.token,
                 error=error,
                 retry_in=retry_in,
                 state="cancelled" if cancelled else "failed",

@@ -1,4 +1,5 @@
-"""Parsing notification payloads, defensively: anyone can NOTIFY on a channel."""
+"""Parsing notification payloads, defensively: anyone who may NOTIFY on a channel can
+send anything, and nothing they send may stop a worker."""
 
 from __future__ import annotations
 
@@ -6,18 +7,23 @@ import json
 
 import attrs
 
+from .errors import PgStageChainError
+
 MAX_PAYLOAD = 8000
 MAX_KEY = 1024
 
 
-class MalformedNotification(ValueError):
+class MalformedNotification(PgStageChainError, ValueError):
     """A payload on the pipeline's channel that pgstagechain did not send."""
 
 
 @attrs.frozen
 class Event:
     """A row (``kind == "r"``) or group (``"g"``) reached ``(step, done)``, or a run of
-    stage ``step`` was handed back and its retry is due (``"t"``)."""
+    stage ``step`` was handed back and its retry is due (``"t"``).
+
+    ``step``, ``key`` and ``group`` are text PostgreSQL accepts: valid UTF-8, no NUL.
+    """
 
     kind: str
     step: str
@@ -26,22 +32,38 @@ class Event:
 
 
 def parse_event(payload: str) -> Event:
-    """Turn ``[kind, step, key, group]`` into an :class:`Event` or raise :class:`MalformedNotification`."""
+    """Turn ``[kind, step, key, group]`` into an :class:`Event`; raise
+    :class:`MalformedNotification` (and nothing else) for any other payload."""
     if len(payload) > MAX_PAYLOAD:
         raise MalformedNotification(f"payload of {len(payload)} characters is too long")
     try:
         value = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         raise MalformedNotification(f"payload is not JSON: {payload[:80]!r}") from None
     if not isinstance(value, list) or len(value) != 4:
         raise MalformedNotification(f"payload is not a 4-item array: {payload[:80]!r}")
     kind, step, key, group = value
     if kind not in ("r", "g", "t"):
-        raise MalformedNotification(f"unknown kind {kind!r}")
-    if not isinstance(step, str) or not step:
-        raise MalformedNotification(f"step is not a name: {step!r}")
-    if not isinstance(key, str) or not key or len(key) > MAX_KEY:
-        raise MalformedNotification(f"key is not a short string: {str(key)[:80]!r}")
-    if group is not None and (not isinstance(group, str) or len(group) > MAX_KEY):
-        raise MalformedNotification(f"group is not a short string: {str(group)[:80]!r}")
-    return Event(kind, step, key, group)
+        raise MalformedNotification(f"unknown kind in {payload[:80]!r}")
+    return Event(
+        kind,
+        _text(step, "step"),
+        _text(key, "key"),
+        None if group is None else _text(group, "group"),
+    )
+
+
+def _text(value: object, what: str) -> str:
+    """``value`` if it is a short, non-empty string PostgreSQL can store as text."""
+    if not isinstance(value, str):
+        # the type only: the value may be nested too deep to print
+        raise MalformedNotification(f"{what} is a {type(value).__name__}, not a string")
+    if not value or len(value) > MAX_KEY:
+        raise MalformedNotification(f"{what} of {len(value)} characters is empty or too long")
+    if "\x00" in value:
+        raise MalformedNotification(f"{what} contains a NUL character: {value[:80]!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, from a \ud800-style escape
+        raise MalformedNotification(f"{what} is not valid Unicode: {value[:80]!r}") from None
+    return value

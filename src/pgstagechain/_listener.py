@@ -111,7 +111,10 @@ class Listener:
             while True:
                 async for note in conn.notifies(timeout=self.probe_interval):
                     self.stats.received += 1
-                    self.on_notify(note.channel, note.payload)
+                    try:
+                        self.on_notify(note.channel, note.payload)
+                    except Exception:  # one bad notification must not cost the connection
+                        logger.exception("notification handler failed on %s", note.channel)
                 try:
                     with anyio.fail_after(self.probe_timeout):
                         await conn.execute("SELECT 1")

@@ -67,6 +67,33 @@ EXPIRED_RUNS = sql.SQL("""
           AND r.lease_until < clock_timestamp()""")
 
 
+# Is any row (or group) at (stage, running) held by nothing any more? Its run's lease ran
+# out (the worker died), or it has no live run at all (a claim lost in a server crash, a
+# row set to running by hand). Found through the rows being worked on, each leading to
+# its runs by the history index. A retry pending holds the row too.
+STUCK = sql.SQL("""
+        SELECT 1 FROM {table} t
+        WHERE t.{step} = ANY(%(row_stages)s::text[]) AND t.{status} = %(running)s
+          AND NOT EXISTS (
+              SELECT 1 FROM pgstagechain.runs r
+              WHERE r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text
+                AND r.stage = t.{step} AND {holds})
+        UNION ALL
+        SELECT 1 FROM pgstagechain.groups g
+        WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(group_stages)s::text[])
+          AND g.status = 'running'
+          AND NOT EXISTS (
+              SELECT 1 FROM pgstagechain.runs r
+              WHERE r.pipeline = g.pipeline AND r.row_key = g.group_key AND r.stage = g.step
+                AND {holds})""")
+#: a run that holds its row: live, or failed with a retry pending
+HOLDS_LIVE = sql.SQL("(r.state = 'running' OR r.retry_at IS NOT NULL)")
+#: the same, except that a live run whose lease ran out holds nothing
+HOLDS_LEASED = sql.SQL(
+    "((r.state = 'running' AND r.lease_until >= clock_timestamp()) OR r.retry_at IS NOT NULL)"
+)
+
+
 class Queries:
     """Rendered SQL for one pipeline. Build with :meth:`for_pipeline`."""
 
@@ -101,8 +128,13 @@ class Queries:
             runs=RUNS,
             groups=GROUPS,
             earlier=EARLIER_RESULTS,
+            # a claim's token, drawn at random: it proves the claim in every later statement
+            token=sql.SQL("gen_random_uuid() AS token, NULL::uuid AS series"),
+            retry_token=sql.SQL("gen_random_uuid() AS token, c.series"),
         )
         fmt["expired_runs"] = EXPIRED_RUNS.format(**fmt)
+        fmt["holds_live"] = HOLDS_LIVE
+        fmt["stuck"] = STUCK.format(holds=HOLDS_LEASED, **fmt)
         # group stages need a group column (validated): their claims carry the members
         fmt["members"] = (
             MEMBERS.format(
@@ -117,15 +149,17 @@ class Queries:
 
         # Shared tail of every claim: record the run in the ledger in the same statement,
         # then return what the handler's context needs.
-        # The run ids are drawn in `claimed` so the result needs no join back to `runs`;
+        # The run ids and tokens are drawn in `claimed` so the result needs no join back to
+        # `runs` (a first attempt starts its own series: series = token);
         # the results of earlier stages come along (per key, through the history index).
         record_runs = """
         runs AS (
             INSERT INTO {runs} (id, pipeline, stage, row_key, group_key, attempt, worker_id,
-                                lease_until)
+                                lease_until, token, series)
             OVERRIDING SYSTEM VALUE
             SELECT c.run_id, %(pipeline)s, %(stage)s, c.row_key, c.group_key, c.attempt,
-                   %(worker)s, clock_timestamp() + %(lease)s * interval '1 second'
+                   %(worker)s, clock_timestamp() + %(lease)s * interval '1 second',
+                   c.token, coalesce(c.series, c.token)
             FROM claimed c
         )
         SELECT c.*, earlier.results {also} FROM claimed c {earlier} {joined}
@@ -151,7 +185,8 @@ class Queries:
             UPDATE {table} t SET {step} = %(stage)s, {status} = %(running)s
             WHERE t.{key} = ANY(ARRAY(SELECT k FROM picked))
             RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
-                      1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id {extras}
+                      1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
+                      {token} {extras}
         ),
         """
             + record_runs
@@ -186,7 +221,7 @@ class Queries:
                                   updated_at = clock_timestamp()
             WHERE g.ctid = ANY(ARRAY(SELECT ctid FROM picked))  -- locked: it cannot move
             RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt,
-                      nextval('pgstagechain.runs_id_seq') AS run_id
+                      nextval('pgstagechain.runs_id_seq') AS run_id, {token}
         ),
         """
             + record_runs
@@ -222,7 +257,7 @@ class Queries:
         ),
         consumed AS (
             UPDATE {runs} r SET retry_at = NULL FROM due WHERE r.id = due.id
-            RETURNING r.row_key, r.attempt
+            RETURNING r.row_key, r.attempt, r.series
         ),
         claimed AS (
             {owner}
@@ -236,8 +271,8 @@ class Queries:
             **row_tail,
             owner=sql.SQL(
                 """SELECT t.{key} AS key, c.row_key, {group_expr} AS group_key,
-                      c.attempt + 1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id
-                      {extras}
+                      c.attempt + 1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
+                      {retry_token} {extras}
                FROM consumed c JOIN {table} t ON t.{key} = c.row_key::{key_type}
                WHERE t.{step} = %(stage)s AND t.{status} = %(running)s"""
             ).format(**fmt),
@@ -248,7 +283,7 @@ class Queries:
             **group_tail,
             owner=sql.SQL(
                 """SELECT g.group_key AS key, c.row_key, g.group_key, c.attempt + 1 AS attempt,
-                      nextval('pgstagechain.runs_id_seq') AS run_id
+                      nextval('pgstagechain.runs_id_seq') AS run_id, {retry_token}
                FROM consumed c JOIN {groups} g
                  ON g.pipeline = %(pipeline)s AND g.group_key = c.row_key
                WHERE g.step = %(stage)s AND g.status = 'running'"""
@@ -260,35 +295,39 @@ class Queries:
         # straight on to the next stage on this worker (`chain`): the row moves from
         # (stage, running) to (next, running) with the next run recorded, in the same
         # statement; it never lands on done, so nobody else is woken for it.
+        # Each run is named by id and token (its claim's proof: ids can repeat after a crash,
+        # tokens cannot), with its result beside it in the input arrays.
         # Each part is driven by the input arrays or by an array built once from the part
         # before (never a join of two CTEs, which the planner, blind to their sizes, would
-        # make quadratic); results come as one JSON object keyed by run id. Rows are found
+        # make quadratic). Rows are found
         # by key: `IS NOT DISTINCT FROM` keeps the state index out of it, whose statistics
         # are always stale during a burst. The rows give the completed run ids, then the
         # new claims; the result just stored is not visible here, the caller adds it.
         complete = """
             WITH run AS (
                 UPDATE {runs} r SET state = 'succeeded', finished_at = clock_timestamp(),
-                                     result = %(results)s::jsonb -> r.id::text
-                WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.state = 'running'
-                RETURNING r.id, r.row_key
+                                     result = mine.result::jsonb
+                FROM unnest(%(run_ids)s::bigint[], %(tokens)s::uuid[], %(results)s::text[])
+                     AS mine(id, token, result)
+                WHERE r.id = mine.id AND r.token = mine.token AND r.state = 'running'
+                RETURNING r.token, r.row_key
             ),
             claimed AS (
                 {move}
             ),
             runs AS (
                 INSERT INTO {runs} (id, pipeline, stage, row_key, group_key, attempt, worker_id,
-                                    lease_until)
+                                    lease_until, token, series)
                 OVERRIDING SYSTEM VALUE
                 SELECT c.run_id, %(pipeline)s, %(next)s, c.row_key, c.group_key, 1, %(worker)s,
-                       clock_timestamp() + %(lease)s * interval '1 second'
+                       clock_timestamp() + %(lease)s * interval '1 second', c.token, c.token
                 FROM claimed c WHERE c.chain
             )
-            SELECT NULL::bigint AS completed, c.key, c.row_key, c.group_key, c.attempt,
-                   c.chain, c.run_id {extra_names}, earlier.results {also}
+            SELECT NULL::uuid AS completed, c.key, c.row_key, c.group_key, c.attempt,
+                   c.chain, c.run_id, c.token {extra_names}, earlier.results {also}
             FROM claimed c {earlier} {joined} WHERE c.chain
             UNION ALL
-            SELECT run.id, {nulls} FROM run
+            SELECT run.token, {nulls} FROM run
             """
 
         def nulls(count: int) -> sql.Composable:
@@ -307,12 +346,14 @@ class Queries:
                 RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
                           1 AS attempt, t.{status} = %(running)s AS chain,
                           CASE WHEN t.{status} = %(running)s
-                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id {extras}"""
+                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
+                          CASE WHEN t.{status} = %(running)s
+                               THEN gen_random_uuid() END AS token {extras}"""
             ).format(**fmt),
             extra_names=sql.SQL("").join(
                 sql.SQL(", c.{}").format(sql.Identifier("x_" + c)) for c in spec.extra_columns
             ),
-            nulls=nulls(7 + len(spec.extra_columns)),
+            nulls=nulls(8 + len(spec.extra_columns)),
             **row_tail,
         )
         # The same for group stages, on the group table; a group may go straight on to
@@ -332,10 +373,12 @@ class Queries:
                 RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt,
                           g.status = 'running' AS chain,
                           CASE WHEN g.status = 'running'
-                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id"""
+                               THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
+                          CASE WHEN g.status = 'running'
+                               THEN gen_random_uuid() END AS token"""
             ).format(**fmt),
             extra_names=sql.SQL(""),
-            nulls=nulls(7 + (1 if spec.group_column else 0)),
+            nulls=nulls(8 + (1 if spec.group_column else 0)),
             **group_tail,
         )
 
@@ -345,7 +388,7 @@ class Queries:
             UPDATE {runs} SET state = %(state)s, finished_at = clock_timestamp(),
                                error = %(error)s,
                                retry_at = clock_timestamp() + %(retry_in)s * interval '1 second'
-            WHERE id = %(run_id)s AND state = 'running'
+            WHERE id = %(run_id)s AND token = %(token)s AND state = 'running'
             RETURNING row_key, retry_at
         ),
         moved AS (
@@ -376,32 +419,79 @@ class Queries:
         )
 
         # Leases: renewed for every run a worker holds in one statement; expired ones are
-        # closed and re-driven (a retry now if attempts remain, else the row fails).
+        # closed and re-driven (a retry now if attempts remain, else the row fails). Runs a
+        # worker hands back are named by id and token, like a completion.
         self.renew_leases = self._render(
             """
-            UPDATE {runs} SET lease_until = clock_timestamp() + %(lease)s * interval '1 second'
-            WHERE id = ANY(%(run_ids)s::bigint[]) AND state = 'running'
-            RETURNING id
+            UPDATE {runs} r SET lease_until = clock_timestamp() + %(lease)s * interval '1 second'
+            FROM unnest(%(run_ids)s::bigint[], %(tokens)s::uuid[]) AS mine(id, token)
+            WHERE r.id = mine.id AND r.token = mine.token AND r.state = 'running'
+            RETURNING r.token
             """,
             fmt,
         )
         self.expire_leases = self._render(
             """
             WITH policy AS (
-                SELECT * FROM unnest(%(stages)s::text[], %(max_attempts)s::int[],
-                                     %(is_group)s::bool[]) AS p(stage, max_attempts, is_group)
+                SELECT * FROM unnest(%(stages)s::text[], %(afters)s::text[],
+                                     %(max_attempts)s::int[], %(is_group)s::bool[])
+                              AS p(stage, after, max_attempts, is_group)
             ),
             expired AS (
                 UPDATE {runs} r SET state = 'expired', finished_at = clock_timestamp(),
                     error = coalesce(%(reason)s, 'lease expired: worker ' || r.worker_id
                                      || ' stopped renewing it (crashed, frozen or cut off)'),
-                    -- a dead worker is not the handler's fault: at least 3 attempts
-                    retry_at = CASE WHEN r.attempt < greatest(p.max_attempts, 3) OR %(free)s
+                    -- (the caller raises max_attempts for dead workers, whose death is not
+                    -- the handler's fault)
+                    retry_at = CASE WHEN r.attempt < p.max_attempts OR %(free)s
                                     THEN clock_timestamp() END
                 FROM policy p
-                WHERE r.id = ANY(ARRAY({expired_runs}) || %(run_ids)s::bigint[])
+                WHERE r.id = ANY(ARRAY({expired_runs}) || ARRAY(
+                        SELECT x.id FROM unnest(%(run_ids)s::bigint[], %(tokens)s::uuid[])
+                                         AS mine(id, token)
+                        JOIN {runs} x ON x.id = mine.id AND x.token = mine.token))
                   AND r.pipeline = %(pipeline)s AND r.stage = p.stage AND r.state = 'running'
                 RETURNING r.row_key, r.stage, r.retry_at, p.is_group
+            ),
+            -- Rows (groups) at (stage, running) that no run holds: the claim is undone, the
+            -- row goes back to (previous step, done), whose notification brings a worker.
+            -- An update, so that two scanners at once repair a row once (the second finds
+            -- it moved when the first commits).
+            unheld_rows AS (
+                UPDATE {table} t SET {step} = p.after, {status} = %(done)s FROM policy p
+                WHERE t.{step} = p.stage AND NOT p.is_group AND t.{status} = %(running)s
+                  AND NOT EXISTS (
+                      SELECT 1 FROM {runs} r
+                      WHERE r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text
+                        AND r.stage = p.stage AND {holds_live})
+                RETURNING t.{key}::text AS row_key, p.stage, p.after, {group_expr} AS group_key
+            ),
+            unheld_groups AS (
+                UPDATE {groups} g SET step = p.after, status = 'done',
+                                      updated_at = clock_timestamp()
+                FROM policy p
+                WHERE g.pipeline = %(pipeline)s AND g.step = p.stage AND p.is_group
+                  AND g.status = 'running'
+                  AND NOT EXISTS (
+                      SELECT 1 FROM {runs} r
+                      WHERE r.pipeline = g.pipeline AND r.row_key = g.group_key
+                        AND r.stage = p.stage AND {holds_live})
+                RETURNING g.group_key AS row_key, p.stage, p.after, g.group_key
+            ),
+            -- and the history says what happened
+            unheld AS (
+                INSERT INTO {runs} (pipeline, stage, row_key, group_key, attempt, state,
+                                    worker_id, lease_until, finished_at, error)
+                SELECT %(pipeline)s, u.stage, u.row_key, u.group_key,
+                       1 + coalesce((SELECT max(r.attempt) FROM {runs} r
+                                     WHERE r.pipeline = %(pipeline)s AND r.row_key = u.row_key
+                                       AND r.stage = u.stage), 0),
+                       'expired', 'pgstagechain-recovery', clock_timestamp(), clock_timestamp(),
+                       'no run held it at (' || u.stage || ', running): its claim was lost'
+                       || ' (a server crash) or it was set to running by hand; moved back to ('
+                       || u.after || ', done) to run the stage again'
+                FROM (SELECT * FROM unheld_rows UNION ALL SELECT * FROM unheld_groups) u
+                RETURNING row_key, stage
             ),
             failed_rows AS (
                 UPDATE {table} t SET {status} = %(failed)s FROM expired e
@@ -418,10 +508,12 @@ class Queries:
                 RETURNING 1
             )
             -- wake any worker serving the stage: its retry is due now
-            SELECT stage, row_key, retry_at IS NOT NULL AS retrying,
+            SELECT stage, row_key, retry_at IS NOT NULL AS retrying, FALSE AS orphan,
                    CASE WHEN retry_at IS NOT NULL THEN pg_notify(%(channel)s,
                        json_build_array('t', stage, row_key, NULL)::text) END
             FROM expired
+            UNION ALL
+            SELECT stage, row_key, FALSE, TRUE, NULL FROM unheld
             """,
             fmt,
         )
@@ -439,7 +531,7 @@ class Queries:
                WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(group_steps)s::text[])
                  AND g.status = 'done')
                 AS ready_group_steps,
-              (SELECT count(*) FROM ({expired_runs}) e) AS expired_leases,
+              EXISTS ({stuck}) AS stuck,
               (SELECT min(r.retry_at) FROM {runs} r
                WHERE r.retry_at IS NOT NULL AND r.pipeline = %(pipeline)s) AS next_retry_at
             """,

@@ -7,7 +7,10 @@ What it finds, each with an index-backed query:
   the listener was down, no worker was running): it sends their notification again;
 * groups whose members all finished but whose group stage never started: likewise;
 * runs whose lease expired (the worker crashed or froze): it closes them, scheduling a
-  retry when attempts remain and failing the row otherwise.
+  retry when attempts remain and failing the row otherwise;
+* rows (or groups) at ``(stage, running)`` that no run holds at all (a claim lost in a
+  server crash, a row set to running by hand): it records a run that says so, with a
+  retry due now, so the stage runs again.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class RecoveryReport:
     """What one scan found and did."""
 
     expired_leases: int
+    #: rows or groups at (stage, running) that no run held, sent through their stage again
+    unheld_repaired: int = 0
     renotified_rows: int
     renotified_groups: int
     formed_groups: int
@@ -41,7 +46,11 @@ class RecoveryReport:
     @property
     def total(self) -> int:
         return (
-            self.expired_leases + self.renotified_rows + self.renotified_groups + self.formed_groups
+            self.expired_leases
+            + self.unheld_repaired
+            + self.renotified_rows
+            + self.renotified_groups
+            + self.formed_groups
         )
 
 
@@ -69,19 +78,8 @@ class RecoveryScanner:
         row_steps = [s.after for s in stages if not s.group]
         group_steps = [s.after for s in stages if s.group]
         async with conn.transaction():
-            cur = await conn.execute(
-                claimer.text("expire_leases"),
-                claimer.params(
-                    stages=[s.name for s in stages],
-                    max_attempts=[s.retry.max_attempts for s in stages],
-                    is_group=[s.group for s in stages],
-                    run_ids=[],
-                    reason=None,
-                    free=False,
-                    deep=deep,
-                ),
-            )
-            expired = len(await cur.fetchall())
+            closed = await claimer.expire(conn, deep=deep)
+        unheld = sum(1 for *_, was_unheld in closed if was_unheld)
         formed = 0
         if deep and claimer.q.form_groups is not None:
             cur = await conn.execute(
@@ -104,7 +102,8 @@ class RecoveryScanner:
         )
         retry = await cur.fetchone()
         report = RecoveryReport(
-            expired_leases=expired,
+            expired_leases=len(closed) - unheld,
+            unheld_repaired=unheld,
             renotified_rows=int(rows[0]) if rows else 0,
             renotified_groups=int(groups[0]) if groups else 0,
             formed_groups=formed,

@@ -18,6 +18,7 @@ import random
 import socket
 import time
 import traceback
+import uuid
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 from ._claim import DEFAULT_LEASE, Claimer, Completion, claimer_for, to_json
 from ._connect import connect, conninfo_with_defaults, redact
 from ._context import Claim, StageContext, run_fields
-from ._events import MalformedNotification, parse_event
+from ._events import Event, MalformedNotification, parse_event
 from ._install import require_installed
 from ._listener import Backoff, Listener
 from ._pipeline import Pipeline
@@ -48,6 +49,9 @@ logger = logging.getLogger("pgstagechain.worker")
 #: completion statements in flight at once (one connection each)
 COMPLETERS = 2
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+#: what a key from a notification can cause when cast to the key column's type (a
+#: domain's CHECK raises an integrity error)
+BAD_KEY_ERRORS = (psycopg.DataError, psycopg.IntegrityError, UnicodeError)
 MAX_ERROR_TEXT = 4000
 
 
@@ -65,6 +69,7 @@ class WorkerStats:
     timed_out: int = 0
     lease_lost: int = 0
     rescued: int = 0
+    repaired: int = 0
     chained: int = 0
     scans: int = 0
     db_errors: int = 0
@@ -153,8 +158,9 @@ class _Batch:
         self.items: dict[tuple[str, bool, bool], list[Completion]] = {}
         self.size = 0
         self.done = anyio.Event()
-        self.completed: set[int] = set()
-        self.chained: dict[int, Claim] = {}
+        #: tokens of the runs completed, and the claims chained to them
+        self.completed: set[uuid.UUID] = set()
+        self.chained: dict[uuid.UUID, Claim] = {}
 
 
 class Worker:
@@ -237,8 +243,13 @@ class Worker:
         self._retry_due: dict[str, bool] = {s.name: True for s in self.served}
         self._inflight: dict[str, int] = {s.name: 0 for s in self.served}
         self._inflight_total = 0
-        self._live: dict[int, anyio.CancelScope] = {}
-        self._queued: set[int] = set()  # runs whose completion waits in a batch
+        # Runs are known by their claim's token: ids can repeat after a server crash.
+        # Each live run with the cancel scope of the task running it (a chain of runs on
+        # this worker shares one task, so one scope).
+        self._live: dict[uuid.UUID, tuple[Claim, anyio.CancelScope]] = {}
+        # runs whose completion is on its way (in a batch, or being committed by the
+        # handler's own transaction): the heartbeat must not take them for lost
+        self._concluding: set[uuid.UUID] = set()
         self._wake = anyio.Event()
         self._scan_now = anyio.Event()
         self._stopping = False
@@ -253,7 +264,8 @@ class Worker:
         self._threads = anyio.CapacityLimiter(concurrency)
         # Claims need not wait for their WAL flush: a claim lost in a crash leaves the row at
         # (previous step, done), where the scan finds it, and a completion for a run that
-        # was never stored is refused. Completions and failures stay durable.
+        # was never stored is refused, since it names the run by its claim's token, which
+        # never repeats (the run id may). Completions and failures stay durable.
         self._control = _Link(self._given_conninfo, "pgstagechain-control", durable=False)
         # Two completers, each on its own connection: while one batch's statement runs,
         # the handlers of the other batch run here, so neither side waits on the other.
@@ -378,8 +390,8 @@ class Worker:
             logger.warning(
                 "shutdown deadline passed: abandoning %d run(s) to other workers", len(self._live)
             )
-            for run_id, scope in list(self._live.items()):
-                if run_id not in self._queued:  # a queued completion is about to land
+            for token, (_, scope) in list(self._live.items()):
+                if token not in self._concluding:  # a completion is about to land
                     scope.cancel()
 
     # -- notifications --------------------------------------------------------------------
@@ -387,19 +399,24 @@ class Worker:
     def _on_notify(self, channel: str, payload: str) -> None:
         self.stats.notifications += 1
         try:
-            event = parse_event(payload)
-        except MalformedNotification as exc:
-            self.stats.malformed += 1
-            count = self.stats.malformed
-            # A flood must not become a log flood: the first few, then every thousandth.
-            logger.log(
-                logging.WARNING if count <= 10 or count % 1000 == 0 else logging.DEBUG,
-                "ignored a malformed notification on %s (%d so far): %s",
-                channel,
-                count,
-                exc,
-            )
-            return
+            self._take_hint(parse_event(payload))
+        except Exception as exc:  # a notification is a hint: none may stop the worker
+            self._ignored(f"a malformed notification on {channel}", exc)
+
+    def _ignored(self, what: str, exc: Exception) -> None:
+        """Count and log a hint that could not be used; a flood must not become a log
+        flood: the first few, then every thousandth."""
+        self.stats.malformed += 1
+        count = self.stats.malformed
+        logger.log(
+            logging.WARNING if count <= 10 or count % 1000 == 0 else logging.DEBUG,
+            "ignored %s (%d so far): %s",
+            what,
+            count,
+            exc if isinstance(exc, MalformedNotification) else f"{type(exc).__name__}: {exc}",
+        )
+
+    def _take_hint(self, event: Event) -> None:
         if event.kind == "t":  # a run was handed back: its retry is due now
             if event.step in self._retry_due:
                 self._retry_due[event.step] = True
@@ -509,11 +526,11 @@ class Worker:
                         lease=self.lease,
                         retries=mode == "retry",
                     )
-                except psycopg.DataError:
+                except BAD_KEY_ERRORS:
                     if keys is None:
                         raise
-                    # A hint whose key does not cast to the key column's type (anyone
-                    # can NOTIFY): try the batch's keys one by one, dropping those.
+                    # A hint whose key does not fit the key column (anyone can NOTIFY):
+                    # try the batch's keys one by one, dropping those.
                     claims, keys = await self._claim_each(conn, stage.name, keys)
                 self._control.ok()
             except DB_ERRORS as exc:
@@ -543,13 +560,10 @@ class Worker:
                     conn, stage, keys=[key], worker_id=self.worker_id, lease=self.lease
                 )
                 valid.append(key)
-            except psycopg.DataError as exc:
-                self.stats.malformed += 1
-                logger.warning(
-                    "ignored a notification for %s whose key %r does not fit the key column: %s",
-                    stage,
-                    key[:80],
-                    str(exc).strip(),
+            except BAD_KEY_ERRORS as exc:
+                self._ignored(
+                    f"a notification for {stage} whose key {key[:80]!r} does not fit the key column",
+                    exc,
                 )
         return claims, valid
 
@@ -564,11 +578,11 @@ class Worker:
         self._inflight_total += len(claims)
         assert self._handlers is not None
         for each in claims:
-            self._live[each.run_id] = anyio.CancelScope()
+            self._live[each.token] = (each, anyio.CancelScope())
             self._handlers.start_soon(self._execute, stage, each)
 
     def _finished(self, stage: Stage, claim: Claim) -> None:
-        self._live.pop(claim.run_id, None)
+        self._live.pop(claim.token, None)
         self._inflight[stage.name] -= 1
         self._inflight_total -= 1
         self._wake.set()
@@ -579,7 +593,7 @@ class Worker:
         """Run ``claim``'s handler; when the row goes straight on to the next stage here,
         run that one too, in the same task (the slot passes along with the row). One
         cancel scope serves the whole chain: it cancels whichever run is current."""
-        scope = self._live[claim.run_id]
+        _, scope = self._live[claim.token]
         current: tuple[Stage, Claim] | None = (stage, claim)
         try:
             with scope:
@@ -589,7 +603,7 @@ class Worker:
             if scope.cancelled_caught:
                 # Shut down past the deadline, or the lease was found lost: hand it back.
                 with anyio.CancelScope(shield=True):
-                    await self._release([claim.run_id], "worker stopped before the run finished")
+                    await self._release([claim], "worker stopped before the run finished")
         finally:
             self._finished(stage, claim)
 
@@ -624,7 +638,7 @@ class Worker:
                             stage.name,
                             str(exc).strip() or type(exc).__name__,
                         )
-                        await self._release([claim.run_id], f"connection lost: {exc}", free=False)
+                        await self._release([claim], f"connection lost: {exc}", free=False)
                         self._retry_due[stage.name] = True
                         outcome = "retried"
                     else:
@@ -634,7 +648,7 @@ class Worker:
                 observer.observe_run(stage.name, outcome, time.monotonic() - started)
         if following is not None:
             # The slot passes from this stage to the next along with the row.
-            self._live.pop(claim.run_id, None)
+            self._live.pop(claim.token, None)
             self._inflight[stage.name] -= 1
             self.stats.claimed += 1
             self.stats.chained += 1
@@ -654,16 +668,16 @@ class Worker:
         return following
 
     def _settle_chain(
-        self, booked: Stage | None, claim: Claim, chained: Mapping[int, Claim]
+        self, booked: Stage | None, claim: Claim, chained: Mapping[uuid.UUID, Claim]
     ) -> tuple[Stage, Claim] | None:
         if booked is None:
             return None
-        nxt = chained.get(claim.run_id)
+        nxt = chained.get(claim.token)
         if nxt is None:
             self._inflight[booked.name] -= 1
             self._wake.set()
             return None
-        self._live[nxt.run_id] = self._live[claim.run_id]
+        self._live[nxt.token] = (nxt, self._live[claim.token][1])
         return booked, nxt
 
     async def _run_async(self, stage: Stage, claim: Claim) -> tuple[Stage, Claim] | None:
@@ -682,21 +696,24 @@ class Worker:
             if conn.info.transaction_status != pq.TransactionStatus.IDLE:
                 # The handler wrote: complete in its transaction, so both commit or neither.
                 booked = self._reserve_chain(stage)
+                self._concluding.add(claim.token)
                 try:
                     completed, chained = await self._claimer_().complete_many(
                         conn,
                         stage.name,
                         stage.group,
-                        [(claim.run_id, claim.row_key, payload, booked is not None)],
+                        [(claim.run_id, claim.token, claim.row_key, payload, booked is not None)],
                         worker_id=self.worker_id,
                         lease=self.lease,
                     )
-                    if claim.run_id not in completed:
+                    if claim.token not in completed:
                         raise LeaseLostError(claim.run_id)
                     await conn.commit()
                 except BaseException:
                     self._settle_chain(booked, claim, {})
                     raise
+                finally:
+                    self._concluding.discard(claim.token)
                 return self._settle_chain(booked, claim, chained)
         return await self._complete_batched(stage, claim, payload)
 
@@ -719,18 +736,28 @@ class Worker:
                 payload = to_json(stage.name, result)
                 if conn.info.transaction_status == pq.TransactionStatus.IDLE:
                     return False, payload
+                # From here the run is concluding: the heartbeat must not take a run this
+                # commit closes for one whose lease was lost. (A set's add and discard
+                # are atomic; the event loop only reads it.)
+                self._concluding.add(claim.token)
                 completed, _ = self._claimer_().complete_many_sync(
-                    conn, stage.name, stage.group, [(claim.run_id, claim.row_key, payload, False)]
+                    conn,
+                    stage.name,
+                    stage.group,
+                    [(claim.run_id, claim.token, claim.row_key, payload, False)],
                 )
-                if claim.run_id not in completed:
+                if claim.token not in completed:
                     raise LeaseLostError(claim.run_id)
                 conn.commit()
                 return True, None
 
-        with anyio.fail_after(stage.timeout):
-            committed, payload = await anyio.to_thread.run_sync(
-                call, abandon_on_cancel=True, limiter=self._threads
-            )
+        try:
+            with anyio.fail_after(stage.timeout):
+                committed, payload = await anyio.to_thread.run_sync(
+                    call, abandon_on_cancel=True, limiter=self._threads
+                )
+        finally:
+            self._concluding.discard(claim.token)
         if committed:
             return None
         return await self._complete_batched(stage, claim, payload)
@@ -786,7 +813,7 @@ class Worker:
         self._retry_due[stage] = True
         self._wake.set()
 
-    async def _release(self, run_ids: list[int], reason: str, *, free: bool = True) -> None:
+    async def _release(self, claims: list[Claim], reason: str, *, free: bool = True) -> None:
         """Close runs we give up on so another worker retries them now, not at lease expiry.
 
         ``free`` retries even when the stage's attempts are used up (the run was abandoned,
@@ -794,29 +821,11 @@ class Worker:
         """
         try:
             conn = await self._finisher.get()
-            await self._expire(conn, run_ids, reason=reason, free=free)
+            await self._claimer_().expire(conn, claims, reason=reason, free=free)
         except DB_ERRORS as exc:
             logger.warning(
-                "could not release %d run(s) (%s); their leases will expire", len(run_ids), exc
+                "could not release %d run(s) (%s); their leases will expire", len(claims), exc
             )
-
-    async def _expire(
-        self, conn: AsyncConnection[Any], run_ids: list[int], *, reason: str | None, free: bool
-    ) -> list[tuple[str, str, bool]]:
-        claimer = self._claimer_()
-        stages = list(self.pipeline)
-        cur = await conn.execute(
-            claimer.text("expire_leases"),
-            claimer.params(
-                stages=[s.name for s in stages],
-                max_attempts=[s.retry.max_attempts for s in stages],
-                is_group=[s.group for s in stages],
-                run_ids=run_ids,
-                reason=reason,
-                free=free,
-            ),
-        )
-        return [(stage, key, retrying) for stage, key, retrying, _ in await cur.fetchall()]
 
     # -- completions ------------------------------------------------------------------------------
 
@@ -826,16 +835,16 @@ class Worker:
         booked = self._reserve_chain(stage)
         batch = self._batch
         batch.items.setdefault((stage.name, stage.group, booked is not None), []).append(
-            (claim.run_id, claim.row_key, payload, booked is not None)
+            (claim.run_id, claim.token, claim.row_key, payload, booked is not None)
         )
         batch.size += 1
         self._batch_ready.set()
-        self._queued.add(claim.run_id)
+        self._concluding.add(claim.token)
         try:
             await batch.done.wait()
         finally:
-            self._queued.discard(claim.run_id)
-        if claim.run_id not in batch.completed:
+            self._concluding.discard(claim.token)
+        if claim.token not in batch.completed:
             self._settle_chain(booked, claim, {})
             raise LeaseLostError(claim.run_id)
         return self._settle_chain(booked, claim, batch.chained)
@@ -877,7 +886,8 @@ class Worker:
                     link.ok()
                     break
                 except DB_ERRORS as exc:
-                    # Safe to repeat: a completion only applies to runs still running.
+                    # Safe to repeat: a completion only applies to runs still running, and
+                    # only to the very runs claimed (ids and tokens), even after a crash.
                     self.stats.db_errors += 1
                     if attempt == 4:
                         logger.error(
@@ -890,26 +900,34 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         while True:
             await anyio.sleep(self.lease / 3)
-            run_ids = list(self._live)
-            if not run_ids:
+            held = [claim for claim, _ in self._live.values()]
+            if not held:
                 continue
             try:
                 conn = await self._finisher.get()
                 cur = await conn.execute(
                     self._claimer_().text("renew_leases"),
-                    {"run_ids": run_ids, "lease": self.lease},
+                    {
+                        "run_ids": [c.run_id for c in held],
+                        "tokens": [c.token for c in held],
+                        "lease": self.lease,
+                    },
                 )
-                kept = {run_id for (run_id,) in await cur.fetchall()}
+                kept = {token for (token,) in await cur.fetchall()}
                 self._finisher.ok()
             except DB_ERRORS as exc:
                 self.stats.db_errors += 1
                 await self._finisher.broke(exc)
                 continue
-            for run_id in run_ids:
-                scope = self._live.get(run_id)
-                if run_id not in kept and scope is not None and run_id not in self._queued:
-                    logger.warning("run %s lost its lease; cancelling its handler", run_id)
-                    scope.cancel()
+            for claim in held:
+                live = self._live.get(claim.token)
+                if (
+                    claim.token not in kept
+                    and live is not None
+                    and claim.token not in self._concluding
+                ):
+                    logger.warning("run %s lost its lease; cancelling its handler", claim.run_id)
+                    live[1].cancel()
 
     async def _scan_loop(self) -> None:
         while True:
@@ -935,16 +953,24 @@ class Worker:
         )
         found = await cur.fetchone()
         assert found is not None
-        ready_rows, ready_groups, expired, next_retry_at = found
+        ready_rows, ready_groups, stuck, next_retry_at = found
         for step in (ready_rows or []) + (ready_groups or []):
             target = self.pipeline.next_stage(step)
             if target is not None and target.name in self._needs_scan:
                 self._needs_scan[target.name] = True
-        if expired:
-            rescued = await self._expire(conn, [], reason=None, free=False)
-            self.stats.rescued += len(rescued)
+        if stuck:
+            rescued = await self._claimer_().expire(conn)
+            unheld = sum(1 for *_, was_unheld in rescued if was_unheld)
+            self.stats.rescued += len(rescued) - unheld
+            self.stats.repaired += unheld
+            if len(rescued) > unheld:
+                logger.warning("rescued %d run(s) whose lease expired", len(rescued) - unheld)
+            if unheld:
+                logger.warning(
+                    "found %d row(s) at (stage, running) that no run held; running them again",
+                    unheld,
+                )
             if rescued:
-                logger.warning("rescued %d run(s) whose lease expired", len(rescued))
                 next_retry_at = dt.datetime.now(dt.UTC)
         wait: float | None = None
         if next_retry_at is not None:

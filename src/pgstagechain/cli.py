@@ -113,6 +113,7 @@ def _recover(args: argparse.Namespace) -> int:
     report = anyio.run(lambda: scanner.scan(deep=args.deep))
     print(
         f"expired leases closed: {report.expired_leases}\n"
+        f"rows no run held, run again: {report.unheld_repaired}\n"
         f"rows re-announced: {report.renotified_rows}\n"
         f"groups re-announced: {report.renotified_groups}\n"
         f"groups formed (deep): {report.formed_groups}\n"

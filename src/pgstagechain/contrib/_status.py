@@ -161,9 +161,17 @@ async def run_stage(
                             sync_conn,
                             stage,
                             claimed.is_group,
-                            [(claimed.run_id, claimed.row_key, to_json(stage, value), False)],
+                            [
+                                (
+                                    claimed.run_id,
+                                    claimed.token,
+                                    claimed.row_key,
+                                    to_json(stage, value),
+                                    False,
+                                )
+                            ],
                         )
-                        if claimed.run_id not in completed:
+                        if claimed.token not in completed:
                             raise LeaseLostError(claimed.run_id)
                         sync_conn.commit()
                         return value

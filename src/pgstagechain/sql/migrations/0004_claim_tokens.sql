@@ -1,0 +1,13 @@
+-- Every run carries a token drawn at random by the claim that opened it, and every
+-- statement that acts on a run a worker holds (complete, fail, renew, release) names the
+-- run by id *and* token. Run ids come from a sequence, and a claim committed without
+-- waiting for its WAL flush can be lost in a crash together with the sequence's advance:
+-- the same id is then handed out again. A token never repeats, so a completion that
+-- outlived a crash can only find its own run (gone), never the new run with its old id.
+--
+-- `series` is the token of the first attempt, copied to every retry of it: one value
+-- per (row, stage) pass, for idempotency keys of side effects outside the database.
+--
+-- Both are nullable (runs of earlier versions have neither) and never indexed, so the
+-- completion of a run stays a HOT update.
+ALTER TABLE pgstagechain.runs ADD COLUMN token uuid, ADD COLUMN series uuid;
