@@ -318,8 +318,10 @@ class Bench:
         ``row_to_row``, ``fan_in`` (the first group stage) and ``group_to_group``.
 
         Completions: the time the committing worker saw its commit acknowledged, else
-        the server's ``finished_at``. Releases: the time the benchmark's own UPDATE
-        committed (``released`` maps job ids to it).
+        the server's ``finished_at``; also ``finished_at`` when the next handler started
+        on another worker before the committing one noticed its acknowledgement (a busy
+        machine), since the commit lies between the two. Releases: the time the
+        benchmark's own UPDATE committed (``released`` maps job ids to it).
         """
         acks: dict[str, float] = {}  # by the run's claim token
         for report in reports:
@@ -331,35 +333,48 @@ class Bench:
                 " FROM pgstagechain.runs WHERE pipeline = 'bench' AND state = 'succeeded'"
             ).fetchall()
         basis = "commit_ack" if acks else "finished_at"
-        done: dict[tuple[str, str], float] = {}
-        group_ready: dict[str, float] = {}
+        # (acknowledged, finished) of each (stage, key), and of each group's last member
+        done: dict[tuple[str, str], tuple[float, float]] = {}
+        group_ready: dict[str, tuple[float, float]] = {}
         last_row = self.rows[-1]
         for token, stage, row_key, group_key, finished in runs:
-            at = acks.get(token) if acks else finished
-            if at is None:
+            acked = acks.get(token) if acks else finished
+            if acked is None:
                 continue
-            done[(stage, row_key)] = at
+            done[(stage, row_key)] = (acked, finished)
             if stage == last_row and group_key is not None:
-                group_ready[group_key] = max(group_ready.get(group_key, 0.0), at)
-        previous = {s: p for p, s in zip([None, *self.rows[:-1]], self.rows, strict=True)}
-        gprevious = {s: p for p, s in zip([None, *self.groups[:-1]], self.groups, strict=True)}
+                known = group_ready.get(group_key, (0.0, 0.0))
+                group_ready[group_key] = (max(known[0], acked), max(known[1], finished))
+        previous = dict(zip(self.rows, [None, *self.rows], strict=False))
+        gprevious = dict(zip(self.groups, [None, *self.groups], strict=False))
+
+        def since(times: tuple[float, float] | None, started: float) -> float | None:
+            if times is None:
+                return None
+            acked, finished = times
+            return started - (acked if acked <= started else finished)
+
         found: list[tuple[str, float]] = []
         for report in reports:
             for stage, key, started in report["starts"]:
+                seconds: float | None
                 if stage in previous:
                     before = previous[stage]
                     if before is None:
-                        kind, at = "release", released.get(str(int(key) // 1000))
+                        kind = "release"
+                        at = released.get(str(int(key) // 1000))
+                        seconds = None if at is None else started - at
                     else:
-                        kind, at = "row_to_row", done.get((before, key))
+                        kind, seconds = "row_to_row", since(done.get((before, key)), started)
                 else:
                     gbefore = gprevious[stage]
                     if gbefore is None:
-                        kind, at = "fan_in", group_ready.get(key)
+                        kind, seconds = "fan_in", since(group_ready.get(key), started)
                     else:
-                        kind, at = "group_to_group", done.get((gbefore, key))
-                if at is not None:
-                    found.append((kind, started - at))
+                        kind = "group_to_group"
+                        seconds = since(done.get((gbefore, key)), started)
+                if seconds is not None:
+                    found.append((kind, seconds))
         return found, basis
 
     def cpu_snapshot(

@@ -18,13 +18,14 @@ from typing import Any
 
 import attrs
 import psycopg
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from ._catalog import TableInfo, inspect_table
+from ._catalog import inspect_table, statements_for
 from ._install import require_installed
 from ._migrations import require_schema
 from ._pipeline import Pipeline
+from ._sql import plain
 from ._stage import Stage
 from .errors import ConfigurationError
 
@@ -133,22 +134,6 @@ def _downstream(pipeline: Pipeline, stage: Stage) -> list[str]:
     return found
 
 
-def _fmt(pipeline: Pipeline, info: TableInfo) -> dict[str, sql.Composable]:
-    spec = pipeline.table
-    return {
-        "table": sql.Identifier(spec.schema, spec.table),
-        "key": sql.Identifier(spec.key),
-        "step": sql.Identifier(spec.step_column),
-        "status": sql.Identifier(spec.status_column),
-        "key_type": sql.SQL(info.key_type),
-        "group_expr": (
-            sql.SQL("t.{}::text").format(sql.Identifier(spec.group_column))
-            if spec.group_column
-            else sql.SQL("NULL::text")
-        ),
-    }
-
-
 def _base(pipeline: Pipeline) -> dict[str, Any]:
     statuses = pipeline.table.statuses
     return {
@@ -159,70 +144,21 @@ def _base(pipeline: Pipeline) -> dict[str, Any]:
     }
 
 
-ROW_COUNTS = """
-SELECT t.{step} AS step, t.{status} AS status, count(*) AS n
-FROM {table} t
-WHERE t.{step} = ANY(%(steps)s::text[])
-GROUP BY 1, 2
-"""
-
-GROUP_COUNTS = """
-SELECT step, status, count(*) AS n,
-       min(updated_at) FILTER (WHERE status = 'done') AS oldest_done
-FROM pgstagechain.groups
-WHERE pipeline = %(pipeline)s
-GROUP BY 1, 2
-"""
-
-# When did the oldest waiting row reach (after, done)? Its latest run of the previous
-# stage finished then; start steps are set from outside and leave no trace here.
-ROW_OLDEST_WAITING = """
-SELECT w.after, (
-    SELECT min(last.finished_at) FROM (
-        SELECT (SELECT max(r.finished_at) FROM pgstagechain.runs r
-                WHERE r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text
-                  AND r.stage = w.after) AS finished_at
-        FROM {table} t
-        WHERE t.{step} = w.after AND t.{status} = %(done)s
-    ) last
-) AS oldest
-FROM unnest(%(afters)s::text[]) AS w(after)
-"""
-
-DURATIONS = """
-SELECT stage, count(*) AS n,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p50,
-       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p95
-FROM pgstagechain.runs
-WHERE pipeline = %(pipeline)s AND finished_at IS NOT NULL
-  AND finished_at > clock_timestamp() - interval '1 hour'
-  AND stage = ANY(%(stages)s::text[])
-GROUP BY stage
-"""
-
-PENDING_RETRIES = """
-SELECT stage, count(*) AS n FROM pgstagechain.runs
-WHERE retry_at IS NOT NULL AND pipeline = %(pipeline)s
-GROUP BY stage
-"""
-
-
 async def status(conn: AsyncConnection[Any], pipeline: Pipeline) -> list[StageStatus]:
     """Counts, oldest waiting age and recent durations for every stage, in chain order."""
     await require_schema(conn)
-    info = await inspect_table(conn, pipeline)
-    fmt = _fmt(pipeline, info)
+    q = await statements_for(conn, pipeline)
     params = _base(pipeline)
     stages = stage_order(pipeline)
     row_stages = [s for s in stages if not s.group]
     row_steps = sorted({s.name for s in row_stages} | {s.after for s in row_stages})
     dict_cur = conn.cursor(row_factory=dict_row)
 
-    await dict_cur.execute(sql.SQL(ROW_COUNTS).format(**fmt), {**params, "steps": row_steps})
+    await dict_cur.execute(q.text("row_counts"), {**params, "steps": row_steps})
     rows: dict[tuple[str, str], int] = {
         (r["step"], r["status"]): r["n"] for r in await dict_cur.fetchall()
     }
-    await dict_cur.execute(GROUP_COUNTS, params)
+    await dict_cur.execute(q.text("group_counts"), params)
     groups: dict[tuple[str, str], int] = {}
     group_oldest: dict[str, dt.datetime] = {}
     for r in await dict_cur.fetchall():
@@ -230,13 +166,13 @@ async def status(conn: AsyncConnection[Any], pipeline: Pipeline) -> list[StageSt
         if r["oldest_done"] is not None:
             group_oldest[r["step"]] = r["oldest_done"]
     afters = [s.after for s in row_stages if s.after in pipeline]
-    await dict_cur.execute(sql.SQL(ROW_OLDEST_WAITING).format(**fmt), {**params, "afters": afters})
+    await dict_cur.execute(q.text("row_oldest_waiting"), {**params, "afters": afters})
     row_oldest = {r["after"]: r["oldest"] for r in await dict_cur.fetchall() if r["oldest"]}
-    await dict_cur.execute(DURATIONS, {**params, "stages": [s.name for s in stages]})
+    await dict_cur.execute(q.text("durations"), {**params, "stages": [s.name for s in stages]})
     durations = {r["stage"]: r for r in await dict_cur.fetchall()}
-    await dict_cur.execute(PENDING_RETRIES, params)
+    await dict_cur.execute(q.text("pending_retries"), params)
     retrying = {r["stage"]: r["n"] for r in await dict_cur.fetchall()}
-    cur = await conn.execute("SELECT clock_timestamp()")
+    cur = await conn.execute(q.text("now"))
     now_row = await cur.fetchone()
     assert now_row is not None
     now: dt.datetime = now_row[0]
@@ -267,33 +203,18 @@ async def status(conn: AsyncConnection[Any], pipeline: Pipeline) -> list[StageSt
     return result
 
 
-RUNS_OF = """
-SELECT id, stage, row_key, group_key, attempt, state, worker_id, started_at, finished_at,
-       retry_at, error, result
-FROM pgstagechain.runs
-WHERE pipeline = %(pipeline)s AND row_key = %(key)s AND stage = ANY(%(stages)s::text[])
-ORDER BY id
-"""
-
-ROW_POSITION = """
-SELECT t.{step} AS step, t.{status} AS status, {group_expr} AS group_key
-FROM {table} t WHERE t.{key} = %(key)s::text::{key_type}
-"""
-
-GROUP_POSITION = """
-SELECT step, status FROM pgstagechain.groups WHERE pipeline = %(pipeline)s AND group_key = %(key)s
-"""
-
-
 async def _runs(
     conn: AsyncConnection[Any], pipeline: Pipeline, key: str, stages: Sequence[str]
 ) -> tuple[RunRecord, ...]:
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(RUNS_OF, {"pipeline": pipeline.name, "key": key, "stages": list(stages)})
+    await cur.execute(
+        plain("runs_of"), {"pipeline": pipeline.name, "key": key, "stages": list(stages)}
+    )
     return tuple(RunRecord(**r) for r in await cur.fetchall())
 
 
-def _bad_key(pipeline: Pipeline, info: TableInfo, key: str) -> ConfigurationError:
+async def _bad_key(conn: AsyncConnection[Any], pipeline: Pipeline, key: str) -> ConfigurationError:
+    info = await inspect_table(conn, pipeline)
     spec = pipeline.table
     return ConfigurationError(
         f"{key!r} is not a valid {info.key_type} for key column "
@@ -309,13 +230,13 @@ async def history(
     Raises :class:`~pgstagechain.ConfigurationError` when there is no such row or group.
     """
     await require_schema(conn)
-    info = await inspect_table(conn, pipeline)
+    q = await statements_for(conn, pipeline)
     spec = pipeline.table
     row_stage_names = [s.name for s in pipeline if not s.group]
     group_stage_names = [s.name for s in pipeline if s.group]
     dict_cur = conn.cursor(row_factory=dict_row)
     if group:
-        await dict_cur.execute(GROUP_POSITION, {"pipeline": pipeline.name, "key": key})
+        await dict_cur.execute(q.text("group_position"), {"pipeline": pipeline.name, "key": key})
         found = await dict_cur.fetchone()
         runs = await _runs(conn, pipeline, key, group_stage_names)
         if found is None and not runs:
@@ -330,12 +251,10 @@ async def history(
         )
     try:
         async with conn.transaction():
-            await dict_cur.execute(
-                sql.SQL(ROW_POSITION).format(**_fmt(pipeline, info)), {"key": key}
-            )
+            await dict_cur.execute(q.text("row_position"), {"key": key})
             found = await dict_cur.fetchone()
     except psycopg.errors.DataError:
-        raise _bad_key(pipeline, info, key) from None
+        raise await _bad_key(conn, pipeline, key) from None
     if found is None:
         raise ConfigurationError(
             f"table {spec.schema}.{spec.table} has no row with {spec.key} = {key!r}"
@@ -351,7 +270,9 @@ async def history(
         runs=await _runs(conn, pipeline, key, row_stage_names),
     )
     if group_key is not None and group_stage_names:
-        await dict_cur.execute(GROUP_POSITION, {"pipeline": pipeline.name, "key": group_key})
+        await dict_cur.execute(
+            q.text("group_position"), {"pipeline": pipeline.name, "key": group_key}
+        )
         position = await dict_cur.fetchone()
         result = attrs.evolve(
             result,
@@ -360,91 +281,6 @@ async def history(
             group_runs=await _runs(conn, pipeline, group_key, group_stage_names),
         )
     return result
-
-
-# Retry: move failed rows back to (previous step, done). The trigger then announces
-# them, exactly as when the previous stage completed, and a worker claims them anew.
-RETRY_ROWS = """
-WITH policy AS (
-    SELECT * FROM unnest(%(stages)s::text[], %(afters)s::text[]) AS p(stage, after)
-),
-moved AS (
-    UPDATE {table} t SET {step} = p.after, {status} = %(done)s
-    FROM policy p
-    WHERE {pick} AND t.{step} = p.stage AND t.{status} = %(failed)s
-    RETURNING t.{key}::text AS key
-)
-SELECT key FROM moved ORDER BY key
-"""
-
-RETRY_GROUPS = """
-WITH policy AS (
-    SELECT * FROM unnest(%(stages)s::text[], %(afters)s::text[]) AS p(stage, after)
-),
-moved AS (
-    UPDATE pgstagechain.groups g SET step = p.after, status = 'done',
-                                     updated_at = clock_timestamp()
-    FROM policy p
-    WHERE g.pipeline = %(pipeline)s AND {pick} AND g.step = p.stage AND g.status = 'failed'
-    RETURNING g.group_key AS key
-)
-SELECT key FROM moved ORDER BY key
-"""
-
-# Cancel: close the live run (a late completion then finds it gone and is discarded),
-# drop a pending retry (the failed run keeps its state; the reason is appended to its
-# error) and fail the row, all in one statement.
-CANCEL_TAIL = """
-closed AS (
-    UPDATE pgstagechain.runs r SET state = 'cancelled', finished_at = clock_timestamp(),
-                                   error = %(reason)s
-    FROM target
-    WHERE r.pipeline = %(pipeline)s AND r.row_key = target.key AND r.stage = target.stage
-      AND r.state = 'running'
-    RETURNING r.id
-),
-dropped AS (
-    UPDATE pgstagechain.runs r SET retry_at = NULL,
-                                   error = concat_ws(E'\\n', r.error, %(reason)s)
-    FROM target
-    WHERE r.pipeline = %(pipeline)s AND r.row_key = target.key AND r.stage = target.stage
-      AND r.retry_at IS NOT NULL
-    RETURNING r.id
-),
-failed AS (
-    {fail}
-)
-SELECT (SELECT coalesce(array_agg(key ORDER BY key), '{{}}') FROM failed) AS keys,
-       (SELECT count(*) FROM closed) AS closed,
-       (SELECT count(*) FROM dropped) AS dropped
-"""
-
-CANCEL_ROWS_HEAD = """
-WITH target AS (
-    SELECT t.{key}::text AS key, t.{step} AS stage FROM {table} t
-    WHERE {pick} AND t.{step} = ANY(%(stages)s::text[]) AND t.{status} = %(running)s
-),
-"""
-
-CANCEL_ROWS_FAIL = """UPDATE {table} t SET {status} = %(failed)s FROM target
-    WHERE t.{key} = target.key::{key_type} AND t.{step} = target.stage
-      AND t.{status} = %(running)s
-    RETURNING t.{key}::text AS key"""
-
-CANCEL_GROUPS_HEAD = """
-WITH target AS (
-    SELECT g.group_key AS key, g.step AS stage FROM pgstagechain.groups g
-    WHERE g.pipeline = %(pipeline)s AND {pick} AND g.step = ANY(%(stages)s::text[])
-      AND g.status = 'running'
-),
-"""
-
-CANCEL_GROUPS_FAIL = """UPDATE pgstagechain.groups g SET status = 'failed',
-        updated_at = clock_timestamp()
-    FROM target
-    WHERE g.pipeline = %(pipeline)s AND g.group_key = target.key AND g.step = target.stage
-      AND g.status = 'running'
-    RETURNING g.group_key AS key"""
 
 
 def _selection(
@@ -488,32 +324,19 @@ async def retry(
     """
     is_group, stages = _selection(pipeline, key, group, stage)
     await require_installed(conn, pipeline)
-    info = await inspect_table(conn, pipeline)
-    fmt = _fmt(pipeline, info)
+    q = await statements_for(conn, pipeline)
     params = {
         **_base(pipeline),
         "stages": [s.name for s in stages],
         "afters": [s.after for s in stages],
         "key": key if key is not None else group,
     }
-    if is_group:
-        pick: sql.Composable = (
-            sql.SQL("g.group_key = %(key)s") if group is not None else sql.SQL("TRUE")
-        )
-        statement = sql.SQL(RETRY_GROUPS).format(pick=pick)
-    else:
-        pick = (
-            sql.SQL("t.{key} = %(key)s::text::{key_type}").format(**fmt)
-            if key is not None
-            else sql.SQL("TRUE")
-        )
-        statement = sql.SQL(RETRY_ROWS).format(pick=pick, **fmt)
     try:
         async with conn.transaction():
-            cur = await conn.execute(statement, params)
+            cur = await conn.execute(q.text("retry_groups" if is_group else "retry_rows"), params)
             return [k for (k,) in await cur.fetchall()]
     except psycopg.errors.DataError:
-        raise _bad_key(pipeline, info, str(key)) from None
+        raise await _bad_key(conn, pipeline, str(key)) from None
 
 
 async def cancel(
@@ -532,35 +355,19 @@ async def cancel(
     """
     is_group, stages = _selection(pipeline, key, group, stage)
     await require_installed(conn, pipeline)
-    info = await inspect_table(conn, pipeline)
-    fmt = _fmt(pipeline, info)
+    q = await statements_for(conn, pipeline)
     params = {
         **_base(pipeline),
         "stages": [s.name for s in stages],
         "key": key if key is not None else group,
         "reason": CANCEL_REASON,
     }
-    if is_group:
-        pick: sql.Composable = (
-            sql.SQL("g.group_key = %(key)s") if group is not None else sql.SQL("TRUE")
-        )
-        head = sql.SQL(CANCEL_GROUPS_HEAD).format(pick=pick)
-        fail: sql.Composable = sql.SQL(CANCEL_GROUPS_FAIL)
-    else:
-        pick = (
-            sql.SQL("t.{key} = %(key)s::text::{key_type}").format(**fmt)
-            if key is not None
-            else sql.SQL("TRUE")
-        )
-        head = sql.SQL(CANCEL_ROWS_HEAD).format(pick=pick, **fmt)
-        fail = sql.SQL(CANCEL_ROWS_FAIL).format(**fmt)
-    statement = sql.Composed([head, sql.SQL(CANCEL_TAIL).format(fail=fail)])
     try:
         async with conn.transaction():
-            cur = await conn.execute(statement, params)
+            cur = await conn.execute(q.text("cancel_groups" if is_group else "cancel_rows"), params)
             found = await cur.fetchone()
     except psycopg.errors.DataError:
-        raise _bad_key(pipeline, info, str(key)) from None
+        raise await _bad_key(conn, pipeline, str(key)) from None
     assert found is not None
     keys, closed, dropped = found
     return CancelReport(keys=tuple(keys), runs_closed=closed, retries_dropped=dropped)

@@ -1,13 +1,16 @@
-"""Reading the user's table from the catalog: does it exist, and what types are its keys."""
+"""Reading the user's table from the catalog (does it exist, what types are its keys), and
+the pipeline's statements rendered for it."""
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import attrs
 from psycopg import AsyncConnection
 
 from ._pipeline import Pipeline
+from ._sql import Statements, configured_names, plain
 from .errors import SchemaMismatchError
 
 
@@ -19,18 +22,10 @@ class TableInfo:
     group_type: str | None
 
 
-COLUMNS = """
-SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type_name
-FROM pg_attribute a
-WHERE a.attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
-  AND a.attnum > 0 AND NOT a.attisdropped
-"""
-
-
 async def inspect_table(conn: AsyncConnection[Any], pipeline: Pipeline) -> TableInfo:
     """Check that the pipeline's table and columns exist; raise a typed error naming the culprit."""
     spec = pipeline.table
-    cur = await conn.execute(COLUMNS, {"schema": spec.schema, "table": spec.table})
+    cur = await conn.execute(plain("table_columns"), {"schema": spec.schema, "table": spec.table})
     types = {name: type_name for name, type_name in await cur.fetchall()}
     if not types:
         raise SchemaMismatchError(
@@ -44,3 +39,16 @@ async def inspect_table(conn: AsyncConnection[Any], pipeline: Pipeline) -> Table
         )
     group = spec.group_column
     return TableInfo(key_type=types[spec.key], group_type=types[group] if group else None)
+
+
+_statements: weakref.WeakKeyDictionary[Pipeline, Statements] = weakref.WeakKeyDictionary()
+
+
+async def statements_for(conn: AsyncConnection[Any], pipeline: Pipeline) -> Statements:
+    """The pipeline's statements, rendered for its table on first use (checked against
+    the catalog then, and cached for the life of the pipeline object)."""
+    found = _statements.get(pipeline)
+    if found is None:
+        found = Statements(configured_names(pipeline, await inspect_table(conn, pipeline)))
+        _statements[pipeline] = found
+    return found

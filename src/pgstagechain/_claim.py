@@ -11,15 +11,15 @@ import json
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, LiteralString, cast
+from typing import Any, LiteralString
 
 import attrs
 from psycopg import AsyncConnection, Connection
 
-from ._catalog import inspect_table
+from ._catalog import statements_for
 from ._context import Claim
 from ._pipeline import Pipeline
-from ._queries import Queries
+from ._sql import Statements
 from ._stage import Stage
 from .errors import ConfigurationError, LeaseLostError
 
@@ -45,9 +45,9 @@ def to_json(stage: str, result: Any) -> str | None:
 class Claimer:
     """The pipeline's statements, rendered once, with the parameters each needs."""
 
-    def __init__(self, pipeline: Pipeline, queries: Queries) -> None:
+    def __init__(self, pipeline: Pipeline, statements: Statements) -> None:
         self.pipeline = pipeline
-        self.q = queries
+        self.statements = statements
         spec = pipeline.table
         self._base = {
             "pipeline": pipeline.name,
@@ -59,17 +59,12 @@ class Claimer:
             "group_stages": [s.name for s in pipeline if s.group],
             "deep": False,
         }
-        self._text: dict[str, LiteralString] = {}
         self._ancestors: dict[str, list[str]] = {}
         self._chain_targets: dict[str, Stage | None] = {}
 
     def text(self, name: str) -> LiteralString:
         """The named statement as a string, rendered on first use."""
-        found = self._text.get(name)
-        if found is None:
-            found = cast(LiteralString, getattr(self.q, name).as_string(None))
-            self._text[name] = found
-        return found
+        return self.statements.text(name)
 
     def params(self, **more: Any) -> dict[str, Any]:
         return {**self._base, **more}
@@ -346,7 +341,7 @@ async def claimer_for(conn: AsyncConnection[Any], pipeline: Pipeline) -> Claimer
     """The pipeline's :class:`Claimer`, built on first use from the catalog."""
     found = _claimers.get(pipeline)
     if found is None:
-        found = Claimer(pipeline, Queries(pipeline, await inspect_table(conn, pipeline)))
+        found = Claimer(pipeline, await statements_for(conn, pipeline))
         _claimers[pipeline] = found
     return found
 

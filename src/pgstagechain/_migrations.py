@@ -9,6 +9,7 @@ from typing import Any
 import attrs
 from psycopg import AsyncConnection
 
+from ._sql import plain
 from .errors import NotInstalledError
 
 LOCK_KEY = "pgstagechain.migrate"
@@ -41,11 +42,11 @@ LATEST = len(migrations())
 
 async def applied_version(conn: AsyncConnection[Any]) -> int:
     """The schema version installed in the database, 0 when none."""
-    cur = await conn.execute("SELECT to_regclass('pgstagechain.migrations') IS NOT NULL")
+    cur = await conn.execute(plain("schema_exists"))
     row = await cur.fetchone()
     if not row or not row[0]:
         return 0
-    cur = await conn.execute("SELECT coalesce(max(version), 0) FROM pgstagechain.migrations")
+    cur = await conn.execute(plain("schema_version"))
     row = await cur.fetchone()
     return int(row[0]) if row else 0
 
@@ -59,22 +60,15 @@ async def migrate_schema(conn: AsyncConnection[Any]) -> list[int]:
     done: list[int] = []
     for migration in migrations():
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (LOCK_KEY,))
-            await conn.execute("CREATE SCHEMA IF NOT EXISTS pgstagechain")
-            await conn.execute(
-                "CREATE TABLE IF NOT EXISTS pgstagechain.migrations ("
-                " version integer PRIMARY KEY, name text NOT NULL,"
-                " applied_at timestamptz NOT NULL DEFAULT now())"
-            )
-            cur = await conn.execute(
-                "SELECT 1 FROM pgstagechain.migrations WHERE version = %s", (migration.version,)
-            )
+            await conn.execute(plain("migration_lock"), {"lock": LOCK_KEY})
+            await conn.execute(plain("create_schema"))
+            await conn.execute(plain("create_migrations"))
+            cur = await conn.execute(plain("migration_applied"), {"version": migration.version})
             if await cur.fetchone():
                 continue
             await conn.execute(migration.sql.encode())
             await conn.execute(
-                "INSERT INTO pgstagechain.migrations (version, name) VALUES (%s, %s)",
-                (migration.version, migration.name),
+                plain("record_migration"), {"version": migration.version, "name": migration.name}
             )
             done.append(migration.version)
     return done

@@ -81,7 +81,7 @@ class RecoveryScanner:
             closed = await claimer.expire(conn, deep=deep)
         unheld = sum(1 for *_, was_unheld in closed if was_unheld)
         formed = 0
-        if deep and claimer.q.form_groups is not None:
+        if deep and self.pipeline.table.group_column is not None:
             cur = await conn.execute(
                 claimer.text("form_groups"),
                 claimer.params(fan_in_steps=list(self.pipeline.fan_in_steps())),
@@ -96,10 +96,7 @@ class RecoveryScanner:
             claimer.params(group_steps=group_steps, limit=self.limit),
         )
         groups = await cur.fetchone()
-        cur = await conn.execute(
-            "SELECT min(retry_at) FROM pgstagechain.runs WHERE retry_at IS NOT NULL AND pipeline = %s",
-            (self.pipeline.name,),
-        )
+        cur = await conn.execute(claimer.text("next_retry"), claimer.params())
         retry = await cur.fetchone()
         report = RecoveryReport(
             expired_leases=len(closed) - unheld,

@@ -1,0 +1,148 @@
+-- Operating a pipeline: where the rows are, what happened to one, and putting things right.
+-- `retry` and `cancel` are single statements, so they race safely with running workers.
+
+-- name: now
+SELECT clock_timestamp()
+
+-- name: row_counts
+SELECT t.{step} AS step, t.{status} AS status, count(*) AS n
+FROM {table} t
+WHERE t.{step} = ANY(%(steps)s::text[])
+GROUP BY 1, 2
+
+-- name: group_counts
+SELECT step, status, count(*) AS n,
+       min(updated_at) FILTER (WHERE status = 'done') AS oldest_done
+FROM pgstagechain.groups
+WHERE pipeline = %(pipeline)s
+GROUP BY 1, 2
+
+-- name: row_oldest_waiting
+-- When did the oldest waiting row reach (after, done)? Its latest run of the previous
+-- stage finished then; start steps are set from outside and leave no trace here.
+SELECT w.after, (
+    SELECT min(last.finished_at) FROM (
+        SELECT (SELECT max(r.finished_at) FROM pgstagechain.runs r
+                WHERE r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text
+                  AND r.stage = w.after) AS finished_at
+        FROM {table} t
+        WHERE t.{step} = w.after AND t.{status} = %(done)s
+    ) last
+) AS oldest
+FROM unnest(%(afters)s::text[]) AS w(after)
+
+-- name: durations
+SELECT stage, count(*) AS n,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p50,
+       percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p95
+FROM pgstagechain.runs
+WHERE pipeline = %(pipeline)s AND finished_at IS NOT NULL
+  AND finished_at > clock_timestamp() - interval '1 hour'
+  AND stage = ANY(%(stages)s::text[])
+GROUP BY stage
+
+-- name: pending_retries
+SELECT stage, count(*) AS n FROM pgstagechain.runs
+WHERE retry_at IS NOT NULL AND pipeline = %(pipeline)s
+GROUP BY stage
+
+-- name: runs_of
+SELECT id, stage, row_key, group_key, attempt, state, worker_id, started_at, finished_at,
+       retry_at, error, result
+FROM pgstagechain.runs
+WHERE pipeline = %(pipeline)s AND row_key = %(key)s AND stage = ANY(%(stages)s::text[])
+ORDER BY id
+
+-- name: row_position
+SELECT t.{step} AS step, t.{status} AS status, {group_expr} AS group_key
+FROM {table} t WHERE t.{key} = %(key)s::text::{key_type}
+
+-- name: group_position
+SELECT step, status FROM pgstagechain.groups WHERE pipeline = %(pipeline)s AND group_key = %(key)s
+
+-- name: retry_rows
+-- Move failed rows back to (previous step, done): the trigger announces them, exactly as
+-- when the previous stage completed, and a worker claims them anew. One row (`key`), or
+-- every row failed at the given stages (`key` NULL).
+WITH policy AS (
+    SELECT * FROM unnest(%(stages)s::text[], %(afters)s::text[]) AS p(stage, after)
+),
+moved AS (
+    UPDATE {table} t SET {step} = p.after, {status} = %(done)s
+    FROM policy p
+    WHERE (%(key)s::text IS NULL OR t.{key} = %(key)s::text::{key_type})
+      AND t.{step} = p.stage AND t.{status} = %(failed)s
+    RETURNING t.{key}::text AS key
+)
+SELECT key FROM moved ORDER BY key
+
+-- name: retry_groups
+WITH policy AS (
+    SELECT * FROM unnest(%(stages)s::text[], %(afters)s::text[]) AS p(stage, after)
+),
+moved AS (
+    UPDATE pgstagechain.groups g SET step = p.after, status = 'done',
+                                     updated_at = clock_timestamp()
+    FROM policy p
+    WHERE g.pipeline = %(pipeline)s AND (%(key)s::text IS NULL OR g.group_key = %(key)s)
+      AND g.step = p.stage AND g.status = 'failed'
+    RETURNING g.group_key AS key
+)
+SELECT key FROM moved ORDER BY key
+
+-- name: cancel_rows
+-- Close the live run (a late completion then finds it gone and is discarded), drop a
+-- pending retry (the failed run keeps its state; the reason is appended to its error) and
+-- fail the row, all in one statement.
+WITH target AS (
+    SELECT t.{key}::text AS key, t.{step} AS stage FROM {table} t
+    WHERE (%(key)s::text IS NULL OR t.{key} = %(key)s::text::{key_type})
+      AND t.{step} = ANY(%(stages)s::text[]) AND t.{status} = %(running)s
+),
+{cancel_runs},
+failed AS (
+    UPDATE {table} t SET {status} = %(failed)s FROM target
+    WHERE t.{key} = target.key::{key_type} AND t.{step} = target.stage
+      AND t.{status} = %(running)s
+    RETURNING t.{key}::text AS key
+)
+{cancel_report}
+
+-- name: cancel_groups
+WITH target AS (
+    SELECT g.group_key AS key, g.step AS stage FROM pgstagechain.groups g
+    WHERE g.pipeline = %(pipeline)s AND (%(key)s::text IS NULL OR g.group_key = %(key)s)
+      AND g.step = ANY(%(stages)s::text[]) AND g.status = 'running'
+),
+{cancel_runs},
+failed AS (
+    UPDATE pgstagechain.groups g SET status = 'failed', updated_at = clock_timestamp()
+    FROM target
+    WHERE g.pipeline = %(pipeline)s AND g.group_key = target.key AND g.step = target.stage
+      AND g.status = 'running'
+    RETURNING g.group_key AS key
+)
+{cancel_report}
+
+-- fragment: cancel_runs
+closed AS (
+    UPDATE pgstagechain.runs r SET state = 'cancelled', finished_at = clock_timestamp(),
+                                   error = %(reason)s
+    FROM target
+    WHERE r.pipeline = %(pipeline)s AND r.row_key = target.key AND r.stage = target.stage
+      AND r.state = 'running'
+    RETURNING r.id
+),
+dropped AS (
+    UPDATE pgstagechain.runs r SET retry_at = NULL,
+                                   error = concat_ws(E'\n', r.error, %(reason)s)
+    FROM target
+    WHERE r.pipeline = %(pipeline)s AND r.row_key = target.key AND r.stage = target.stage
+      AND r.retry_at IS NOT NULL
+    RETURNING r.id
+)
+
+-- fragment: cancel_report
+SELECT (SELECT coalesce(array_agg(key ORDER BY key), '{{}}') FROM failed) AS keys,
+       (SELECT count(*) FROM closed) AS closed,
+       (SELECT count(*) FROM dropped) AS dropped
