@@ -288,3 +288,68 @@ async def test_stale_completion_after_a_crash_never_closes_another_rows_run(
         dsn, "SELECT count(*) FROM pgstagechain.runs WHERE state = 'succeeded'"
     )
     assert successes == 10 * 2 + 10  # rows 1-10 through a and b, rows 101-110 through b
+
+
+# -- repair: a row at (stage, running) with no live run ------------------------------------
+
+
+def quick(ctx: StageContext[Any]) -> dict[str, Any]:
+    return own_result(ctx)
+
+
+async def repaired(dsn: str, key: int, stage: str) -> list[tuple[Any, ...]]:
+    """Runs of ``stage`` for ``key`` that did not succeed and say why (the repair's record)."""
+    return await query(
+        dsn,
+        "SELECT id, state, error FROM pgstagechain.runs WHERE row_key = %s AND stage = %s"
+        " AND state <> 'succeeded' AND error IS NOT NULL",
+        (str(key), stage),
+    )
+
+
+async def test_recovery_scan_repairs_a_row_left_running_without_a_run(
+    pgstagechain_dsn: str,
+) -> None:
+    dsn = pgstagechain_dsn
+    await query(dsn, TABLE)
+    pipeline = two_stage_pipeline(quick, quick, name="orphans")
+    await migrate(dsn, pipeline)
+    # Whatever put them there (a crash, a bad hand edit), nobody holds these rows.
+    await query(
+        dsn,
+        "INSERT INTO crash_items VALUES (1, 'a', 'running'), (2, 'b', 'running'),"
+        " (3, 'new', 'done')",
+    )
+    params = {"pipeline": "orphans"}
+    assert await query(dsn, ORPHANED_ROWS, params) == [(1, "a"), (2, "b")]
+
+    await RecoveryScanner(pipeline, dsn).scan()
+    assert await query(dsn, ORPHANED_ROWS, params) == []
+    assert await repaired(dsn, 1, "a") != []
+    assert await repaired(dsn, 2, "b") != []
+
+    stats = await Worker(pipeline, dsn, scan_interval=0.2).run_until_idle()
+    assert await positions(dsn) == {1: ("b", "done"), 2: ("b", "done"), 3: ("b", "done")}
+    assert stats.failed == 0
+    found = await verdict(dsn, "orphans")
+    assert found == {name: [] for name in found}
+
+
+async def test_running_worker_repairs_a_row_left_running_without_a_run(
+    pgstagechain_dsn: str,
+) -> None:
+    dsn = pgstagechain_dsn
+    await query(dsn, TABLE)
+    pipeline = two_stage_pipeline(quick, quick, name="orphans")
+    await migrate(dsn, pipeline)
+    worker = Worker(pipeline, dsn, scan_interval=0.2)
+    async with serving(worker):
+        await query(dsn, "INSERT INTO crash_items VALUES (7, 'a', 'running')")
+
+        async def finished() -> bool:
+            return await positions(dsn) == {7: ("b", "done")}
+
+        await wait_until(finished, "the worker to repair row 7 and run it to the end", within=20)
+    assert await repaired(dsn, 7, "a") != []
+    found = await verdict(dsn, "orphans")
+    assert found == {name: [] for name in found}
