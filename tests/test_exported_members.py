@@ -41,6 +41,8 @@ INTENDED = {
     "NotInstalledError",
     "LeaseLostError",
     "PermanentError",
+    "DatabaseAccessError",
+    "StartupTimeoutError",
 }
 
 

@@ -30,12 +30,14 @@ from ._stage import stage as stage
 from ._worker import Worker as Worker
 from ._worker import WorkerStats as WorkerStats
 from .errors import ConfigurationError as ConfigurationError
+from .errors import DatabaseAccessError as DatabaseAccessError
 from .errors import LeaseLostError as LeaseLostError
 from .errors import NotInstalledError as NotInstalledError
 from .errors import PermanentError as PermanentError
 from .errors import PgStageChainError as PgStageChainError
 from .errors import SchemaMismatchError as SchemaMismatchError
 from .errors import StageDeclarationError as StageDeclarationError
+from .errors import StartupTimeoutError as StartupTimeoutError
 
 __version__ = "0.1.0"
 
@@ -43,6 +45,7 @@ __all__ = [
     "Backoff",
     "Claim",
     "ConfigurationError",
+    "DatabaseAccessError",
     "LeaseLostError",
     "Listener",
     "MalformedNotification",
@@ -57,6 +60,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "StageDeclarationError",
+    "StartupTimeoutError",
     "Statuses",
     "Worker",
     "WorkerStats",

@@ -31,14 +31,20 @@ from psycopg import AsyncConnection, Connection, pq
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ._claim import DEFAULT_LEASE, Claimer, Completion, claimer_for, to_json
-from ._connect import connect, conninfo_with_defaults, redact
+from ._connect import access_problem, connect, conninfo_with_defaults, redact
 from ._context import Claim, StageContext, run_fields
 from ._events import MalformedNotification, parse_event
 from ._install import require_installed
 from ._listener import Backoff, Listener
 from ._pipeline import Pipeline
 from ._stage import Stage
-from .errors import ConfigurationError, LeaseLostError, PermanentError
+from .errors import (
+    ConfigurationError,
+    DatabaseAccessError,
+    LeaseLostError,
+    PermanentError,
+    StartupTimeoutError,
+)
 
 if TYPE_CHECKING:
     from .metrics import RunObserver
@@ -105,7 +111,15 @@ class _Link:
         return self.conn
 
     async def broke(self, exc: BaseException) -> None:
-        """Note a failure, drop the connection, and wait a backoff before the next try."""
+        """Note a failure, drop the connection, and wait a backoff before the next try.
+
+        Raises :class:`DatabaseAccessError` instead when the server refuses us for good
+        (a wrong password, a dropped database or role): retrying would never end.
+        """
+        problem = access_problem(exc)
+        if problem is not None:
+            await self.close()
+            raise DatabaseAccessError(problem, redact(self.conninfo)) from None
         self.failures += 1
         logger.warning("%s connection failed (%s); retrying", self.name, str(exc).strip())
         if self.conn is not None:
@@ -119,6 +133,7 @@ class _Link:
     async def close(self) -> None:
         if self.conn is not None:
             await self.conn.close()
+            self.conn = None
 
 
 class _Freshness:
@@ -170,6 +185,13 @@ class Worker:
     :param scan_interval: seconds between recovery scans (also done after every re-LISTEN).
     :param listen: False for poll-only mode behind a transaction pooler (no LISTEN there):
         the scan then runs every ``poll_interval`` seconds.
+    :param pool_size: connections for handlers of stages with ``connection=True``
+        (default ``min(concurrency, 10)``); see :attr:`max_connections`.
+    :param startup_timeout: seconds to wait for an unreachable database at start-up
+        (it may be restarting) before :class:`~pgstagechain.StartupTimeoutError`; None
+        waits for ever. A refusal that retrying cannot fix (wrong password, no such
+        database or role, no privilege) raises :class:`~pgstagechain.DatabaseAccessError`
+        at once, at start-up or later.
     """
 
     def __init__(
@@ -191,6 +213,7 @@ class Worker:
         poll_interval: float = 1.0,
         max_pending: int = 10_000,
         observer: RunObserver | None = None,
+        startup_timeout: float | None = 60.0,
     ) -> None:
         pipeline.validate()
         self.pipeline = pipeline
@@ -208,6 +231,11 @@ class Worker:
             raise ConfigurationError("a worker must serve at least one stage")
         if concurrency < 1 or batch_size < 1 or lease <= 0:
             raise ConfigurationError("concurrency, batch_size and lease must be positive")
+        if pool_size is not None and pool_size < 1:
+            raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
+        if startup_timeout is not None and startup_timeout <= 0:
+            raise ConfigurationError(f"startup_timeout must be positive, got {startup_timeout}")
+        self.startup_timeout = startup_timeout
         self.served: tuple[Stage, ...] = tuple(pipeline[n] for n in served)
         self.concurrency = concurrency
         self.limits = {
@@ -292,17 +320,48 @@ class Worker:
     def in_flight(self) -> int:
         return self._inflight_total
 
+    @property
+    def max_connections(self) -> int:
+        """The most connections this worker opens at once: a control connection, the
+        completers, the listener (unless poll-only), and the handlers' pool(s)."""
+        pools = 1 + any(not s.is_async and s.connection for s in self.served)
+        return 1 + COMPLETERS + int(self.listen) + pools * self.pool_size
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def _serve(self, *, until_idle: bool) -> None:
         self._stopping = False
+        try:
+            await self._open()
+            await self._serve_started(until_idle=until_idle)
+        except BaseExceptionGroup as group:
+            # A refusal for good, from whichever task met it first, ends the worker as
+            # itself: callers catch DatabaseAccessError, not a task group's wrapper.
+            fatal, _ = group.split(DatabaseAccessError)
+            if fatal is None:
+                raise
+            first: BaseException = fatal
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _open(self) -> None:
+        """Connect and check the database side; a problem here is raised as a library error."""
         control = await self._connect_first()
         try:
             await require_installed(control, self.pipeline)
             self._claimer = await claimer_for(control, self.pipeline)
+        except psycopg.Error as exc:
+            await self._control.close()
+            problem = access_problem(exc)
+            if problem is None:
+                raise
+            raise DatabaseAccessError(problem, redact(self.conninfo)) from None
         except BaseException:
             await self._control.close()
             raise
+
+    async def _serve_started(self, *, until_idle: bool) -> None:
         self._pool = AsyncConnectionPool(
             self.conninfo,
             min_size=1,
@@ -359,15 +418,21 @@ class Worker:
                     await link.close()
 
     async def _connect_first(self) -> AsyncConnection[Any]:
-        """Wait for the database at start-up (it may be restarting) rather than die."""
-        while True:
-            try:
-                return await self._control.get()
-            except DB_ERRORS as exc:
-                if self._stopping:
-                    raise
-                self.stats.db_errors += 1
-                await self._control.broke(exc)
+        """Wait for the database at start-up (it may be restarting), within
+        ``startup_timeout``; a refusal for good ends the wait at once."""
+        last = ""
+        with anyio.move_on_after(self.startup_timeout):
+            while True:
+                try:
+                    return await self._control.get()
+                except DB_ERRORS as exc:
+                    if self._stopping:
+                        raise
+                    self.stats.db_errors += 1
+                    last = str(exc).strip() or type(exc).__name__
+                    await self._control.broke(exc)
+        assert self.startup_timeout is not None
+        raise StartupTimeoutError(self.startup_timeout, redact(self.conninfo), last)
 
     async def _drain(self) -> None:
         """Let in-flight runs finish within the deadline; hand the rest back at once."""

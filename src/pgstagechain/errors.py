@@ -8,6 +8,8 @@ derive from :class:`ValueError` so callers can catch what they already know::
     │   ├── StageDeclarationError   a stage graph that cannot run
     │   └── SchemaMismatchError     a table or column that does not exist
     ├── NotInstalledError           the database side is missing or too old
+    ├── DatabaseAccessError         the server refuses us: login, database, role or privilege
+    ├── StartupTimeoutError (TimeoutError)  the database stayed unreachable at start-up
     ├── LeaseLostError              a completion arrived after the claim was rescued
     └── PermanentError              raised by a handler: fail now, never retry
 """
@@ -38,6 +40,32 @@ class SchemaMismatchError(ConfigurationError):
 
 class NotInstalledError(PgStageChainError):
     """The pgstagechain schema or the pipeline's trigger is not installed (run `migrate`)."""
+
+
+class DatabaseAccessError(PgStageChainError):
+    """The server refused the connection or a statement for a reason retrying cannot fix:
+    failed authentication, a database or role that does not exist, a missing privilege.
+
+    ``problem`` is the server's own words; ``conninfo`` is the connection string with
+    its password redacted.
+    """
+
+    def __init__(self, problem: str, conninfo: str) -> None:
+        super().__init__(f"cannot use database {conninfo}: {problem}")
+        self.problem = problem
+        self.conninfo = conninfo
+
+
+class StartupTimeoutError(PgStageChainError, TimeoutError):
+    """The database could not be reached within the worker's ``startup_timeout``."""
+
+    def __init__(self, seconds: float, conninfo: str, last_error: str) -> None:
+        super().__init__(
+            f"database {conninfo} still unreachable after {seconds:g}s at start-up: {last_error}"
+        )
+        self.seconds = seconds
+        self.conninfo = conninfo
+        self.last_error = last_error
 
 
 class LeaseLostError(PgStageChainError):
