@@ -95,20 +95,27 @@ class _Link:
         self.durable = durable
         self.conn: AsyncConnection[Any] | None = None
         self.failures = 0
+        self._opening: anyio.Lock | None = None
 
     async def get(self) -> AsyncConnection[Any]:
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            if self.conn is not None:
-                await self.conn.close()
-            conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
-            if not self.durable:
-                try:
-                    await conn.execute("SET synchronous_commit = off")
-                except BaseException:
-                    await conn.close()
-                    raise
-            self.conn = conn
-        return self.conn
+        if self.conn is not None and not self.conn.closed and not self.conn.broken:
+            return self.conn
+        if self._opening is None:
+            self._opening = anyio.Lock()
+        async with self._opening:  # tasks that find it closed at once open it once
+            if self.conn is None or self.conn.closed or self.conn.broken:
+                if self.conn is not None:
+                    await self.conn.close()
+                    self.conn = None
+                conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
+                if not self.durable:
+                    try:
+                        await conn.execute("SET synchronous_commit = off")
+                    except BaseException:
+                        await conn.close()
+                        raise
+                self.conn = conn
+            return self.conn
 
     async def broke(self, exc: BaseException) -> None:
         """Note a failure, drop the connection, and wait a backoff before the next try.
