@@ -107,7 +107,14 @@ class _Runner:
                     await self.worker.run()
                 except Exception as exc:
                     self.error = exc
-                    logger.exception("pgstagechain worker of %r stopped", self.worker.pipeline.name)
+                    # At start-up the error is raised to the caller; later, this is the
+                    # only word of it (the application goes on without the worker).
+                    if self.ready.is_set():
+                        name = self.worker.pipeline.name
+                        if isinstance(exc, PgStageChainError):
+                            logger.error("pgstagechain worker of %r stopped: %s", name, exc)
+                        else:
+                            logger.exception("pgstagechain worker of %r stopped", name)
                 tg.cancel_scope.cancel()
         finally:
             self.running = False
