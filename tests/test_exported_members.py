@@ -43,6 +43,7 @@ INTENDED = {
     "PermanentError",
     "DatabaseAccessError",
     "StartupTimeoutError",
+    "ExistingRowsError",
 }
 
 

@@ -31,6 +31,7 @@ from ._worker import Worker as Worker
 from ._worker import WorkerStats as WorkerStats
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseAccessError as DatabaseAccessError
+from .errors import ExistingRowsError as ExistingRowsError
 from .errors import LeaseLostError as LeaseLostError
 from .errors import NotInstalledError as NotInstalledError
 from .errors import PermanentError as PermanentError
@@ -46,6 +47,7 @@ __all__ = [
     "Claim",
     "ConfigurationError",
     "DatabaseAccessError",
+    "ExistingRowsError",
     "LeaseLostError",
     "Listener",
     "MalformedNotification",

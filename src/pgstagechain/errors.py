@@ -6,7 +6,8 @@ derive from :class:`ValueError` so callers can catch what they already know::
     PgStageChainError
     ├── ConfigurationError (ValueError)
     │   ├── StageDeclarationError   a stage graph that cannot run
-    │   └── SchemaMismatchError     a table or column that does not exist
+    │   ├── SchemaMismatchError     a table or column that does not exist
+    │   └── ExistingRowsError       a new stage would run on rows already there: choose
     ├── NotInstalledError           the database side is missing or too old
     ├── DatabaseAccessError         the server refuses us: login, database, role or privilege
     ├── StartupTimeoutError (TimeoutError)  the database stayed unreachable at start-up
@@ -36,6 +37,25 @@ class StageDeclarationError(ConfigurationError):
 
 class SchemaMismatchError(ConfigurationError):
     """The pipeline names a table or column the database does not have."""
+
+
+class ExistingRowsError(ConfigurationError):
+    """``migrate`` would start a new stage on rows that finished before it existed.
+
+    Raised before anything changes; run ``migrate`` again with ``backfill=True`` (run it
+    on them) or ``backfill=False`` (only on rows that get there from now on).
+    """
+
+    def __init__(self, pipeline: str, waiting: dict[str, int]) -> None:
+        listed = ", ".join(f"{count} at {step!r}" for step, count in waiting.items())
+        super().__init__(
+            f"pipeline {pipeline!r} has new stage(s) after a step that was the last one, and "
+            f"rows (or groups) already finished there would run them: {listed}. Choose: "
+            "backfill=True (`--backfill`) runs the new stages on them, backfill=False "
+            "(`--no-backfill`) only on rows that get there from now on"
+        )
+        self.pipeline = pipeline
+        self.waiting = waiting
 
 
 class NotInstalledError(PgStageChainError):
