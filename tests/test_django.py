@@ -253,3 +253,61 @@ def test_worker_command_runs_what_a_transaction_commits(migrated: str) -> None:
             ("compose_feed", "succeeded", 1),
             ("judge", "succeeded", 3),
         ]
+
+
+def example_env(dsn: str) -> dict[str, str]:
+    params = conninfo_to_dict(dsn)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "mysite.settings"}
+    for key, var in [("host", "PGHOST"), ("port", "PGPORT"), ("user", "PGUSER")]:
+        if key in params:
+            env[var] = str(params[key])
+    env["PGDATABASE"] = str(params["dbname"])
+    return env
+
+
+def test_manage_py_test_passes_with_an_async_orm_stage(pgstagechain_server: Any) -> None:
+    """The example's own tests, in Django's runner: its test database can be dropped at the
+    end, so no connection of the async ORM stage was left open."""
+    name = pgstagechain_server.create_database("djtest")
+    try:
+        done = subprocess.run(
+            [sys.executable, "manage.py", "test", "ads", "--noinput", "-v", "2"],
+            cwd=EXAMPLE,
+            env=example_env(pgstagechain_server.dsn_for(name)),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE * 2,
+        )
+    finally:
+        pgstagechain_server.drop_database(name)
+        pgstagechain_server.drop_database(f"test_{name}")
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    assert "test_a_job_runs_to_its_feed" in output and "OK" in output
+    assert "being accessed by other users" not in output
+
+
+def test_worker_command_says_to_run_manage_py_migrate(migrated: str) -> None:
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        # as if a stage had been added since `migrate` ran
+        conn.execute(
+            "UPDATE pgstagechain.pipelines SET config = jsonb_set(config, '{digest}', '\"old\"')"
+        )
+    try:
+        done = subprocess.run(
+            [sys.executable, "manage.py", "pgstagechain_worker"],
+            cwd=EXAMPLE,
+            env=example_env(migrated),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE,
+        )
+    finally:
+        from django.core.management import call_command
+
+        call_command("pgstagechain_migrate", stdout=io.StringIO())
+    assert done.returncode == 1
+    assert done.stderr.startswith("CommandError: pipeline 'ads' changed since it was installed")
+    assert "python manage.py migrate" in done.stderr
+    assert "APP:PIPELINE" not in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

@@ -41,6 +41,9 @@ INTENDED = {
     "NotInstalledError",
     "LeaseLostError",
     "PermanentError",
+    "DatabaseAccessError",
+    "StartupTimeoutError",
+    "ExistingRowsError",
 }
 
 

@@ -72,3 +72,53 @@ def test_cli_json_logs_never_show_the_password() -> None:
     assert "s3cret" not in shown.stdout + shown.stderr
     assert shown.stderr.startswith("error: connection failed")
     assert "password=***" in shown.stderr
+
+
+def test_library_loggers_leave_output_to_the_host() -> None:
+    """No handler, level or propagation of its own: the host's configuration decides."""
+    import pgstagechain.cli
+    import pgstagechain.contrib.django.management.commands.pgstagechain_worker
+    import pgstagechain.contrib.fastapi
+    import pgstagechain.http  # noqa: F401
+
+    names = [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "pgstagechain"]
+    assert {"pgstagechain.worker", "pgstagechain.listener", "pgstagechain.http"} <= set(names)
+    for name in names:
+        logger = logging.getLogger(name)
+        assert logger.handlers == [] and logger.propagate, name
+        assert logger.level == logging.NOTSET, name
+
+
+def test_uvicorn_with_the_example_log_config_shows_the_librarys_info(
+    pgstagechain_dsn: str,
+) -> None:
+    import os
+    import signal
+    import time
+
+    import anyio
+
+    from tests import web_app
+    from tests.test_web_safety import free_port
+
+    web_app.create_table(pgstagechain_dsn)
+    anyio.run(migrate, pgstagechain_dsn, web_app.pipeline)
+    command = [sys.executable, "-m", "uvicorn", "tests.web_app:app", "--port", str(free_port())]
+    command += ["--log-config", "examples/fastapi_app/log_config.json"]
+    env = {**os.environ, "PGSTAGECHAIN_DSN": pgstagechain_dsn}
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        assert process.stderr is not None
+        seen = ""
+        deadline = time.monotonic() + 60
+        while "Application startup complete" not in seen:
+            line = process.stderr.readline()
+            assert line and time.monotonic() < deadline, seen
+            seen += line
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=60)
+    started = [line for line in seen.splitlines() if "started worker" in line]
+    assert len(started) == 1, seen
+    # time, level and logger name, as the host's format says
+    assert " INFO pgstagechain.contrib: started worker " in started[0]
+    assert started[0][:4].isdigit()
+    assert "INFO pgstagechain.contrib: worker " in rest and "drained" in rest

@@ -3,22 +3,23 @@
 The stages are HTTP services (here: routes of this same app under /models, standing in
 for the model servers); the worker runs inside the app and drains on shutdown.
 
-    export PGSTAGECHAIN_DSN="dbname=example"
+    export PGSTAGECHAIN_DSN="dbname=example" ADMIN_TOKEN="$(openssl rand -hex 16)"
     pgstagechain migrate examples.fastapi_app.app:pipeline   # once: schema and trigger
     uvicorn examples.fastapi_app.app:app --port 8000
     curl -X POST localhost:8000/jobs -H 'content-type: application/json' -d '{"job_id": 1}'
-    curl localhost:8000/pipelines/feedly
+    curl localhost:8000/pipelines/feedly -H "Authorization: Bearer $ADMIN_TOKEN"
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI, Header, HTTPException
 from pydantic import BaseModel
 
 from pgstagechain import Pipeline, Retry, StageContext
@@ -27,6 +28,7 @@ from pgstagechain.http import HttpStage
 
 DSN = os.environ.get("PGSTAGECHAIN_DSN", "")
 MODELS = os.environ.get("MODELS_URL", "http://127.0.0.1:8000/models")
+ADMIN_TOKEN = os.environ.get("ADMIN_TOKEN", "")
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS jobs (job_id bigint PRIMARY KEY, tenant_id text NOT NULL);
@@ -100,7 +102,22 @@ async def own_lifespan(app: FastAPI) -> AsyncIterator[None]:
 app = FastAPI(
     lifespan=worker_lifespan(pipeline, DSN, lifespan=own_lifespan, migrate=True, concurrency=20)
 )
-app.include_router(status_router(pipeline, DSN, manual=True), prefix="/pipelines")
+
+
+async def require_admin(authorization: str = Header(default="")) -> None:
+    """Your app's own check goes here (a session, an OAuth scope); this demo takes a token.
+    Without ADMIN_TOKEN set, nobody gets in."""
+    expected = f"Bearer {ADMIN_TOKEN}"
+    if not ADMIN_TOKEN or not secrets.compare_digest(authorization, expected):
+        raise HTTPException(401, "not authenticated", headers={"WWW-Authenticate": "Bearer"})
+
+
+# The status routes and the manual run route are admin routes: every one of them runs
+# require_admin first. manual=True refuses to be set up without such a dependency.
+app.include_router(
+    status_router(pipeline, DSN, manual=True, dependencies=[Depends(require_admin)]),
+    prefix="/pipelines",
+)
 
 
 class NewJob(BaseModel):

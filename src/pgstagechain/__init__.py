@@ -30,12 +30,15 @@ from ._stage import stage as stage
 from ._worker import Worker as Worker
 from ._worker import WorkerStats as WorkerStats
 from .errors import ConfigurationError as ConfigurationError
+from .errors import DatabaseAccessError as DatabaseAccessError
+from .errors import ExistingRowsError as ExistingRowsError
 from .errors import LeaseLostError as LeaseLostError
 from .errors import NotInstalledError as NotInstalledError
 from .errors import PermanentError as PermanentError
 from .errors import PgStageChainError as PgStageChainError
 from .errors import SchemaMismatchError as SchemaMismatchError
 from .errors import StageDeclarationError as StageDeclarationError
+from .errors import StartupTimeoutError as StartupTimeoutError
 
 __version__ = "0.1.0"
 
@@ -43,6 +46,8 @@ __all__ = [
     "Backoff",
     "Claim",
     "ConfigurationError",
+    "DatabaseAccessError",
+    "ExistingRowsError",
     "LeaseLostError",
     "Listener",
     "MalformedNotification",
@@ -57,6 +62,7 @@ __all__ = [
     "Stage",
     "StageContext",
     "StageDeclarationError",
+    "StartupTimeoutError",
     "Statuses",
     "Worker",
     "WorkerStats",

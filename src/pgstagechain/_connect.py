@@ -1,9 +1,12 @@
-"""Opening connections: TCP keepalives on by default, and DSNs that never leak passwords."""
+"""Opening connections: TCP keepalives on by default, DSNs that never leak passwords, and
+telling an error worth retrying (a restart, a network cut) from one that never heals."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -47,3 +50,44 @@ async def connect(
     return await AsyncConnection.connect(
         conninfo_with_defaults(conninfo, application_name), autocommit=autocommit
     )
+
+
+#: SQLSTATEs that no retry can fix: invalid authorization (28), no such database,
+#: insufficient privilege, no such schema.
+PERMANENT_STATES = ("28", "3D000", "42501", "3F000")
+#: libpq does not give a SQLSTATE for a failure while connecting, only the server's
+#: message: these are the ones that mean the login itself is refused (lc_messages C/en).
+PERMANENT_MESSAGES = re.compile(
+    r"authentication failed"
+    r"|no password supplied"
+    r"|password is required"
+    r"|database \S+ does not exist"
+    r"|role \S+ does not exist"
+    r"|is not permitted to log in"
+    r"|no pg_hba\.conf entry"
+    r"|permission denied for"
+)
+
+
+def access_problem(exc: BaseException) -> str | None:
+    """The server's reason when ``exc`` means access is refused for good, else None.
+
+    Anything else (connection refused, reset, "the database system is starting up",
+    "too many clients") is taken as transient.
+    """
+    if not isinstance(exc, psycopg.Error):
+        return None
+    state = exc.sqlstate
+    text = str(exc).strip()
+    if state is not None:
+        return _reason(text) if state.startswith(PERMANENT_STATES) else None
+    found = PERMANENT_MESSAGES.search(text)
+    return _reason(text) if found else None
+
+
+def _reason(text: str) -> str:
+    """The server's message without libpq's "connection to server at ... failed:" prefix."""
+    line = text.splitlines()[0] if text else ""
+    line = re.sub(r"^connection failed:\s*", "", line)
+    line = re.sub(r"^connection to server .*? failed:\s*", "", line)
+    return re.sub(r"^FATAL:\s*", "", line).strip() or text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 from psycopg import AsyncConnection, sql
@@ -17,7 +18,9 @@ from ._catalog import inspect_table
 from ._connect import connect
 from ._migrations import migrate_schema, require_schema
 from ._pipeline import Pipeline
-from .errors import NotInstalledError
+from .errors import ExistingRowsError, NotInstalledError
+
+logger = logging.getLogger("pgstagechain.install")
 
 TRIGGER_FUNCTION = """
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $pgstagechain$
@@ -125,8 +128,101 @@ def trigger_function_sql(pipeline: Pipeline) -> sql.Composed:
     return sql.SQL(TRIGGER_FUNCTION).format(fan_in=fan_in, **fmt)
 
 
-async def install(conn: AsyncConnection[Any], pipeline: Pipeline) -> None:
-    """Create or update the pipeline's trigger and indexes; safe to run again and again."""
+def newly_followed(old: dict[str, Any], pipeline: Pipeline) -> list[str]:
+    """Steps that were the last of the installed graph and now have a stage after them."""
+    old_stages = {name for name, _after, _group in old.get("stages", [])}
+    followed = {after for _name, after, _group in old.get("stages", [])}
+    found = []
+    for step in sorted((old_stages | set(old.get("start", []))) - followed):
+        following = pipeline.next_stage(step)
+        if following is not None and following.name not in old_stages:
+            found.append(step)
+    return found
+
+
+def skip_target(pipeline: Pipeline, step: str) -> str:
+    """Where rows at ``(step, done)`` go to pass the new stages after it without running
+    them: the last new stage of the same level in the chain that starts there."""
+    level = pipeline.is_group_step(step)
+    found = step
+    while (following := pipeline.next_stage(found)) is not None and following.group == level:
+        found = following.name
+    return found
+
+
+async def _finished_at(
+    conn: AsyncConnection[Any], pipeline: Pipeline, steps: list[str]
+) -> dict[str, int]:
+    """How many rows (or groups) sit at ``(step, done)`` for each of ``steps``."""
+    spec = pipeline.table
+    waiting: dict[str, int] = {}
+    for step in steps:
+        if pipeline.is_group_step(step):
+            cur = await conn.execute(
+                "SELECT count(*) FROM pgstagechain.groups"
+                " WHERE pipeline = %s AND step = %s AND status = 'done'",
+                (pipeline.name, step),
+            )
+        else:
+            cur = await conn.execute(
+                sql.SQL("SELECT count(*) FROM {} WHERE {} = %s AND {} = %s").format(
+                    sql.Identifier(spec.schema, spec.table),
+                    sql.Identifier(spec.step_column),
+                    sql.Identifier(spec.status_column),
+                ),
+                (step, spec.statuses.done),
+            )
+        row = await cur.fetchone()
+        if row and row[0]:
+            waiting[step] = int(row[0])
+    return waiting
+
+
+async def _skip_new_stages(
+    conn: AsyncConnection[Any], pipeline: Pipeline, waiting: dict[str, int]
+) -> None:
+    """Move what finished at each step past the new stages after it, without running them
+    (the old trigger is still in place, and does not announce the new steps)."""
+    spec = pipeline.table
+    for step in waiting:
+        target = skip_target(pipeline, step)
+        if pipeline.is_group_step(step):
+            await conn.execute(
+                "UPDATE pgstagechain.groups SET step = %s"
+                " WHERE pipeline = %s AND step = %s AND status = 'done'",
+                (target, pipeline.name, step),
+            )
+        else:
+            await conn.execute(
+                sql.SQL("UPDATE {} SET {} = %s WHERE {} = %s AND {} = %s").format(
+                    sql.Identifier(spec.schema, spec.table),
+                    sql.Identifier(spec.step_column),
+                    sql.Identifier(spec.step_column),
+                    sql.Identifier(spec.status_column),
+                ),
+                (target, step, spec.statuses.done),
+            )
+        logger.warning(
+            "pipeline %s: %d row(s) finished at %r before its new stages existed were moved "
+            "to (%s, %s) without running them",
+            pipeline.name,
+            waiting[step],
+            step,
+            target,
+            spec.statuses.done,
+        )
+
+
+async def install(
+    conn: AsyncConnection[Any], pipeline: Pipeline, *, backfill: bool | None = None
+) -> None:
+    """Create or update the pipeline's trigger and indexes; safe to run again and again.
+
+    When a stage now follows a step that was the installed graph's last, the rows that
+    already finished there would all run it: ``backfill`` says whether they should
+    (True) or should be moved past it without running it (False); left at None, such
+    rows make it raise :class:`~pgstagechain.errors.ExistingRowsError` before any change.
+    """
     pipeline.validate()
     await require_schema(conn)
     await inspect_table(conn, pipeline)
@@ -160,6 +256,23 @@ async def install(conn: AsyncConnection[Any], pipeline: Pipeline) -> None:
         await conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"pgstagechain.install.{pipeline.name}",)
         )
+        cur = await conn.execute(
+            "SELECT config FROM pgstagechain.pipelines WHERE name = %s", (pipeline.name,)
+        )
+        installed = await cur.fetchone()
+        if installed is not None:
+            waiting = await _finished_at(conn, pipeline, newly_followed(installed[0], pipeline))
+            if waiting and backfill is None:
+                raise ExistingRowsError(pipeline.name, waiting)
+            if backfill is False:
+                await _skip_new_stages(conn, pipeline, waiting)
+            for step, count in waiting.items() if backfill else ():
+                logger.warning(
+                    "pipeline %s: %d row(s) finished at %r will run the new stages after it",
+                    pipeline.name,
+                    count,
+                    step,
+                )
         await conn.execute(trigger_function_sql(pipeline))
         await conn.execute(
             sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
@@ -266,16 +379,19 @@ async def uninstall(conn: AsyncConnection[Any], pipeline: Pipeline, *, purge: bo
             )
 
 
-async def migrate(target: str | AsyncConnection[Any], *pipelines: Pipeline) -> list[int]:
+async def migrate(
+    target: str | AsyncConnection[Any], *pipelines: Pipeline, backfill: bool | None = None
+) -> list[int]:
     """Bring the library schema up to date and install (or update) each pipeline.
 
     ``target`` is a connection string or an open connection. Returns the schema
-    versions that were applied (empty when already current).
+    versions that were applied (empty when already current). ``backfill``: see
+    :func:`install` (what a stage added after the last one does to rows already there).
     """
     if isinstance(target, AsyncConnection):
         applied = await migrate_schema(target)
         for pipeline in pipelines:
-            await install(target, pipeline)
+            await install(target, pipeline, backfill=backfill)
         return applied
     async with await connect(target, autocommit=True) as conn:
-        return await migrate(conn, *pipelines)
+        return await migrate(conn, *pipelines, backfill=backfill)

@@ -17,7 +17,8 @@ import attrs
 import psycopg
 from psycopg import sql
 
-from ._connect import connect, redact
+from ._connect import access_problem, connect, redact
+from .errors import DatabaseAccessError
 
 logger = logging.getLogger("pgstagechain.listener")
 
@@ -73,13 +74,20 @@ class Listener:
         self.backend_pid: int | None = None
 
     async def run(self) -> None:
-        """Listen forever, reconnecting with backoff; return only by cancellation."""
+        """Listen forever, reconnecting with backoff; return only by cancellation.
+
+        Raises :class:`~pgstagechain.DatabaseAccessError` when the server refuses the
+        connection for good (wrong password, no such database or role, no privilege).
+        """
         failures = 0
         while True:
             connects = self.stats.connects
             try:
                 await self._session()
             except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError, OSError) as exc:
+                problem = access_problem(exc)
+                if problem is not None:
+                    raise DatabaseAccessError(problem, redact(self.conninfo)) from None
                 if self.stats.connects > connects:
                     failures = 0  # it was up: start the backoff over
                 self.backend_pid = None

@@ -32,14 +32,20 @@ from psycopg import AsyncConnection, Connection, pq
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ._claim import DEFAULT_LEASE, Claimer, Completion, claimer_for, to_json
-from ._connect import connect, conninfo_with_defaults, redact
+from ._connect import access_problem, connect, conninfo_with_defaults, redact
 from ._context import Claim, StageContext, run_fields
 from ._events import Event, MalformedNotification, parse_event
 from ._install import require_installed
 from ._listener import Backoff, Listener
 from ._pipeline import Pipeline
 from ._stage import Stage
-from .errors import ConfigurationError, LeaseLostError, PermanentError
+from .errors import (
+    ConfigurationError,
+    DatabaseAccessError,
+    LeaseLostError,
+    PermanentError,
+    StartupTimeoutError,
+)
 
 if TYPE_CHECKING:
     from .metrics import RunObserver
@@ -94,23 +100,38 @@ class _Link:
         self.durable = durable
         self.conn: AsyncConnection[Any] | None = None
         self.failures = 0
+        self._opening: anyio.Lock | None = None
 
     async def get(self) -> AsyncConnection[Any]:
-        if self.conn is None or self.conn.closed or self.conn.broken:
-            if self.conn is not None:
-                await self.conn.close()
-            conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
-            if not self.durable:
-                try:
-                    await conn.execute("SET synchronous_commit = off")
-                except BaseException:
-                    await conn.close()
-                    raise
-            self.conn = conn
-        return self.conn
+        if self.conn is not None and not self.conn.closed and not self.conn.broken:
+            return self.conn
+        if self._opening is None:
+            self._opening = anyio.Lock()
+        async with self._opening:  # tasks that find it closed at once open it once
+            if self.conn is None or self.conn.closed or self.conn.broken:
+                if self.conn is not None:
+                    await self.conn.close()
+                    self.conn = None
+                conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
+                if not self.durable:
+                    try:
+                        await conn.execute("SET synchronous_commit = off")
+                    except BaseException:
+                        await conn.close()
+                        raise
+                self.conn = conn
+            return self.conn
 
     async def broke(self, exc: BaseException) -> None:
-        """Note a failure, drop the connection, and wait a backoff before the next try."""
+        """Note a failure, drop the connection, and wait a backoff before the next try.
+
+        Raises :class:`DatabaseAccessError` instead when the server refuses us for good
+        (a wrong password, a dropped database or role): retrying would never end.
+        """
+        problem = access_problem(exc)
+        if problem is not None:
+            await self.close()
+            raise DatabaseAccessError(problem, redact(self.conninfo)) from None
         self.failures += 1
         logger.warning("%s connection failed (%s); retrying", self.name, str(exc).strip())
         if self.conn is not None:
@@ -124,6 +145,7 @@ class _Link:
     async def close(self) -> None:
         if self.conn is not None:
             await self.conn.close()
+            self.conn = None
 
 
 class _Freshness:
@@ -176,6 +198,13 @@ class Worker:
     :param scan_interval: seconds between recovery scans (also done after every re-LISTEN).
     :param listen: False for poll-only mode behind a transaction pooler (no LISTEN there):
         the scan then runs every ``poll_interval`` seconds.
+    :param pool_size: connections for handlers of stages with ``connection=True``
+        (default ``min(concurrency, 10)``); see :attr:`max_connections`.
+    :param startup_timeout: seconds to wait for an unreachable database at start-up
+        (it may be restarting) before :class:`~pgstagechain.StartupTimeoutError`; None
+        waits for ever. A refusal that retrying cannot fix (wrong password, no such
+        database or role, no privilege) raises :class:`~pgstagechain.DatabaseAccessError`
+        at once, at start-up or later.
     """
 
     def __init__(
@@ -197,6 +226,7 @@ class Worker:
         poll_interval: float = 1.0,
         max_pending: int = 10_000,
         observer: RunObserver | None = None,
+        startup_timeout: float | None = 60.0,
     ) -> None:
         pipeline.validate()
         self.pipeline = pipeline
@@ -214,6 +244,11 @@ class Worker:
             raise ConfigurationError("a worker must serve at least one stage")
         if concurrency < 1 or batch_size < 1 or lease <= 0:
             raise ConfigurationError("concurrency, batch_size and lease must be positive")
+        if pool_size is not None and pool_size < 1:
+            raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
+        if startup_timeout is not None and startup_timeout <= 0:
+            raise ConfigurationError(f"startup_timeout must be positive, got {startup_timeout}")
+        self.startup_timeout = startup_timeout
         self.served: tuple[Stage, ...] = tuple(pipeline[n] for n in served)
         self.concurrency = concurrency
         self.limits = {
@@ -304,17 +339,48 @@ class Worker:
     def in_flight(self) -> int:
         return self._inflight_total
 
+    @property
+    def max_connections(self) -> int:
+        """The most connections this worker opens at once: a control connection, the
+        completers, the listener (unless poll-only), and the handlers' pool(s)."""
+        pools = 1 + any(not s.is_async and s.connection for s in self.served)
+        return 1 + COMPLETERS + int(self.listen) + pools * self.pool_size
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def _serve(self, *, until_idle: bool) -> None:
         self._stopping = False
+        try:
+            await self._open()
+            await self._serve_started(until_idle=until_idle)
+        except BaseExceptionGroup as group:
+            # A refusal for good, from whichever task met it first, ends the worker as
+            # itself: callers catch DatabaseAccessError, not a task group's wrapper.
+            fatal, _ = group.split(DatabaseAccessError)
+            if fatal is None:
+                raise
+            first: BaseException = fatal
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _open(self) -> None:
+        """Connect and check the database side; a problem here is raised as a library error."""
         control = await self._connect_first()
         try:
             await require_installed(control, self.pipeline)
             self._claimer = await claimer_for(control, self.pipeline)
+        except psycopg.Error as exc:
+            await self._control.close()
+            problem = access_problem(exc)
+            if problem is None:
+                raise
+            raise DatabaseAccessError(problem, redact(self.conninfo)) from None
         except BaseException:
             await self._control.close()
             raise
+
+    async def _serve_started(self, *, until_idle: bool) -> None:
         self._pool = AsyncConnectionPool(
             self.conninfo,
             min_size=1,
@@ -371,15 +437,21 @@ class Worker:
                     await link.close()
 
     async def _connect_first(self) -> AsyncConnection[Any]:
-        """Wait for the database at start-up (it may be restarting) rather than die."""
-        while True:
-            try:
-                return await self._control.get()
-            except DB_ERRORS as exc:
-                if self._stopping:
-                    raise
-                self.stats.db_errors += 1
-                await self._control.broke(exc)
+        """Wait for the database at start-up (it may be restarting), within
+        ``startup_timeout``; a refusal for good ends the wait at once."""
+        last = ""
+        with anyio.move_on_after(self.startup_timeout):
+            while True:
+                try:
+                    return await self._control.get()
+                except DB_ERRORS as exc:
+                    if self._stopping:
+                        raise
+                    self.stats.db_errors += 1
+                    last = str(exc).strip() or type(exc).__name__
+                    await self._control.broke(exc)
+        assert self.startup_timeout is not None
+        raise StartupTimeoutError(self.startup_timeout, redact(self.conninfo), last)
 
     async def _drain(self) -> None:
         """Let in-flight runs finish within the deadline; hand the rest back at once."""

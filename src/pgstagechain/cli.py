@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import anyio
@@ -83,7 +84,7 @@ def command(
 @command("migrate")
 def _migrate(args: argparse.Namespace) -> int:
     pipelines = [load_pipeline(spec) for spec in args.pipelines]
-    applied = anyio.run(migrate, _dsn(args), *pipelines)
+    applied = anyio.run(partial(migrate, backfill=args.backfill), _dsn(args), *pipelines)
     print(
         f"schema: {'applied migration(s) ' + ', '.join(map(str, applied)) if applied else 'up to date'}"
     )
@@ -469,6 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="install or upgrade the schema and the pipelines' triggers")
     p.add_argument("pipelines", nargs="*", metavar="MODULE:PIPELINE")
+    p.add_argument(
+        "--backfill",
+        action=argparse.BooleanOptionalAction,
+        help="a stage added after the last one: run it on rows already finished there "
+        "(--backfill) or only on rows that get there from now on (--no-backfill)",
+    )
 
     p = sub.add_parser("uninstall", help="remove what migrate installed for a pipeline")
     p.add_argument("pipeline", metavar="MODULE:PIPELINE")

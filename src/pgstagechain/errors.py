@@ -6,8 +6,11 @@ derive from :class:`ValueError` so callers can catch what they already know::
     PgStageChainError
     ├── ConfigurationError (ValueError)
     │   ├── StageDeclarationError   a stage graph that cannot run
-    │   └── SchemaMismatchError     a table or column that does not exist
+    │   ├── SchemaMismatchError     a table or column that does not exist
+    │   └── ExistingRowsError       a new stage would run on rows already there: choose
     ├── NotInstalledError           the database side is missing or too old
+    ├── DatabaseAccessError         the server refuses us: login, database, role or privilege
+    ├── StartupTimeoutError (TimeoutError)  the database stayed unreachable at start-up
     ├── LeaseLostError              a completion arrived after the claim was rescued
     └── PermanentError              raised by a handler: fail now, never retry
 """
@@ -36,8 +39,53 @@ class SchemaMismatchError(ConfigurationError):
     """The pipeline names a table or column the database does not have."""
 
 
+class ExistingRowsError(ConfigurationError):
+    """``migrate`` would start a new stage on rows that finished before it existed.
+
+    Raised before anything changes; run ``migrate`` again with ``backfill=True`` (run it
+    on them) or ``backfill=False`` (only on rows that get there from now on).
+    """
+
+    def __init__(self, pipeline: str, waiting: dict[str, int]) -> None:
+        listed = ", ".join(f"{count} at {step!r}" for step, count in waiting.items())
+        super().__init__(
+            f"pipeline {pipeline!r} has new stage(s) after a step that was the last one, and "
+            f"rows (or groups) already finished there would run them: {listed}. Choose: "
+            "backfill=True (`--backfill`) runs the new stages on them, backfill=False "
+            "(`--no-backfill`) only on rows that get there from now on"
+        )
+        self.pipeline = pipeline
+        self.waiting = waiting
+
+
 class NotInstalledError(PgStageChainError):
     """The pgstagechain schema or the pipeline's trigger is not installed (run `migrate`)."""
+
+
+class DatabaseAccessError(PgStageChainError):
+    """The server refused the connection or a statement for a reason retrying cannot fix:
+    failed authentication, a database or role that does not exist, a missing privilege.
+
+    ``problem`` is the server's own words; ``conninfo`` is the connection string with
+    its password redacted.
+    """
+
+    def __init__(self, problem: str, conninfo: str) -> None:
+        super().__init__(f"cannot use database {conninfo}: {problem}")
+        self.problem = problem
+        self.conninfo = conninfo
+
+
+class StartupTimeoutError(PgStageChainError, TimeoutError):
+    """The database could not be reached within the worker's ``startup_timeout``."""
+
+    def __init__(self, seconds: float, conninfo: str, last_error: str) -> None:
+        super().__init__(
+            f"database {conninfo} still unreachable after {seconds:g}s at start-up: {last_error}"
+        )
+        self.seconds = seconds
+        self.conninfo = conninfo
+        self.last_error = last_error
 
 
 class LeaseLostError(PgStageChainError):

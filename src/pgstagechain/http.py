@@ -3,7 +3,8 @@
 This is the seed system's way of running a stage (each model behind its own endpoint),
 with the gaps closed: the worker claims the row atomically before the call, failures
 of the network or the server are retried under the stage's :class:`~pgstagechain.Retry`
-policy, and a request the server refuses fails the row at once::
+policy (by default :data:`DEFAULT_RETRY`: 5 attempts), and a request the server refuses
+fails the row at once::
 
     pipeline.add(HttpStage(
         name="vlm_analyze", after="img_gen", url="http://vlm:8000/analyze",
@@ -17,8 +18,15 @@ What happens with the answer:
   ``ctx.results[stage]`` for later stages); an empty body gives ``None``.
 * 5xx, 408, 429, and any transport error (refused connection, reset, timeout):
   :class:`HttpRetryableError`; the stage is retried while its retry policy allows.
-* any other 4xx, or a 2xx whose body is not JSON: :class:`HttpPermanentError` (a
+* 3xx (redirects are not followed: point the stage at the final URL), any other 4xx,
+  or a 2xx whose body is not JSON: :class:`HttpPermanentError` (a
   :class:`~pgstagechain.PermanentError`), the row fails without further attempts.
+
+Execution is at least once: a worker that dies or hits its shutdown deadline mid-request
+leaves the row to be tried again. Every request therefore carries an ``Idempotency-Key``
+header (:attr:`~pgstagechain.StageContext.idempotency_key`), the same for every attempt
+of this stage for this row and never used for another: a service that records the keys
+it has acted on can answer a repeat with its first answer instead of acting twice.
 
 All HTTP stages of a process share one :class:`httpx.AsyncClient` per event loop, made
 on first use and closed when the loop shuts down (or by :func:`aclose_client`).
@@ -35,11 +43,13 @@ import anyio.lowlevel
 import httpx
 
 from ._context import StageContext
-from ._stage import Stage
+from ._stage import Retry, Stage
 from .errors import PermanentError, PgStageChainError, StageDeclarationError
 
 __all__ = [
+    "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
+    "IDEMPOTENCY_HEADER",
     "HttpPermanentError",
     "HttpRetryableError",
     "HttpStage",
@@ -54,6 +64,10 @@ logger = logging.getLogger("pgstagechain.http")
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 #: Statuses worth asking again: the server is overloaded, restarting or rate limiting.
 RETRYABLE_STATUSES = frozenset({408, 429})
+#: Without ``retry=``, a flaky service gets this many chances before the row fails.
+DEFAULT_RETRY = Retry(max_attempts=5, base_delay=2.0, max_delay=60.0)
+#: The header that carries ``ctx.idempotency_key``.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 MAX_BODY_IN_ERROR = 500
 
 PayloadFunc = Callable[[StageContext[Any]], Mapping[str, Any]]
@@ -139,8 +153,12 @@ class HttpStage(Stage):
     The request body is ``{key_field: ctx.key, group_field: ctx.group_key, **ctx.row}``
     (``ctx.row`` holds the pipeline's ``extra_columns``, such as the seed's
     ``tenant_id``), updated with ``payload(ctx)`` when given, e.g. the seed's
-    ``overlay_id`` taken from an earlier stage's result. A group stage sends the group
-    key under ``group_field``. Override :meth:`build_payload` for anything else.
+    ``overlay_id`` taken from an earlier stage's result. ``group_field`` is sent only
+    when the row has a group. A group stage sends the group key under ``group_field``.
+    Override :meth:`build_payload` for anything else.
+
+    Failures are retried under ``retry`` (default :data:`DEFAULT_RETRY`); every attempt
+    sends the same ``Idempotency-Key`` header.
 
     :param request_timeout: seconds (or an :class:`httpx.Timeout`) for one request; the
         stage's own ``timeout`` bounds the whole run.
@@ -154,6 +172,7 @@ class HttpStage(Stage):
     group_field: str | None = "group"
     headers: Mapping[str, str] = {}
     request_timeout: float | httpx.Timeout = DEFAULT_TIMEOUT
+    retry: Retry = DEFAULT_RETRY
 
     def __init__(
         self,
@@ -188,7 +207,7 @@ class HttpStage(Stage):
         body: dict[str, Any] = {}
         if not self.group:
             body[self.key_field] = ctx.key
-        if self.group_field is not None:
+        if self.group_field is not None and ctx.group_key is not None:
             body[self.group_field] = ctx.group_key
         body.update(ctx.row)
         if self.payload is not None:
@@ -209,18 +228,40 @@ class HttpStage(Stage):
                     "Accept": "application/json",
                     "X-Pgstagechain-Stage": ctx.stage,
                     "X-Pgstagechain-Attempt": str(ctx.attempt),
+                    IDEMPOTENCY_HEADER: ctx.idempotency_key,
                     **self.headers,
                 },
                 timeout=self.request_timeout,
             )
         except httpx.TransportError as exc:
             raise HttpRetryableError(
-                f"{self.method} {self.url} failed: {type(exc).__name__}: {exc}", url=self.url
+                f"{self.method} {self.url} failed: {_transport_problem(exc, self.request_timeout)}",
+                url=self.url,
             ) from exc
         return _interpret(self.method, self.url, response)
 
     def __repr__(self) -> str:
         return f"<HttpStage {self.name!r} after {self.after!r}: {self.method} {self.url}>"
+
+
+TIMEOUTS = {
+    httpx.ConnectTimeout: ("connect", "could not connect"),
+    httpx.ReadTimeout: ("read", "no answer"),
+    httpx.WriteTimeout: ("write", "could not send the request"),
+    httpx.PoolTimeout: ("pool", "no free connection"),
+}
+
+
+def _transport_problem(exc: httpx.TransportError, timeout: float | httpx.Timeout) -> str:
+    """What went wrong, in words: httpx's timeouts often carry no message at all."""
+    for kind, (phase, what) in TIMEOUTS.items():
+        if isinstance(exc, kind):
+            limits = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+            seconds = getattr(limits, phase)
+            bound = f"within {seconds:g}s" if seconds is not None else "(no time limit set)"
+            return f"timed out: {what} {bound} ({type(exc).__name__})"
+    detail = str(exc).strip()
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
 
 
 def _interpret(method: str, url: str, response: httpx.Response) -> Any:
@@ -229,6 +270,14 @@ def _interpret(method: str, url: str, response: httpx.Response) -> Any:
     if status >= 500 or status in RETRYABLE_STATUSES:
         raise HttpRetryableError(
             f"{method} {url} answered {status}: {excerpt}", url=url, status=status
+        )
+    if 300 <= status < 400:
+        target = response.headers.get("location", "no Location header")
+        raise HttpPermanentError(
+            f"{method} {url} answered {status}, a redirect to {target}: redirects are not "
+            "followed, so this fails without a retry; point the stage at the final URL",
+            url=url,
+            status=status,
         )
     if status >= 300:
         raise HttpPermanentError(

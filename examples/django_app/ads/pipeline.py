@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from ads.models import Variant
 from pgstagechain import Pipeline, Retry, StageContext
 
 pipeline = Pipeline(
@@ -27,7 +28,9 @@ def analyze(ctx: StageContext[Any]) -> dict[str, Any]:
 
 @pipeline.stage(after="analyze")
 async def judge(ctx: StageContext[Any]) -> dict[str, Any]:
-    return {"keep": ctx.results["analyze"]["score"] < 0.5}
+    # The ORM's async methods work here; the worker closes their connection when it stops.
+    variant = await Variant.objects.aget(pk=ctx.key)
+    return {"keep": variant.score < 0.5}
 
 
 @pipeline.stage(after="judge", group=True)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Iterable
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import anyio
@@ -13,7 +17,7 @@ import anyio
 from .._install import migrate as install
 from .._pipeline import Pipeline
 from .._worker import Worker, describe
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, PgStageChainError
 from ..http import aclose_client
 
 logger = logging.getLogger("pgstagechain.contrib")
@@ -36,6 +40,55 @@ def default_dsn(dsn: str | None) -> str:
     return dsn if dsn is not None else os.environ.get(ENV_DSN, "")
 
 
+class _SignalHook:
+    """While armed, SIGTERM and SIGINT also call ``callback`` on the event loop, after the
+    host's own handler (uvicorn's, say) has run.
+
+    A host server notes a signal that arrives during the application's start-up or
+    shutdown but acts on it only when that is over: this makes the signal cut a worker's
+    start-up (a database that does not answer) or drain short instead of being ignored.
+    Only a handler the host installed is chained; without one the signal keeps its
+    default effect (the process ends).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.previous: dict[int, Any] = {}
+        self.received: int | None = None
+
+    def arm(self, callback: Callable[[], object]) -> None:
+        self.disarm()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio (trio): the host handles its signals itself
+            return
+        for signum in self.SIGNALS:
+            previous = signal.getsignal(signum)
+            if not callable(previous):
+                continue
+
+            def handler(
+                signum: int, frame: FrameType | None, previous: Callable[..., Any] = previous
+            ) -> None:
+                self.received = signum
+                previous(signum, frame)
+                loop.call_soon_threadsafe(callback)
+
+            self.previous[signum] = previous
+            signal.signal(signum, handler)
+
+    def disarm(self) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous.clear()
+
+    def describe(self) -> str:
+        return signal.Signals(self.received).name if self.received else "a signal"
+
+
 class _Runner:
     """One worker under the application's task group; its failure is logged, not fatal."""
 
@@ -54,7 +107,14 @@ class _Runner:
                     await self.worker.run()
                 except Exception as exc:
                     self.error = exc
-                    logger.exception("pgstagechain worker of %r stopped", self.worker.pipeline.name)
+                    # At start-up the error is raised to the caller; later, this is the
+                    # only word of it (the application goes on without the worker).
+                    if self.ready.is_set():
+                        name = self.worker.pipeline.name
+                        if isinstance(exc, PgStageChainError):
+                            logger.error("pgstagechain worker of %r stopped: %s", name, exc)
+                        else:
+                            logger.exception("pgstagechain worker of %r stopped", name)
                 tg.cancel_scope.cancel()
         finally:
             self.running = False
@@ -77,9 +137,13 @@ async def run_workers(
     """Run one :class:`~pgstagechain.Worker` per pipeline for the duration of the block.
 
     The block starts once every worker is connected (and listening); a worker that
-    cannot start (pipeline not installed, database unreachable) raises here. On exit
-    the workers stop claiming and drain. ``migrate`` installs the schema and the
-    pipelines first (handy for development; production runs ``pgstagechain migrate``).
+    cannot start (a login refused, a pipeline not installed, a database still
+    unreachable after the workers' ``startup_timeout``) raises here. On exit the
+    workers stop claiming and drain. ``migrate`` installs the schema and the pipelines
+    first (handy for development; production runs ``pgstagechain migrate``).
+
+    Under a server that handles SIGTERM and SIGINT itself (uvicorn), such a signal
+    during the start-up or the drain cuts it short rather than waiting for it.
     """
     chosen = as_pipelines(pipelines)
     conninfo = default_dsn(dsn)
@@ -87,25 +151,37 @@ async def run_workers(
         await install(conninfo, *chosen)
     runners = [_Runner(Worker(p, conninfo, **worker_options)) for p in chosen]
     failed: BaseException | None = None
+    signals = _SignalHook()
     try:
         async with anyio.create_task_group() as tg:
             for runner in runners:
                 tg.start_soon(runner.run)
-            for runner in runners:
-                await runner.ready.wait()
-                if runner.error is not None:
-                    failed = runner.error
-                    break
+            with anyio.CancelScope() as starting:
+                signals.arm(starting.cancel)
+                for runner in runners:
+                    await runner.ready.wait()
+                    if runner.error is not None:
+                        failed = runner.error
+                        break
+            signals.disarm()
+            if starting.cancelled_caught:
+                failed = PgStageChainError(
+                    f"pgstagechain workers' start-up interrupted by {signals.describe()}"
+                )
+                tg.cancel_scope.cancel()
             if failed is None:
                 try:
                     yield [r.worker for r in runners]
                 finally:
                     for runner in runners:
                         runner.worker.stop()
+                    # The drain runs as the task group closes: a signal now ends it.
+                    signals.arm(tg.cancel_scope.cancel)
             else:
                 for runner in runners:
                     runner.worker.stop()
     finally:
+        signals.disarm()
         with anyio.CancelScope(shield=True):
             await aclose_client()
     if failed is not None:

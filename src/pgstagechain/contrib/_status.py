@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import re
 import traceback
+import uuid
 from typing import Any
 
 import anyio
@@ -105,6 +107,62 @@ async def pipeline_status(
         "window_seconds": window,
         "stages": stages,
     }
+
+
+KEY_TYPE = """
+SELECT t.typname, t.typcategory FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
+  AND a.attname = %(column)s AND NOT a.attisdropped
+"""
+INTEGER_RANGES = {"int2": 2**15, "int4": 2**31, "int8": 2**63}
+INTEGER_TEXT = re.compile(r"-?[0-9]{1,20}")
+NUMBER_TEXT = re.compile(r"-?[0-9]{1,100}(\.[0-9]{1,100})?")
+MAX_KEY_LENGTH = 1000
+
+
+async def key_type(conn: AsyncConnection[Any], pipeline: Pipeline, stage: str) -> tuple[str, str]:
+    """The type name and category of the column ``stage`` is keyed by: the key column, or
+    ``text`` for a group stage (group keys are stored as text)."""
+    if pipeline[stage].group:
+        return "text", "S"
+    spec = pipeline.table
+    cur = await conn.execute(
+        KEY_TYPE, {"schema": spec.schema, "table": spec.table, "column": spec.key}
+    )
+    found = await cur.fetchone()
+    if found is None:
+        raise ConfigurationError(f"{spec.schema}.{spec.table} has no column {spec.key!r}")
+    return str(found[0]), str(found[1])
+
+
+def parse_key(value: Any, type_name: str, category: str) -> Any:
+    """``value`` as a key of type ``type_name``, or ValueError saying what is wrong with it.
+
+    Checked here, before any statement, so a key that cannot be one (text for an integer
+    key, a number out of range, a NUL character) is the caller's error, not the server's.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"the key must be a string or an integer, not {type(value).__name__}")
+    if isinstance(value, str) and ("\x00" in value or len(value) > MAX_KEY_LENGTH):
+        raise ValueError(
+            f"a key must not contain NUL characters or exceed {MAX_KEY_LENGTH} characters"
+        )
+    if type_name in INTEGER_RANGES:
+        text = str(value).strip()
+        limit = INTEGER_RANGES[type_name]
+        if not INTEGER_TEXT.fullmatch(text) or not -limit <= int(text) < limit:
+            raise ValueError(f"the key must be an integer that fits {type_name}, got {value!r}")
+        return int(text)
+    if category == "N":
+        if not NUMBER_TEXT.fullmatch(str(value).strip()):
+            raise ValueError(f"the key must be a number ({type_name}), got {value!r}")
+        return str(value).strip()
+    if type_name == "uuid":
+        try:
+            return str(uuid.UUID(str(value)))
+        except ValueError:
+            raise ValueError(f"the key must be a UUID, got {value!r}") from None
+    return str(value)
 
 
 @attrs.frozen(kw_only=True)

@@ -14,5 +14,7 @@ from __future__ import annotations
 from .conf import conninfo as conninfo
 from .conf import pipelines as pipelines
 from .conf import worker_options as worker_options
+from .runner import close_orm_connections as close_orm_connections
+from .runner import run_until_idle as run_until_idle
 
-__all__ = ["conninfo", "pipelines", "worker_options"]
+__all__ = ["close_orm_connections", "conninfo", "pipelines", "run_until_idle", "worker_options"]

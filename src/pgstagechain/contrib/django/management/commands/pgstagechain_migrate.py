@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+from functools import partial
 from typing import Any
 
 import anyio
-from django.core.management.base import BaseCommand, CommandParser  # type: ignore[import-untyped]
+from django.core.management.base import (  # type: ignore[import-untyped]
+    BaseCommand,
+    CommandError,
+    CommandParser,
+)
 
 from ....._install import migrate
+from .....errors import ExistingRowsError
 from ... import conf
 
 
@@ -19,10 +26,20 @@ class Command(BaseCommand):  # type: ignore[misc]
             "pipelines", nargs="*", metavar="PIPELINE", help="pipeline names (default: all)"
         )
         parser.add_argument("--database", help="DATABASES alias (default: PGSTAGECHAIN_DATABASE)")
+        parser.add_argument(
+            "--backfill",
+            action=argparse.BooleanOptionalAction,
+            help="a stage added after the last one: run it on rows already finished there "
+            "(--backfill) or only on rows that get there from now on (--no-backfill)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         pipelines = conf.pipelines(options["pipelines"] or None)
-        applied = anyio.run(migrate, conf.conninfo(options["database"]), *pipelines)
+        install = partial(migrate, backfill=options["backfill"])
+        try:
+            applied = anyio.run(install, conf.conninfo(options["database"]), *pipelines)
+        except ExistingRowsError as exc:
+            raise CommandError(str(exc)) from None
         if applied:
             self.stdout.write(f"schema: applied migration(s) {', '.join(map(str, applied))}")
         else:

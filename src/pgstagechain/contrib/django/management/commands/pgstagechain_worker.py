@@ -17,6 +17,7 @@ from django.core.management.base import BaseCommand, CommandParser  # type: igno
 from ....._worker import Worker
 from ...._embed import run_workers
 from ... import conf
+from ...runner import close_orm_connections, command_error
 
 logger = logging.getLogger("pgstagechain.contrib.django")
 
@@ -58,21 +59,31 @@ class Command(BaseCommand):  # type: ignore[misc]
             worker_options["listen"] = False
 
         async def main() -> None:
-            async with anyio.create_task_group() as outer:
-                async with run_workers(pipelines, dsn, **worker_options) as workers:
-                    stopping = anyio.Event()
-                    await outer.start(_signals, workers, stopping, outer.cancel_scope)
-                    names = ", ".join(p.name for p in pipelines)
-                    self.stdout.write(f"pgstagechain worker running: {names}")
-                    self.stdout.flush()
-                    await stopping.wait()
-                # Drained: every run in flight finished or was handed back.
-                outer.cancel_scope.cancel()
+            try:
+                async with anyio.create_task_group() as outer:
+                    async with run_workers(pipelines, dsn, **worker_options) as workers:
+                        stopping = anyio.Event()
+                        await outer.start(_signals, workers, stopping, outer.cancel_scope)
+                        names = ", ".join(p.name for p in pipelines)
+                        self.stdout.write(f"pgstagechain worker running: {names}")
+                        self.stdout.flush()
+                        await stopping.wait()
+                    # Drained: every run in flight finished or was handed back.
+                    outer.cancel_scope.cancel()
+            finally:
+                await close_orm_connections()
             self.stdout.write("pgstagechain worker stopped")
             for worker in workers:
                 self.stdout.write(f"  {worker.pipeline.name}: {worker.stats}")
 
-        anyio.run(main)
+        try:
+            anyio.run(main)
+        except Exception as exc:
+            # A database that refuses us or a pipeline to install: one clear line.
+            error = command_error(exc)
+            if error is None:
+                raise
+            raise error from None
 
 
 async def _signals(
