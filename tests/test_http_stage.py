@@ -292,9 +292,6 @@ async def test_by_default_a_503_is_retried(pgstagechain_dsn: str) -> None:
     assert all(r["idempotency_key"] for r in received)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="a retried run's claim does not keep the series of its first attempt yet"
-)
 async def test_retries_carry_the_same_idempotency_key(pgstagechain_dsn: str) -> None:
     _stats, received = await run_orders_through_a_flaky_service(pgstagechain_dsn)
     keys: dict[int, set[str]] = {}

@@ -24,11 +24,11 @@ from ._pipeline import Pipeline as Pipeline
 from ._pipeline import Statuses as Statuses
 from ._recovery import RecoveryReport as RecoveryReport
 from ._recovery import RecoveryScanner as RecoveryScanner
+from ._runs import WorkerStats as WorkerStats
 from ._stage import Retry as Retry
 from ._stage import Stage as Stage
 from ._stage import stage as stage
 from ._worker import Worker as Worker
-from ._worker import WorkerStats as WorkerStats
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseAccessError as DatabaseAccessError
 from .errors import ExistingRowsError as ExistingRowsError

@@ -1,5 +1,7 @@
-"""The recovery scanner, usable without a worker: it re-drives stuck work through
-the normal path (a notification, then a claim), so a scan can never cause a second run.
+"""Recovery: finding what a lost notification, a dead worker or a crash left, and
+re-driving it through the normal path (a notification, then a claim), so that a scan can
+never cause a second run. Workers probe on an interval (:func:`probe`); the
+:class:`RecoveryScanner` does the same without a worker, for ``pgstagechain recover``.
 
 What it finds, each with an index-backed query:
 
@@ -17,16 +19,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import anyio
 import attrs
 from psycopg import AsyncConnection
 
-from ._claim import claimer_for
+from ._claim import Claimer, claimer_for
 from ._connect import connect, conninfo_with_defaults
 from ._install import require_installed
 from ._pipeline import Pipeline
+from ._stage import Stage
 
 logger = logging.getLogger("pgstagechain.recovery")
 
@@ -52,6 +56,51 @@ class RecoveryReport:
             + self.renotified_groups
             + self.formed_groups
         )
+
+
+@attrs.frozen(kw_only=True)
+class Probe:
+    """What a worker's scan found: steps with ready rows (or groups) for the stages it
+    serves, runs rescued from dead workers, rows no run held, and the next retry due."""
+
+    ready_steps: tuple[str, ...]
+    rescued: int
+    repaired: int
+    next_retry_at: dt.datetime | None
+
+
+async def probe(conn: AsyncConnection[Any], claimer: Claimer, served: Sequence[Stage]) -> Probe:
+    """One index-backed look for work a notification did not announce; when something is
+    stuck, repair it (the same repair as :meth:`RecoveryScanner.scan`)."""
+    cur = await conn.execute(
+        claimer.text("pending"),
+        claimer.params(
+            row_steps=[s.after for s in served if not s.group],
+            group_steps=[s.after for s in served if s.group],
+        ),
+    )
+    found = await cur.fetchone()
+    assert found is not None
+    ready_rows, ready_groups, stuck, next_retry_at = found
+    rescued = repaired = 0
+    if stuck:
+        closed = await claimer.expire(conn)
+        repaired = sum(1 for *_, was_unheld in closed if was_unheld)
+        rescued = len(closed) - repaired
+        if rescued:
+            logger.warning("rescued %d run(s) whose lease expired", rescued)
+            next_retry_at = dt.datetime.now(dt.UTC)
+        if repaired:
+            logger.warning(
+                "found %d row(s) at (stage, running) that no run held; running them again",
+                repaired,
+            )
+    return Probe(
+        ready_steps=(*(ready_rows or ()), *(ready_groups or ())),
+        rescued=rescued,
+        repaired=repaired,
+        next_retry_at=next_retry_at,
+    )
 
 
 class RecoveryScanner:

@@ -9,7 +9,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from django.core.management.base import CommandError  # type: ignore[import-untyped]
 from django.db import connections  # type: ignore[import-untyped]
 
-from ..._worker import Worker, WorkerStats
+from ... import Worker, WorkerStats
 from ...errors import NotInstalledError, PgStageChainError
 from . import conf
 

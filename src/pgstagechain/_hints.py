@@ -1,0 +1,153 @@
+"""What a worker knows of work waiting for it: keys announced by notifications, stages
+the scan should look at, stages whose retries are due.
+
+Everything here is a hint. A claim checks the row's state in the database, so a wrong,
+late or forged hint costs at most a statement, and a lost one costs latency until the
+next scan.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Sequence
+
+import attrs
+
+from ._events import Event, MalformedNotification, parse_event
+from ._pipeline import Pipeline
+from ._runs import WorkerStats
+
+logger = logging.getLogger("pgstagechain.worker")
+
+#: malformed hints logged at warning level before only every thousandth is
+LOUD_MALFORMED = 10
+
+
+@attrs.frozen
+class Pick:
+    """What to claim next for one stage: ``retry`` (due retries), ``ready`` (any ready rows,
+    through the state index) or ``keys`` (these announced keys)."""
+
+    mode: str
+    keys: list[str] | None = None
+
+
+class Hints:
+    """Per served stage: announced keys (in order, without repeats), whether a scan is
+    needed, and whether a retry is due."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        served: Sequence[str],
+        stats: WorkerStats,
+        wake: Callable[[], None],
+        *,
+        max_pending: int,
+    ) -> None:
+        self.pipeline = pipeline
+        self.stats = stats
+        self.max_pending = max_pending
+        self.pending: dict[str, dict[str, None]] = {s: {} for s in served}
+        self.needs_scan: dict[str, bool] = dict.fromkeys(served, True)
+        self.retry_due: dict[str, bool] = dict.fromkeys(served, True)
+        self._wake = wake
+
+    # -- what comes in ------------------------------------------------------------------
+
+    def on_notify(self, channel: str, payload: str) -> None:
+        """Take a notification; nothing it holds may raise out of here."""
+        self.stats.notifications += 1
+        try:
+            self.take(parse_event(payload))
+        except Exception as exc:  # a notification is a hint: none may stop the worker
+            self.ignored(f"a malformed notification on {channel}", exc)
+
+    def take(self, event: Event) -> None:
+        if event.kind == "t":  # a run was handed back: its retry is due now
+            if event.step in self.retry_due:
+                self.retry_due[event.step] = True
+                self._wake()
+            return
+        target = self.pipeline.next_stage(event.step)
+        if target is None or target.name not in self.pending:
+            return
+        if target.group != (event.kind == "g"):
+            return  # a row reaching a fan-in step: its group's own notification follows
+        bucket = self.pending[target.name]
+        if len(bucket) >= self.max_pending:
+            self.needs_scan[target.name] = True  # too many hints: the scan finds the rest
+        else:
+            bucket[event.key] = None
+        self._wake()
+
+    def ignored(self, what: str, exc: Exception) -> None:
+        """Count and log a hint that could not be used; a flood must not become a log
+        flood: the first few, then every thousandth."""
+        self.stats.malformed += 1
+        count = self.stats.malformed
+        logger.log(
+            logging.WARNING if count <= LOUD_MALFORMED or count % 1000 == 0 else logging.DEBUG,
+            "ignored %s (%d so far): %s",
+            what,
+            count,
+            exc if isinstance(exc, MalformedNotification) else f"{type(exc).__name__}: {exc}",
+        )
+
+    def scan_all(self) -> None:
+        """After a (re)LISTEN or a scan that found ready work: look at every stage."""
+        for name in self.needs_scan:
+            self.needs_scan[name] = True
+        self._wake()
+
+    def retries_due(self) -> None:
+        """Retries may be due for any stage."""
+        for name in self.retry_due:
+            self.retry_due[name] = True
+        self._wake()
+
+    def due(self, stage: str) -> None:
+        """A retry of ``stage`` is due now."""
+        self.retry_due[stage] = True
+        self._wake()
+
+    # -- what goes out ------------------------------------------------------------------
+
+    def pick(self, stage: str, limit: int) -> Pick | None:
+        """What to claim for ``stage``, at most ``limit`` rows, if anything."""
+        bucket = self.pending[stage]
+        if self.retry_due[stage]:
+            return Pick("retry")
+        if len(bucket) > limit:
+            # More hints than one batch: claim ready rows instead, so that workers that
+            # heard the same notifications take disjoint rows (SKIP LOCKED) rather than
+            # racing for the same keys.
+            bucket.clear()
+            self.needs_scan[stage] = True
+            return Pick("ready")
+        if bucket:
+            keys = list(itertools.islice(bucket, limit))
+            for key in keys:
+                del bucket[key]
+            return Pick("keys", keys)
+        if self.needs_scan[stage]:
+            return Pick("ready")
+        return None
+
+    def claimed(self, stage: str, pick: Pick, limit: int, got: int) -> None:
+        """Note what a claim of ``pick`` got: fewer than asked means none are left."""
+        if pick.mode == "retry" and got < limit:
+            self.retry_due[stage] = False
+        elif pick.mode == "ready" and got < limit:
+            self.needs_scan[stage] = False
+        elif pick.mode == "keys":
+            self.stats.races_lost += len(pick.keys or ()) - got
+
+    def any(self) -> bool:
+        """Is anything announced, due or to be scanned?"""
+        return (
+            any(self.pending.values())
+            or any(self.needs_scan.values())
+            or any(self.retry_due.values())
+        )

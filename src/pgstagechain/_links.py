@@ -1,0 +1,180 @@
+"""A worker's connections: its own links, which reopen after a break, and the pools lent to
+handlers, checked only when a connection sat idle long enough to have died."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import psycopg
+from psycopg import AsyncConnection, Connection
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+
+from ._connect import access_problem, connect, redact
+from ._listener import Backoff
+from .errors import DatabaseAccessError
+
+logger = logging.getLogger("pgstagechain.worker")
+
+#: errors of the connection, not of the statement: worth trying again on a new one
+DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+#: a connection idle longer than this is tested before a handler gets it
+IDLE_CHECK_SECONDS = 1.0
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """True for errors that mean the connection died, not that a statement was wrong."""
+    if isinstance(exc, (PoolTimeout, psycopg.InterfaceError)):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        state = exc.sqlstate
+        return state is None or state.startswith("08") or state in ("57P01", "57P02", "57P03")
+    return False
+
+
+class Link:
+    """An autocommit connection that is reopened on next use after it broke.
+
+    ``durable=False`` commits without waiting for the WAL flush (for claims: a claim lost in
+    a crash leaves its row where the scan finds it).
+    """
+
+    def __init__(self, conninfo: str, name: str, *, durable: bool = True) -> None:
+        self.conninfo = conninfo
+        self.name = name
+        self.durable = durable
+        self.conn: AsyncConnection[Any] | None = None
+        self.failures = 0
+        self._opening: anyio.Lock | None = None
+
+    async def get(self) -> AsyncConnection[Any]:
+        if self.conn is not None and not self.conn.closed and not self.conn.broken:
+            return self.conn
+        if self._opening is None:
+            self._opening = anyio.Lock()
+        async with self._opening:  # tasks that find it closed at once open it once
+            if self.conn is None or self.conn.closed or self.conn.broken:
+                if self.conn is not None:
+                    await self.conn.close()
+                    self.conn = None
+                conn = await connect(self.conninfo, autocommit=True, application_name=self.name)
+                if not self.durable:
+                    try:
+                        await conn.execute("SET synchronous_commit = off")
+                    except BaseException:
+                        await conn.close()
+                        raise
+                self.conn = conn
+            return self.conn
+
+    async def broke(self, exc: BaseException) -> None:
+        """Note a failure, drop the connection, and wait a backoff before the next try.
+
+        Raises :class:`DatabaseAccessError` instead when the server refuses us for good
+        (a wrong password, a dropped database or role): retrying would never end.
+        """
+        problem = access_problem(exc)
+        if problem is not None:
+            await self.close()
+            raise DatabaseAccessError(problem, redact(self.conninfo)) from None
+        self.failures += 1
+        logger.warning("%s connection failed (%s); retrying", self.name, str(exc).strip())
+        await self.close()
+        await anyio.sleep(Backoff().delay(self.failures))
+
+    def ok(self) -> None:
+        self.failures = 0
+
+    async def close(self) -> None:
+        if self.conn is not None:
+            await self.conn.close()
+            self.conn = None
+
+
+class Freshness:
+    """Test a pooled connection at checkout only if it sat idle long enough to have died
+    unnoticed: a busy worker reuses connections within milliseconds and skips the round trip."""
+
+    def __init__(self, idle: float = IDLE_CHECK_SECONDS) -> None:
+        self.idle = idle
+        self.last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+
+    def _stale(self, conn: Any) -> bool:
+        return time.monotonic() - self.last_used.get(conn, 0.0) > self.idle
+
+    async def check_async(self, conn: AsyncConnection[Any]) -> None:
+        if self._stale(conn):
+            await AsyncConnectionPool.check_connection(conn)
+
+    def check(self, conn: Connection[Any]) -> None:
+        if self._stale(conn):
+            ConnectionPool.check_connection(conn)
+
+    def used(self, conn: Any) -> None:
+        """Note the connection's last use (not through the pool's reset hook, which
+        would cost a pool task per return)."""
+        self.last_used[conn] = time.monotonic()
+
+
+class HandlerConnections:
+    """Connections lent to the handlers of stages with ``connection=True``: an async pool,
+    and a blocking one when a sync stage needs it. Runs queue on a semaphore, which is
+    cheap, rather than inside the pool."""
+
+    def __init__(self, conninfo: str, size: int, *, blocking: bool, name: str) -> None:
+        self.size = size
+        self.freshness = Freshness()
+        # A connection that died while idle (server restart, failover, idle timeout) must
+        # not cost a handler an attempt: one idle for a while is tested at checkout.
+        self.pool: AsyncConnectionPool[AsyncConnection[Any]] = AsyncConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=size,
+            open=False,
+            kwargs={"application_name": "pgstagechain-handler"},
+            name=name,
+            check=self.freshness.check_async,
+        )
+        self.blocking: ConnectionPool[Connection[Any]] | None = None
+        if blocking:
+            self.blocking = ConnectionPool(
+                conninfo,
+                min_size=1,
+                max_size=size,
+                open=False,
+                kwargs={"application_name": "pgstagechain-handler"},
+                check=self.freshness.check,
+            )
+        self._slots = anyio.Semaphore(size)
+
+    async def open(self) -> None:
+        if self.blocking is not None:
+            await anyio.to_thread.run_sync(self.blocking.open)
+        await self.pool.open()
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self.blocking is not None:
+            await anyio.to_thread.run_sync(self.blocking.close)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
+        async with self._slots, self.pool.connection() as conn:
+            try:
+                yield conn
+            finally:
+                self.freshness.used(conn)
+
+    @contextlib.contextmanager
+    def blocking_connection(self) -> Iterator[Connection[Any]]:
+        assert self.blocking is not None, "no sync stage needs a connection"
+        with self.blocking.connection() as conn:
+            try:
+                yield conn
+            finally:
+                self.freshness.used(conn)
