@@ -242,6 +242,8 @@ def test_worker_command_runs_what_a_transaction_commits(migrated: str) -> None:
 
         worker.proc.send_signal(signal.SIGTERM)
         worker.wait_for("pgstagechain worker stopped")
+        # the library's records, formatted by the project's LOGGING
+        assert any(" INFO pgstagechain.listener: listening on " in line for line in worker.output)
         assert worker.proc.wait(timeout=DEADLINE) == 0
     finally:
         worker.kill()

@@ -97,10 +97,22 @@ async def own_lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 # migrate=True installs the schema and trigger at startup: convenient here; in production
-# run `pgstagechain migrate` in the deploy step instead. PGSTAGECHAIN_WORKER_ENABLED=0
-# turns the worker off for replicas that should only serve requests.
+# run `pgstagechain migrate` in the deploy step instead. single=True runs the worker in one
+# process only under `uvicorn --workers N` (the others hold one connection each, ready to
+# take over); PGSTAGECHAIN_WORKER_ENABLED=0 turns it off altogether for a replica.
+# pool_size=2: HTTP stages need no connection of their own, so the worker holds at most
+# 4 + 2 + 2 = 8 (Worker.max_connections).
 app = FastAPI(
-    lifespan=worker_lifespan(pipeline, DSN, lifespan=own_lifespan, migrate=True, concurrency=20)
+    lifespan=worker_lifespan(
+        pipeline,
+        DSN,
+        lifespan=own_lifespan,
+        migrate=True,
+        single=True,
+        concurrency=20,
+        pool_size=2,
+        startup_timeout=30,
+    )
 )
 
 

@@ -30,3 +30,14 @@ DATABASES = {
 # pgstagechain: which pipelines exist, and how their workers run.
 PGSTAGECHAIN_PIPELINES = ["ads.pipeline:pipeline"]
 PGSTAGECHAIN_WORKER = {"concurrency": 10, "shutdown_timeout": 30}
+
+# Logging: the library's loggers ("pgstagechain.worker", "pgstagechain.listener", ...) have
+# no handlers of their own and follow this configuration like any other.
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "{asctime} {levelname} {name}: {message}", "style": "{"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+    "loggers": {"pgstagechain": {"level": "INFO"}},
+}

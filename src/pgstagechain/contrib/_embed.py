@@ -13,11 +13,13 @@ from types import FrameType
 from typing import Any
 
 import anyio
+import anyio.abc
 
+from .._connect import access_problem, connect, redact
 from .._install import migrate as install
 from .._pipeline import Pipeline
-from .._worker import Worker, describe
-from ..errors import ConfigurationError, PgStageChainError
+from .._worker import DB_ERRORS, Worker, describe
+from ..errors import ConfigurationError, DatabaseAccessError, PgStageChainError
 from ..http import aclose_client
 
 logger = logging.getLogger("pgstagechain.contrib")
@@ -188,3 +190,90 @@ async def run_workers(
         raise failed
     for runner in runners:
         logger.info("worker %s drained: %s", runner.worker.worker_id, runner.worker.stats)
+
+
+@asynccontextmanager
+async def run_elected_workers(
+    pipelines: Pipelines,
+    dsn: str | None = None,
+    *,
+    migrate: bool = False,
+    retry_interval: float = 5.0,
+    **worker_options: Any,
+) -> AsyncIterator[list[Worker]]:
+    """Like :func:`run_workers`, but in one process only of all those that run this with
+    the same pipelines on the same database (``uvicorn --workers N``, several replicas).
+
+    Each process holds one connection and tries a session advisory lock every
+    ``retry_interval`` seconds; the one holding it runs the workers (the list yielded
+    is filled then, and emptied if it lets go). When that process stops or loses its
+    connection, another one takes over. The first attempt happens before the block
+    starts, so a database that refuses us fails here, in every process. Two processes
+    may both run workers for a moment around a takeover: claims stay atomic.
+    """
+    chosen = as_pipelines(pipelines)
+    conninfo = default_dsn(dsn)
+    lock = "pgstagechain.workers:" + ",".join(sorted(p.name for p in chosen))
+    workers: list[Worker] = []
+    leaving = anyio.Event()
+
+    async def pause() -> None:
+        with anyio.move_on_after(retry_interval):
+            await leaving.wait()
+
+    async def lead(conn: Any, announce: Callable[[], None]) -> None:
+        async with run_workers(chosen, conninfo, migrate=migrate, **worker_options) as started:
+            workers[:] = started
+            announce()
+            logger.info("this process runs the pgstagechain workers (%s)", lock)
+            while not leaving.is_set():
+                await pause()
+                await conn.execute("SELECT 1")  # still holding the lock?
+        workers.clear()
+
+    async def campaign(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        first = True
+
+        def announce() -> None:
+            nonlocal first
+            if first:
+                first = False
+                task_status.started()
+
+        while not leaving.is_set():
+            try:
+                async with await connect(
+                    conninfo, autocommit=True, application_name="pgstagechain-election"
+                ) as conn:
+                    while not leaving.is_set():
+                        cur = await conn.execute(
+                            "SELECT pg_try_advisory_lock(hashtext(%s))", (lock,)
+                        )
+                        found = await cur.fetchone()
+                        if found and found[0]:
+                            await lead(conn, announce)
+                        else:
+                            announce()  # another process leads: this one serves requests
+                            await pause()
+            except Exception as exc:
+                if first:
+                    problem = access_problem(exc)
+                    if problem is not None:
+                        raise DatabaseAccessError(problem, redact(conninfo)) from None
+                    raise
+                workers.clear()
+                kind = "connection lost" if isinstance(exc, DB_ERRORS) else "stopped"
+                logger.warning("pgstagechain workers' election: %s (%s); retrying", kind, exc)
+                await pause()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(campaign)
+            try:
+                yield workers
+            finally:
+                leaving.set()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:  # the failure itself, not the task group's wrapper
+            raise group.exceptions[0] from None
+        raise

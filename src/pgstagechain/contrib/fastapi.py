@@ -36,12 +36,20 @@ from .._connect import conninfo_with_defaults
 from .._pipeline import Pipeline
 from .._worker import Worker
 from ..errors import ConfigurationError
-from ._embed import ENV_DSN, Pipelines, as_pipelines, default_dsn, run_workers
+from ._embed import (
+    ENV_DSN,
+    Pipelines,
+    as_pipelines,
+    default_dsn,
+    run_elected_workers,
+    run_workers,
+)
 from ._status import STATUS_WINDOW, ManualRun, key_type, parse_key, pipeline_status, run_stage
 
 __all__ = [
     "ENV_DSN",
     "ENV_ENABLED",
+    "run_elected_workers",
     "run_workers",
     "status_router",
     "worker_enabled",
@@ -77,6 +85,7 @@ def worker_lifespan(
     *,
     enabled: bool | None = None,
     migrate: bool = False,
+    single: bool = False,
     lifespan: Lifespan | None = None,
     **worker_options: Any,
 ) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
@@ -84,11 +93,17 @@ def worker_lifespan(
 
     :param enabled: run the workers at all; None reads ``PGSTAGECHAIN_WORKER_ENABLED``
         (default on) when the application starts.
+    :param single: run the workers in one process only of all those serving the app
+        (``uvicorn --workers N``, replicas): see :func:`run_elected_workers`. Each
+        other process then holds a single connection for the election.
     :param lifespan: the application's own lifespan; it is entered first and left
         last, so whatever it sets up is there for the stages while they run. Its state
         (if it yields a mapping) is passed on unchanged.
     :param worker_options: passed to every :class:`~pgstagechain.Worker` (``concurrency``,
-        ``shutdown_timeout``, ``stages``, ...).
+        ``pool_size``, ``startup_timeout``, ``shutdown_timeout``, ``stages``, ...).
+        A worker opens at most ``Worker.max_connections`` connections: 4, plus
+        ``pool_size`` (default ``min(concurrency, 10)``) for stages with
+        ``connection=True``, twice that when some of them are plain functions.
 
     The running workers are at ``app.state.pgstagechain_workers`` (an empty list when
     disabled), where :func:`status_router` finds them.
@@ -104,7 +119,8 @@ def worker_lifespan(
                 _publish(app, [])
                 yield state
                 return
-            async with run_workers(chosen, dsn, migrate=migrate, **worker_options) as workers:
+            run = run_elected_workers if single else run_workers
+            async with run(chosen, dsn, migrate=migrate, **worker_options) as workers:
                 _publish(app, workers)
                 yield state
 
