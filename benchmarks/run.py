@@ -311,17 +311,18 @@ class Bench:
         self,
         dsn: str,
         reports: list[dict[str, Any]],
-        released: dict[str, float],
+        released: dict[str, tuple[float, float]],
     ) -> tuple[list[tuple[str, float]], str]:
         """Seconds from each (step, done) commit to the start of the next handler, by kind
         of hand-over: ``release`` (the first stage, woken by the benchmark's own update),
         ``row_to_row``, ``fan_in`` (the first group stage) and ``group_to_group``.
 
-        Completions: the time the committing worker saw its commit acknowledged, else
-        the server's ``finished_at``; also ``finished_at`` when the next handler started
-        on another worker before the committing one noticed its acknowledgement (a busy
-        machine), since the commit lies between the two. Releases: the time the
-        benchmark's own UPDATE committed (``released`` maps job ids to it).
+        Each hand-over is timed from when its commit was acknowledged: for completions, as
+        the committing worker saw it (else the server's ``finished_at``); for releases, as
+        the benchmark saw its own UPDATE return (``released`` maps job ids to that and to
+        when the UPDATE was sent). On a busy machine the next handler can start before the
+        acknowledgement is noticed; the commit lies between the two times, and the earlier
+        one is used then, so no hand-over is timed below zero.
         """
         acks: dict[str, float] = {}  # by the run's claim token
         for report in reports:
@@ -362,8 +363,7 @@ class Bench:
                     before = previous[stage]
                     if before is None:
                         kind = "release"
-                        at = released.get(str(int(key) // 1000))
-                        seconds = None if at is None else started - at
+                        seconds = since(released.get(str(int(key) // 1000)), started)
                     else:
                         kind, seconds = "row_to_row", since(done.get((before, key)), started)
                 else:
@@ -402,6 +402,7 @@ class Bench:
             time.sleep(0.3)
             with psycopg.connect(dsn, autocommit=True) as conn:
                 cpu0 = self.cpu_snapshot(workers)
+                t_sent = time.time()
                 with conn.transaction():
                     conn.execute(
                         "UPDATE bench_variants SET status = 'done', updated_at = now()"
@@ -426,7 +427,7 @@ class Bench:
                 stop_py_spy(spy)
             reports = self.stop_workers(workers)
         seconds = max(1e-6, t_end - t0_server)
-        lat, basis = self.latencies(dsn, reports, {str(j): t_release for j in job_ids})
+        lat, basis = self.latencies(dsn, reports, {str(j): (t_release, t_sent) for j in job_ids})
         result = {
             "mode": mode,
             "workers": count,
@@ -475,7 +476,7 @@ class Bench:
         self.install(dsn, False)
         job_ids = self.add_rows(dsn, rows)
         workers = self.start_workers(dsn, 1, False, "steady")
-        released: dict[str, float] = {}
+        released: dict[str, tuple[float, float]] = {}
         try:
             time.sleep(0.3)
             with psycopg.connect(dsn, autocommit=True) as conn:
@@ -487,12 +488,13 @@ class Bench:
                     if delay > 0:
                         time.sleep(delay)
                     next_at += interval
+                    sent = time.time()
                     conn.execute(
                         "UPDATE bench_variants SET status = 'done', updated_at = now()"
                         " WHERE job_id = %s AND current_step = 'img_gen'",
                         (job,),
                     )
-                    released[str(job)] = time.time()
+                    released[str(job)] = (time.time(), sent)
                 finished = self.wait_done(conn, len(job_ids), self.args.burst_timeout)
                 cpu1 = self.cpu_snapshot(workers)
                 row = conn.execute(

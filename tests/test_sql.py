@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 
 from pgstagechain import Pipeline
-from pgstagechain._catalog import TableInfo
 from pgstagechain._sql import Statements, configured_names, parse, plain, templates
 
 AWKWARD = {
@@ -44,8 +43,9 @@ def awkward_pipeline(*, group: bool = True) -> Pipeline:
 
 
 def statements(*, group: bool = True) -> Statements:
-    info = TableInfo(key_type="bigint", group_type="text" if group else None)
-    return Statements(configured_names(awkward_pipeline(group=group), info))
+    return Statements(
+        configured_names(awkward_pipeline(group=group), "bigint", "text" if group else None)
+    )
 
 
 STATEMENTS = sorted(name for name, t in templates().items() if not t.fragment)

@@ -49,6 +49,7 @@ async def statements_for(conn: AsyncConnection[Any], pipeline: Pipeline) -> Stat
     the catalog then, and cached for the life of the pipeline object)."""
     found = _statements.get(pipeline)
     if found is None:
-        found = Statements(configured_names(pipeline, await inspect_table(conn, pipeline)))
+        info = await inspect_table(conn, pipeline)
+        found = Statements(configured_names(pipeline, info.key_type, info.group_type))
         _statements[pipeline] = found
     return found

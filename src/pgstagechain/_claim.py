@@ -23,7 +23,10 @@ from ._sql import Statements
 from ._stage import Stage
 from .errors import ConfigurationError, LeaseLostError
 
+#: seconds a worker's claim stays its own without a heartbeat
 DEFAULT_LEASE = 30.0
+#: a claim made by hand (:func:`claim`) has no heartbeat: its lease covers a slow handler
+MANUAL_LEASE = 300.0
 #: A worker that dies is not the handler's fault: its runs get at least this many attempts.
 DEAD_WORKER_ATTEMPTS = 3
 
@@ -353,7 +356,7 @@ async def claim(
     key: Any,
     *,
     worker_id: str = "manual",
-    lease: float = 300.0,
+    lease: float = MANUAL_LEASE,
 ) -> Claim | None:
     """Claim ``key`` for ``stage`` if it is still at (previous step, done); else return None.
 

@@ -14,7 +14,7 @@ import random
 import time
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import attrs
@@ -30,15 +30,22 @@ from ._runs import LiveRuns, WorkerStats
 from ._stage import Stage
 from .errors import LeaseLostError, PermanentError
 
-if TYPE_CHECKING:
-    from .metrics import RunObserver
-
 logger = logging.getLogger("pgstagechain.worker")
 
 #: the longest error text kept in the ledger (its end: where the exception was raised)
 MAX_ERROR_TEXT = 4000
 #: tries of recording a failure before the run is left to its lease
 FAIL_ATTEMPTS = 3
+#: how a stage run can end, as reported to :meth:`RunObserver.observe_run`
+OUTCOMES = ("succeeded", "failed", "retried", "lease_lost", "abandoned")
+
+
+class RunObserver(Protocol):
+    """What a worker calls around each stage run (see :class:`pgstagechain.metrics.Metrics`)."""
+
+    def span(self, stage: str, claim: Claim) -> contextlib.AbstractContextManager[Any]: ...
+
+    def observe_run(self, stage: str, outcome: str, seconds: float) -> None: ...
 
 
 @attrs.frozen

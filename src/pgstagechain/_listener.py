@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql
 
 from ._connect import access_problem, connect, redact
-from .errors import DatabaseAccessError
+from .errors import ConfigurationError, DatabaseAccessError
 
 logger = logging.getLogger("pgstagechain.listener")
 
@@ -61,7 +61,7 @@ class Listener:
         backoff: Backoff | None = None,
     ) -> None:
         if not channels:
-            raise ValueError("a Listener needs at least one channel")
+            raise ConfigurationError("a Listener needs at least one channel")
         self.conninfo = conninfo
         self.channels = tuple(channels)
         self.on_notify = on_notify

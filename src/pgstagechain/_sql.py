@@ -22,7 +22,6 @@ import attrs
 from psycopg import sql
 
 if TYPE_CHECKING:
-    from ._catalog import TableInfo
     from ._pipeline import Pipeline
 
 HEADER = re.compile(r"^-- (name|fragment): (\w+)\s*$")
@@ -90,16 +89,19 @@ def plain(name: str) -> LiteralString:
     return Statements({}).text(name)
 
 
-def configured_names(pipeline: Pipeline, info: TableInfo) -> dict[str, sql.Composable]:
-    """The pipeline's names as SQL, for the templates' ``{word}`` placeholders."""
+def configured_names(
+    pipeline: Pipeline, key_type: str, group_type: str | None = None
+) -> dict[str, sql.Composable]:
+    """The pipeline's names as SQL, for the templates' ``{word}`` placeholders; the types of
+    its key and group columns as the catalog spells them."""
     spec = pipeline.table
     names: dict[str, sql.Composable] = {
         "table": sql.Identifier(spec.schema, spec.table),
         "key": sql.Identifier(spec.key),
         "step": sql.Identifier(spec.step_column),
         "status": sql.Identifier(spec.status_column),
-        "key_type": sql.SQL(info.key_type),
-        "key_array": sql.SQL(info.key_type + "[]"),
+        "key_type": sql.SQL(key_type),
+        "key_array": sql.SQL(key_type + "[]"),
         # the pipeline's extra columns, as `x_<column>` in a claim's result
         "extras": sql.SQL("").join(
             sql.SQL(", t.{} AS {}").format(sql.Identifier(c), sql.Identifier("x_" + c))
@@ -109,7 +111,7 @@ def configured_names(pipeline: Pipeline, info: TableInfo) -> dict[str, sql.Compo
     }
     if spec.group_column:
         names["group"] = sql.Identifier(spec.group_column)
-        names["group_type"] = sql.SQL(info.group_type or "text")
+        names["group_type"] = sql.SQL(group_type or "text")
         names["group_expr"] = sql.SQL("t.{}::text").format(names["group"])
     return names
 

@@ -16,7 +16,7 @@ import os
 import random
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -28,7 +28,7 @@ from ._claim import DEFAULT_LEASE, Claimer, claimer_for
 from ._connect import access_problem, conninfo_with_defaults, redact
 from ._context import Claim
 from ._dispatch import Dispatcher, Wake
-from ._execute import RunExecutor
+from ._execute import RunExecutor, RunObserver
 from ._hints import Hints
 from ._install import require_installed
 from ._leases import LeaseKeeper
@@ -39,9 +39,6 @@ from ._recovery import probe
 from ._runs import LiveRuns, WorkerStats
 from ._stage import Stage
 from .errors import ConfigurationError, DatabaseAccessError, StartupTimeoutError
-
-if TYPE_CHECKING:
-    from .metrics import RunObserver
 
 logger = logging.getLogger("pgstagechain.worker")
 

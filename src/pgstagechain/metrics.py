@@ -26,10 +26,12 @@ from __future__ import annotations
 import contextlib
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
+from ._execute import OUTCOMES as OUTCOMES
+from ._execute import RunObserver as RunObserver
 from ._pipeline import Pipeline
 from .errors import ConfigurationError
 
@@ -49,22 +51,11 @@ except ImportError:  # pragma: no cover - exercised only without the extra insta
 
 __all__ = ["OUTCOMES", "Metrics", "RunObserver", "serve"]
 
-#: How a stage run can end, as reported to :meth:`Metrics.observe_run`.
-OUTCOMES = ("succeeded", "failed", "retried", "lease_lost", "abandoned")
-
 #: Run durations from 5 ms to 10 min: model calls and HTTP stages, not microbenchmarks.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 #: WorkerStats fields sampled into ``pgstagechain_worker_runs_total{outcome=...}``.
 RUN_FIELDS = ("succeeded", "failed", "retried", "lease_lost")
-
-
-class RunObserver(Protocol):
-    """What a worker calls around each stage run (see :class:`Metrics`)."""
-
-    def span(self, stage: str, claim: Claim) -> contextlib.AbstractContextManager[Any]: ...
-
-    def observe_run(self, stage: str, outcome: str, seconds: float) -> None: ...
 
 
 class _Families:

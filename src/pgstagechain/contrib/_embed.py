@@ -17,8 +17,9 @@ import anyio.abc
 
 from .._connect import access_problem, connect, redact
 from .._install import migrate as install
+from .._links import DB_ERRORS
 from .._pipeline import Pipeline
-from .._worker import DB_ERRORS, Worker, describe
+from .._worker import Worker, describe
 from ..errors import ConfigurationError, DatabaseAccessError, PgStageChainError
 from ..http import aclose_client
 

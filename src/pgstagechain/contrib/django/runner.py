@@ -11,7 +11,9 @@ from django.db import connections  # type: ignore[import-untyped]
 
 from ... import Worker, WorkerStats
 from ...errors import NotInstalledError, PgStageChainError
-from . import conf
+from .conf import conninfo
+from .conf import pipelines as configured_pipelines
+from .conf import worker_options as configured_options
 
 #: What to run in a Django project when the database side is missing or out of date.
 MIGRATE_ADVICE = (
@@ -63,16 +65,16 @@ def run_until_idle(
     def`` stages run in this thread, on the connection Django manages here (a test case
     closes it as usual).
     """
-    pipelines = conf.pipelines(names)
-    dsn = conf.conninfo(database)
+    chosen = configured_pipelines(names)
+    dsn = conninfo(database)
 
     async def main() -> list[WorkerStats]:
         try:
             return [
                 await Worker(
-                    pipeline, dsn, **{**conf.worker_options(), **worker_options}
+                    pipeline, dsn, **{**configured_options(), **worker_options}
                 ).run_until_idle()
-                for pipeline in pipelines
+                for pipeline in chosen
             ]
         finally:
             await close_orm_connections()
