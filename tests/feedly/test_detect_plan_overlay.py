@@ -181,3 +181,37 @@ def test_blur_lowers_classical_sharpness() -> None:
     black = Image.new("RGB", (200, 200), (0, 0, 0))
     dark = checks.analyze(black)
     assert dark["verdict"] == "fail" and dark["checks"]["exposure"] == 0.0
+
+
+def test_a_product_cut_off_by_the_frame_scores_below_the_whole_product() -> None:
+    from examples.feedly.app import reframe
+    from examples.feedly.vision.feed import rank_variants
+    from examples.feedly.vision.vlm import ClassicalImageChecks
+
+    checks = ClassicalImageChecks()
+    whole = make_sample("lipstick").image
+    cropped = reframe(whole, 2)  # zoomed into the bottom-right corner: the lipstick is cut off
+    ok, cut = checks.analyze(whole), checks.analyze(cropped)
+    assert ok["checks"]["product_in_frame"] == 1.0
+    assert "product fully inside the frame -> 1.00" in ok["reasons"]
+    assert cut["checks"]["product_in_frame"] == 0.6
+    assert "product cut off by the frame at the right and bottom -> 0.60" in cut["reasons"]
+    assert cut["score"] <= 0.6 * ok["score"] + 1e-9
+    # everything else equal, the ranking now prefers the whole product
+    rest = {"ocr_similarity": 1.0, "contrast_ratio": 7.0, "overlap_fraction": 0.0}
+    ranked = rank_variants(
+        [
+            {"variant_id": "cut", "vlm_score": cut["score"], **rest, "contrast_ratio": 9.0},
+            {"variant_id": "whole", "vlm_score": ok["score"], **rest},
+        ]
+    )
+    assert ranked[0]["variant_id"] == "whole"
+
+
+def test_one_side_on_the_frame_is_a_milder_penalty() -> None:
+    from examples.feedly.vision.vlm import cut_sides
+
+    assert cut_sides((100, 100, 300, 300), (768, 768)) == []
+    assert cut_sides((100, 100, 300, 768), (768, 768)) == ["bottom"]
+    assert cut_sides((0, 0, 768, 768), (768, 768)) == ["left", "top", "right", "bottom"]
+    assert cut_sides((5, 100, 300, 300), (768, 768)) == ["left"]  # within 1 % of the border
