@@ -215,3 +215,35 @@ def test_one_side_on_the_frame_is_a_milder_penalty() -> None:
     assert cut_sides((100, 100, 300, 768), (768, 768)) == ["bottom"]
     assert cut_sides((0, 0, 768, 768), (768, 768)) == ["left", "top", "right", "bottom"]
     assert cut_sides((5, 100, 300, 300), (768, 768)) == ["left"]  # within 1 % of the border
+
+
+def test_copy_splits_into_headline_and_offer() -> None:
+    from examples.feedly.vision.overlay import split_copy
+
+    assert split_copy("New arrival: Summer Sale, up to 30% off") == (
+        "New arrival",
+        "Summer Sale, up to 30% off",
+    )
+    assert split_copy("Best seller. Buy one get one free") == (
+        "Best seller",
+        "Buy one get one free",
+    )
+    assert split_copy("Up to 30% off") == ("", "Up to 30% off")
+
+
+def test_overlay_sets_the_offer_larger_and_heavier_than_the_headline() -> None:
+    from examples.feedly.vision.overlay import copy_roles, fit_roles
+
+    img = make_sample("perfume").image
+    dets = detect_objects(img)["detections"]
+    proposal = plan_proposals(img, dets)[0]
+    res = render_overlay(img, "New arrival: Summer Sale, up to 30% off", proposal)
+    assert res.lines[0] == "NEW ARRIVAL"
+    assert res.line_sizes is not None
+    headline, offer = res.line_sizes[0], res.line_sizes[-1]
+    assert offer == res.font_size and headline < 0.7 * offer
+    assert offer >= 0.05 * img.height  # the offer reads at feed size
+    layout = fit_roles(copy_roles("New arrival: Summer Sale, up to 30% off"), proposal["box"])
+    assert layout.strokes is not None and layout.strokes[0] == 0 and layout.strokes[-1] >= 1
+    flat = render_overlay(img, "New arrival: Summer Sale, up to 30% off", proposal, hierarchy=False)
+    assert len(set(flat.line_sizes or [])) == 1 and flat.overlay_id != res.overlay_id
