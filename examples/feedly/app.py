@@ -572,7 +572,15 @@ async def gallery(conn: AsyncConnection[Any], job_ids: list[int], out: Path) -> 
         "SELECT record FROM posts WHERE job_id = ANY(%s) ORDER BY job_id", (job_ids,)
     )
     entries = [record for (record,) in await cur.fetchall()]
-    return write_gallery(out / "index.html", entries, title=f"Feedly: {len(entries)} posts")
+    variants = sum(len(e.get("variants", [])) for e in entries)
+    return write_gallery(
+        out / "index.html",
+        entries,
+        title=f"Feedly: {len(entries)} Instagram post{'s' * (len(entries) != 1)}",
+        subtitle=f"Each post is the best of its job's variants ({variants} scored in all) on image"
+        " quality, text read back by OCR, WCAG contrast and text kept off the product."
+        f" Made {time.strftime('%Y-%m-%d %H:%M')}.",
+    )
 
 
 def failure_table(failures: list[dict[str, Any]]) -> Table:
@@ -679,6 +687,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
     ap.add_argument(
+        "--copy-on-image",
+        choices=("en", "ko"),
+        default=os.environ.get("FEEDLY_COPY_ON_IMAGE") or "en",
+        help="language of the ad copy drawn on the feed image: en (default) or ko, the "
+        "Korean copy (the caption is Korean either way); $FEEDLY_COPY_ON_IMAGE",
+    )
+    ap.add_argument(
         "--keep",
         action="store_true",
         help="keep earlier runs: their output files, and on the embedded server their jobs "
@@ -694,6 +709,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"error: --{name} must be at least 1")
     if not args.images.is_dir():
         raise SystemExit(f"error: --images {args.images} is not a folder")
+    os.environ["FEEDLY_COPY_ON_IMAGE"] = args.copy_on_image  # read by every worker's stages
     t0 = time.monotonic()
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: wide enough for the tables

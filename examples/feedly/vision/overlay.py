@@ -279,17 +279,18 @@ def render_overlay(
     plate: bool | None = None,
     max_size: int = 96,
     hierarchy: bool = True,
+    roles: Sequence[Role] | None = None,
 ) -> OverlayResult:
     """Draw ``text`` into ``proposal["box"]`` with its colour (and plate if proposed):
     headline small, offer large and heavy (see :func:`copy_roles`), or one style when
-    ``hierarchy`` is false."""
+    ``hierarchy`` is false. ``roles`` gives the blocks directly (a translated headline and
+    offer), and then ``text`` only names the copy in the overlay id."""
     base = image.convert("RGB")
     box = as_box(proposal["box"])
     color = tuple(int(v) for v in proposal.get("text_color", (255, 255, 255)))
     rgb: tuple[int, int, int] = (color[0], color[1], color[2])
-    layout = fit_roles(
-        copy_roles(text, hierarchy=hierarchy), box, font_path=font_path, max_size=max_size
-    )
+    blocks = list(roles) if roles is not None else copy_roles(text, hierarchy=hierarchy)
+    layout = fit_roles(blocks, box, font_path=font_path, max_size=max_size)
     use_plate = bool(proposal.get("plate", False)) if plate is None else plate
     background = base.copy()
     plate_box: Box | None = None
