@@ -104,6 +104,26 @@ def test_full_job_and_gallery(tmp_path: Path) -> None:
     assert text.count("<tr class='chosen'>") == 2
 
 
+def test_gallery_is_a_page_to_show(tmp_path: Path) -> None:
+    backends = Backends(FeedlyConfig())
+    job = run_job(
+        "7", [DEFAULT_DIR / "mug.png"], tmp_path, "Best seller. Buy one get one free", backends
+    )
+    job["backends"] += "; korean font=/home/me/.venv/lib/site-packages/fonts/NotoSansKR-Regular.otf"
+    text = write_gallery(tmp_path / "index.html", [job], subtitle="best of each job").read_text(
+        encoding="utf-8"
+    )
+    # no file-system paths on the page: links are relative, a font is named by its file name
+    assert str(tmp_path) not in text and ".venv" not in text and "site-packages" not in text
+    assert "Korean font: NotoSansKR-Regular.otf" in text
+    # the posts fill the window in a grid of cards, each showing the feed image at card width
+    assert "grid-template-columns:repeat(auto-fill,minmax(min(100%,560px),1fr))" in text
+    assert "<img class='feed'" in text and ".feed{display:block;width:100%" in text
+    # the caption and hashtags are text on the page, not only pixels in the image
+    assert f"<p class='tags' lang='ko'>{' '.join(job['hashtags'])}</p>" in text
+    assert "<p class='sub'>best of each job</p>" in text
+
+
 def test_korean_copy_on_the_image_keeps_the_hierarchy_and_passes_wcag(tmp_path: Path) -> None:
     if find_korean_font() is None:
         pytest.skip("no font with Hangul (pip install pylopdf-fonts-ko)")
