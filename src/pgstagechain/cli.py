@@ -53,11 +53,11 @@ EXIT_OK = 0
 EXIT_NOTHING_MATCHED = 1
 #: Bad usage, a pipeline that cannot be loaded, a configuration or database error.
 EXIT_ERROR = 2
-#: Stopped by Ctrl-C (128 + SIGINT, as shells report it).
-EXIT_INTERRUPTED = 130
 #: An unexpected exception (a bug, or one raised while importing the pipeline's module),
 #: printed with its traceback: kept apart from 1 so scripts never mistake it for "nothing matched".
 EXIT_INTERNAL = 70
+#: Stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
 
 DESCRIPTION = "Install, run and repair pgstagechain pipelines from the shell."
 EPILOG = """\
