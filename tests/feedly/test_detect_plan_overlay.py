@@ -247,3 +247,18 @@ def test_overlay_sets_the_offer_larger_and_heavier_than_the_headline() -> None:
     assert layout.strokes is not None and layout.strokes[0] == 0 and layout.strokes[-1] >= 1
     flat = render_overlay(img, "New arrival: Summer Sale, up to 30% off", proposal, hierarchy=False)
     assert len(set(flat.line_sizes or [])) == 1 and flat.overlay_id != res.overlay_id
+
+
+def test_a_wrapped_line_never_starts_or_ends_with_a_separator() -> None:
+    from PIL import ImageDraw
+
+    from examples.feedly.vision.overlay import load_font, wrap_text
+
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    font = load_font(40)
+    width = int(draw.textlength("Summer sale ·", font=font)) + 2
+    lines = wrap_text("Summer sale · up to 30% off", font, width, draw)
+    assert lines == ["Summer sale", "up to 30% off"]
+    assert wrap_text("Summer sale · up to 30% off", font, 2000, draw) == [
+        "Summer sale · up to 30% off"
+    ]

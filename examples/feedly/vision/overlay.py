@@ -52,7 +52,13 @@ def wrap_text(text: str, font: FontT, max_width: int, draw: ImageDraw.ImageDraw)
                 lines.append(cur)
                 cur = word
         lines.append(cur)
+    if len(lines) > 1:  # a separator at a line break is the break itself: drop it
+        lines = [SEPARATOR_AT_EDGE.sub("", ln) or ln for ln in lines]
     return lines
+
+
+#: A list separator ("여름 세일 · 최대 30% 할인") left at the start or end of a wrapped line.
+SEPARATOR_AT_EDGE = re.compile(r"^\s*[·•|]\s*|\s*[·•|]\s*$")
 
 
 def balanced_wrap(text: str, font: FontT, max_width: int, draw: ImageDraw.ImageDraw) -> list[str]:
