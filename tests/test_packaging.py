@@ -115,9 +115,13 @@ def test_built_wheel_installs_and_runs_in_a_fresh_venv(
 
 def dry_run(target: str, tmp_path: Path) -> str:
     """The commands ``make TARGET`` would run on a fresh machine (nothing installed yet)."""
+    # Not the settings of a make that runs these tests (MAKEFLAGS carries its ARGS=...).
+    outer = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS", "TORCH", "TORCH_INDEX", "VENV")
+    env = {k: v for k, v in os.environ.items() if k not in outer}
     done = subprocess.run(
         ["make", "-n", target, f"VENV={tmp_path / 'venv'}"],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
