@@ -231,6 +231,24 @@ def test_copy_splits_into_headline_and_offer() -> None:
     assert split_copy("Up to 30% off") == ("", "Up to 30% off")
 
 
+def test_the_offer_is_the_part_with_the_deal_wherever_it_stands() -> None:
+    from examples.feedly.vision.overlay import copy_blocks, copy_roles
+
+    assert copy_blocks("Up to 30% off. Today only") == [
+        ("Up to 30% off", True),
+        ("Today only", False),
+    ]
+    roles = copy_roles("Up to 30% off. Today only")
+    assert [(r.text, r.scale, r.bold) for r in roles] == [
+        ("Up to 30% off", 1.0, True),  # reading order kept, the deal set large
+        ("TODAY ONLY", 0.6, False),
+    ]
+    assert copy_blocks("Flash sale: 20% off today only") == [
+        ("Flash sale", False),
+        ("20% off today only", True),
+    ]
+
+
 def test_overlay_sets_the_offer_larger_and_heavier_than_the_headline() -> None:
     from examples.feedly.vision.overlay import copy_roles, fit_roles
 

@@ -108,25 +108,45 @@ BOLD_STROKE = 1 / 40
 _SPLIT = re.compile(r"^\s*(?P<head>[^:.!?]{2,40}?)\s*[:.!?]\s+(?P<offer>\S.*?)\s*$", re.S)
 
 
-def split_copy(text: str) -> tuple[str, str]:
-    """``(headline, offer)``: the copy split at its first ``:``, ``.``, ``!`` or ``?``.
+#: What marks the part of the copy that is the offer: a number, a percentage, free, off.
+OFFER_WORDS = re.compile(r"\d|%|\b(free|off)\b", re.I)
 
-    "New arrival: Summer Sale, up to 30% off" -> ("New arrival", "Summer Sale, up to 30% off").
-    Copy without such a break is all offer: ``("", text)``.
+
+def copy_blocks(text: str) -> list[tuple[str, bool]]:
+    """The copy's parts in reading order, each with True when it is the offer.
+
+    The copy is split at its first ``:``, ``.``, ``!`` or ``?``; the second part is the
+    offer ("New arrival: Summer Sale, up to 30% off"), unless only the first part names a
+    number, a percentage, "free" or "off" ("Up to 30% off. Today only"). Copy without
+    such a break is all offer.
     """
     m = _SPLIT.match(text)
     if m is None:
-        return "", text.strip()
-    return m["head"].strip(), m["offer"].strip()
+        return [(text.strip(), True)]
+    first, second = m["head"].strip(), m["offer"].strip()
+    offer_first = bool(OFFER_WORDS.search(first)) and not OFFER_WORDS.search(second)
+    return [(first, offer_first), (second, not offer_first)]
+
+
+def split_copy(text: str) -> tuple[str, str]:
+    """``(headline, offer)`` of the copy (see :func:`copy_blocks`); no headline is ``""``."""
+    blocks = copy_blocks(text)
+    head = next((part for part, is_offer in blocks if not is_offer), "")
+    offer = next(part for part, is_offer in blocks if is_offer)
+    return head, offer
+
+
+def role_of(part: str, is_offer: bool) -> Role:
+    """The offer large and heavy; the headline at :data:`HEADLINE_SCALE`, in capitals."""
+    return Role(part, 1.0, bold=True) if is_offer else Role(part.upper(), HEADLINE_SCALE)
 
 
 def copy_roles(text: str, *, hierarchy: bool = True) -> list[Role]:
-    """The blocks to draw: a small capitalised headline above a large, heavy offer."""
+    """The blocks to draw, in reading order: a small capitalised headline and a large,
+    heavy offer (one plain block without ``hierarchy``)."""
     if not hierarchy:
         return [Role(text)]
-    head, offer = split_copy(text)
-    roles = [Role(head.upper(), HEADLINE_SCALE)] if head else []
-    return [*roles, Role(offer, 1.0, bold=True)]
+    return [role_of(part, is_offer) for part, is_offer in copy_blocks(text)]
 
 
 def fit_text(
@@ -174,6 +194,8 @@ def fit_roles(
 ) -> TextLayout:
     """Largest size (of the ``scale == 1`` block) at which every block, wrapped and stacked,
     fits inside ``box`` minus padding (binary search); blocks are centred line by line."""
+    if not roles:
+        raise ValueError("no text to fit")
     x0, y0, x1, y1 = box
     pad = round(padding * min(x1 - x0, y1 - y0))
     avail_w, avail_h = (x1 - x0) - 2 * pad, (y1 - y0) - 2 * pad

@@ -22,7 +22,7 @@ from .feed import find_korean_font
 from .feed import instagram_feed_gen as _feed_gen
 from .iou import iou_eval as _iou_eval
 from .ocr import ocr_eval as _ocr_eval
-from .overlay import HEADLINE_SCALE, Role, render_overlay, split_copy
+from .overlay import copy_blocks, render_overlay, role_of
 from .planner import plan_proposals
 from .readability import background_pixels, region_contrast
 from .readability import readability_eval as _readability_eval
@@ -236,9 +236,10 @@ def korean_copy_overlay(
         return None
     ov, plan = results["overlay"], results["planner"]
     proposal = next(p for p in plan["proposals"] if p["proposal_id"] == ov["proposal_id"])
-    head, offer = split_copy(ov["text"])
-    roles = [Role(b.translator.translate(head)["korean"], HEADLINE_SCALE)] if head else []
-    roles.append(Role(b.translator.translate(offer)["korean"], 1.0, bold=True))
+    roles = [  # translated part by part, so each keeps its role
+        role_of(b.translator.translate(part)["korean"], is_offer)
+        for part, is_offer in copy_blocks(ov["text"])
+    ]
     with Image.open(ov["background_image"]) as im:
         background = im.convert("RGB")
     for plate in (False, True):
