@@ -68,6 +68,8 @@ def test_getting_started_program_runs(tmp_path: Path, pgstagechain_dsn: str) -> 
 
 def test_getting_started_tests_pass(tmp_path: Path, pgstagechain_server: object) -> None:
     getting_started_files(tmp_path)
+    # The inner session uses this session's server; it re-creates the shared template
+    # database from the same migrations, which leaves it as this session expects.
     server_dsn = pgstagechain_server.dsn  # type: ignore[attr-defined]
     done = run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_app.py"],
