@@ -335,3 +335,123 @@ async def test_errors_name_the_problem_and_never_the_password(pgstagechain_dsn: 
     assert refused.stderr.startswith("error:")
     assert "port=1" in refused.stderr
     assert secret not in refused.stderr + refused.stdout
+
+
+def bare_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """The command with no --dsn and no PGSTAGECHAIN_DSN, plus ``env``."""
+    clean = {k: v for k, v in os.environ.items() if k != "PGSTAGECHAIN_DSN" and k[:2] != "PG"}
+    return subprocess.run(
+        [sys.executable, "-m", "pgstagechain", *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        ("tests.cli_app:pipelin", "module 'tests.cli_app' has no attribute 'pipelin'"),
+        ("tests.no_such_app:pipeline", "cannot import 'tests.no_such_app'"),
+        ("tests.cli_app", "expected MODULE:PIPELINE"),
+        ("tests.seed:ROW_STAGES", "tests.seed:ROW_STAGES is a list, not a pgstagechain Pipeline"),
+    ],
+)
+def test_a_pipeline_that_cannot_be_loaded_is_a_usage_error(
+    pgstagechain_dsn: str, spec: str, problem: str
+) -> None:
+    for command in (["status", spec], ["migrate", spec], ["worker", spec]):
+        done = cli(pgstagechain_dsn, *command)
+        assert done.returncode == 2, (command, done.stderr)
+        assert problem in one_error_line(done)
+
+
+def test_a_module_that_raises_on_import_shows_its_traceback(
+    pgstagechain_dsn: str, tmp_path: Path
+) -> None:
+    (tmp_path / "broken_app.py").write_text("pipeline = undefined_name\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgstagechain",
+            "--dsn",
+            pgstagechain_dsn,
+            "status",
+            "broken_app:pipeline",
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 70
+    assert "Traceback" in done.stderr
+    assert "NameError: name 'undefined_name' is not defined" in done.stderr
+
+
+def test_retry_stage_without_all_failed_is_a_usage_error(pgstagechain_dsn: str) -> None:
+    done = cli(pgstagechain_dsn, "retry", APP, "--stage", "overlay")
+    assert done.returncode == 2
+    assert "--stage needs --all-failed" in one_error_line(done)
+
+
+def test_without_a_dsn_the_error_says_libpq_defaults_were_used() -> None:
+    done = bare_cli("status", APP, PGHOST="127.0.0.1", PGPORT="1", PGCONNECT_TIMEOUT="3")
+    assert done.returncode == 2
+    line = one_error_line(done)
+    assert "(database )" not in line
+    assert "no --dsn or PGSTAGECHAIN_DSN given; libpq defaults with PGHOST=127.0.0.1 PGPORT=1" in (
+        line
+    )
+
+
+def test_a_library_error_from_the_worker_is_one_line_and_status_2(pgstagechain_dsn: str) -> None:
+    # no table and no migrate: the worker refuses to start
+    done = cli(pgstagechain_dsn, "worker", APP)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr
+    assert "feedly" in errors[0]
+
+
+def test_help_is_plain_text_and_lists_the_exit_statuses() -> None:
+    done = bare_cli("--help")
+    assert done.returncode == 0
+    assert "``" not in done.stdout
+    assert ":class:" not in done.stdout
+    for line in (
+        "0    done",
+        "1    retry or cancel",
+        "2    usage, configuration or database error",
+        "70   unexpected failure",
+    ):
+        assert line in done.stdout
+    assert bare_cli().returncode == 2  # no command: usage error
+
+
+def test_docs_state_the_exit_statuses_the_command_uses() -> None:
+    from pgstagechain import cli as module
+
+    text = (ROOT / "docs" / "cli.md").read_text(encoding="utf-8")
+    for code in (
+        module.EXIT_OK,
+        module.EXIT_NOTHING_MATCHED,
+        module.EXIT_ERROR,
+        module.EXIT_INTERNAL,
+        module.EXIT_INTERRUPTED,
+    ):
+        assert f"| `{code}` |" in text, f"exit status {code} is not in docs/cli.md"

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -74,8 +75,13 @@ log = logging.getLogger("feedly")
 
 
 @contextlib.contextmanager
-def database(dsn: str | None, pgdata: Path, console: Console) -> Iterator[str]:
-    """Yield a connection string: the given one, or an embedded server's (stopped at exit)."""
+def database(
+    dsn: str | None, pgdata: Path, console: Console, *, keep: bool = False
+) -> Iterator[str]:
+    """Yield a connection string: the given one, or an embedded server's (stopped at exit).
+
+    The embedded server's ``feedly`` database is the demo's own: unless ``keep``, it is
+    made afresh so each run starts at job 1. A given server is never emptied."""
     if dsn:
         yield dsn
         return
@@ -94,6 +100,8 @@ def database(dsn: str | None, pgdata: Path, console: Console) -> Iterator[str]:
         server = get_server(pgdata, cleanup_mode="stop")
     try:
         with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            if not keep:
+                conn.execute("DROP DATABASE IF EXISTS feedly WITH (FORCE)")
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'feedly'").fetchone():
                 conn.execute("CREATE DATABASE feedly")
         yield str(server.get_uri("feedly"))
@@ -124,6 +132,21 @@ async def prepare(dsn: str) -> None:
                     f"{sorted(missing)}; use another database for the example"
                 )
     await migrate(dsn, pipeline)
+
+
+def fresh_output(out: Path, keep: bool) -> None:
+    """Make ``out`` ready for this run: emptied of an earlier run's files unless ``keep``.
+
+    Only a folder that holds an earlier run (its ``run.json`` or ``feedly.log``) is emptied;
+    any other non-empty folder is refused rather than deleted."""
+    if out.exists() and not keep and any(out.iterdir()):
+        if not any((out / marker).exists() for marker in ("run.json", "feedly.log")):
+            raise SystemExit(
+                f"error: --out {out} is not empty and holds no earlier Feedly run; "
+                "choose an empty or new folder (or pass --keep to write into it)"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
 
 
 # -- the upstream image generator (what sets variants to img_gen/done) ---------------------------
@@ -549,7 +572,15 @@ async def gallery(conn: AsyncConnection[Any], job_ids: list[int], out: Path) -> 
         "SELECT record FROM posts WHERE job_id = ANY(%s) ORDER BY job_id", (job_ids,)
     )
     entries = [record for (record,) in await cur.fetchall()]
-    return write_gallery(out / "index.html", entries, title=f"Feedly: {len(entries)} posts")
+    variants = sum(len(e.get("variants", [])) for e in entries)
+    return write_gallery(
+        out / "index.html",
+        entries,
+        title=f"Feedly: {len(entries)} Instagram post{'s' * (len(entries) != 1)}",
+        subtitle=f"Each post is the best of its job's variants ({variants} scored in all) on image"
+        " quality, text read back by OCR, WCAG contrast and text kept off the product."
+        f" Made {time.strftime('%Y-%m-%d %H:%M')}.",
+    )
 
 
 def failure_table(failures: list[dict[str, Any]]) -> Table:
@@ -655,6 +686,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="data folder of the embedded server (default ./.pgdata/feedly)",
     )
     ap.add_argument("--timeout", type=float, default=900.0, help="give up after this many seconds")
+    ap.add_argument(
+        "--copy-on-image",
+        choices=("en", "ko"),
+        default=os.environ.get("FEEDLY_COPY_ON_IMAGE") or "en",
+        help="language of the ad copy drawn on the feed image: en (default) or ko, the "
+        "Korean copy (the caption is Korean either way); $FEEDLY_COPY_ON_IMAGE",
+    )
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep earlier runs: their output files, and on the embedded server their jobs "
+        "(default: each run starts afresh at job 1 with an emptied --out)",
+    )
     return ap
 
 
@@ -665,18 +709,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"error: --{name} must be at least 1")
     if not args.images.is_dir():
         raise SystemExit(f"error: --images {args.images} is not a folder")
+    os.environ["FEEDLY_COPY_ON_IMAGE"] = args.copy_on_image  # read by every worker's stages
     t0 = time.monotonic()
     console = Console()
     if not console.is_terminal:  # a log file or a pipe: wide enough for the tables
         console = Console(width=max(console.width, 120))
     args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
+    fresh_output(args.out, args.keep)
     logging.basicConfig(
         filename=args.out / "feedly.log",
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    with database(args.dsn, args.pgdata, console) as dsn:
+    with database(args.dsn, args.pgdata, console, keep=args.keep) as dsn:
         return anyio.run(run, args, dsn, console, t0)
 
 

@@ -222,8 +222,9 @@ class InstagramFeedGen(Stage):
             "feed_image": feed["feed_image"],
             "caption_file": feed["caption_file"],
             "caption_in_image": feed["caption_in_image"],
+            "copy_on_image": feed.get("copy_on_image"),
             "backends": f"detector={b.detector.name}; vlm={b.vlm.name}; "
-            f"translator={b.translator.name}; korean font={feed['korean_font'] or 'none'}",
+            f"translator={b.translator.name}; korean font={Path(feed['korean_font']).name if feed['korean_font'] else 'none'}",
             "variants": feed["variants"],
         }
         record_path = inp.dir() / "post.json"

@@ -4,6 +4,11 @@ A pipeline is named as ``module.path:attribute`` (the attribute is a
 :class:`~pgstagechain.Pipeline` or a function returning one). The database comes from
 ``--dsn``, else the ``PGSTAGECHAIN_DSN`` environment variable, else libpq's defaults
 (``PGHOST``, ``PGDATABASE``, ...).
+
+Exit status (see :data:`EXIT_OK` and the others): 0 done; 1 a ``retry`` or ``cancel``
+named a row or group that was not in a state to act on; 2 a usage, configuration or
+database error, printed as one line on stderr; 70 an unexpected failure, with its
+traceback; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -38,32 +44,69 @@ from ._logging import JsonFormatter
 from ._pipeline import Pipeline
 from ._recovery import RecoveryScanner
 from ._worker import Worker, describe
-from .errors import PgStageChainError
+from .errors import ConfigurationError, PgStageChainError
 
 logger = logging.getLogger("pgstagechain.cli")
+
+#: Everything asked for was done.
+EXIT_OK = 0
+#: ``retry`` or ``cancel`` named a row or group that was not failed / in progress.
+EXIT_NOTHING_MATCHED = 1
+#: Bad usage, a pipeline that cannot be loaded, a configuration or database error.
+EXIT_ERROR = 2
+#: An unexpected exception (a bug, or one raised while importing the pipeline's module),
+#: printed with its traceback: kept apart from 1 so scripts never mistake it for "nothing matched".
+EXIT_INTERNAL = 70
+#: Stopped by Ctrl-C (128 + SIGINT, as shells report it).
+EXIT_INTERRUPTED = 130
+
+DESCRIPTION = "Install, run and repair pgstagechain pipelines from the shell."
+EPILOG = """\
+MODULE:PIPELINE names a Pipeline like uvicorn names an app: myapp.pipelines:feedly
+imports myapp.pipelines (the current directory is on the path) and takes its
+attribute feedly, a Pipeline or a function returning one.
+
+The database is --dsn, else $PGSTAGECHAIN_DSN, else libpq's defaults (PGHOST,
+PGDATABASE, PGUSER, ~/.pgpass, ...).
+
+exit status:
+  0    done
+  1    retry or cancel named a row or group that was not failed / in progress
+  2    usage, configuration or database error (one line on stderr)
+  70   unexpected failure, printed with its traceback
+  130  interrupted
+"""
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], Any]] = {}
 
 
+class UsageError(ConfigurationError):
+    """The command line names something that cannot be used (exit status 2)."""
+
+
 def load_pipeline(spec: str) -> Pipeline:
-    """Import ``module:attribute`` and return the pipeline it names."""
+    """Import ``module:attribute`` and return the pipeline it names.
+
+    Raises :class:`UsageError` (a :class:`~pgstagechain.errors.ConfigurationError`) when
+    the name is malformed, the module cannot be imported or the attribute is not a pipeline.
+    """
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
-        raise SystemExit(f"error: expected MODULE:PIPELINE, got {spec!r}")
+        raise UsageError(f"expected MODULE:PIPELINE (like myapp.pipelines:pipeline), got {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise SystemExit(f"error: cannot import {module_name!r}: {exc}") from None
+        raise UsageError(f"cannot import {module_name!r}: {exc}") from None
     try:
         found = getattr(module, attribute)
     except AttributeError:
-        raise SystemExit(f"error: module {module_name!r} has no attribute {attribute!r}") from None
+        raise UsageError(f"module {module_name!r} has no attribute {attribute!r}") from None
     if callable(found) and not isinstance(found, Pipeline):
         found = found()
     if not isinstance(found, Pipeline):
-        raise SystemExit(f"error: {spec} is a {type(found).__name__}, not a pgstagechain Pipeline")
+        raise UsageError(f"{spec} is a {type(found).__name__}, not a pgstagechain Pipeline")
     return found
 
 
@@ -380,7 +423,7 @@ def _keys(keys: Sequence[str], limit: int = 20) -> str:
 @command("retry")
 def _retry(args: argparse.Namespace) -> int:
     if args.stage is not None and not args.all_failed:
-        raise SystemExit("error: --stage needs --all-failed (retry every failed row of that stage)")
+        raise UsageError("--stage needs --all-failed (retry every failed row of that stage)")
     pipeline = load_pipeline(args.pipeline)
 
     async def run() -> tuple[list[str], str]:
@@ -394,7 +437,7 @@ def _retry(args: argparse.Namespace) -> int:
     keys, why = anyio.run(run)
     if why:
         print(f"error: nothing to retry: {why}", file=sys.stderr)
-        return 1
+        return EXIT_NOTHING_MATCHED
     level = (
         "group(s)"
         if args.group is not None or (args.stage is not None and pipeline[args.stage].group)
@@ -426,7 +469,7 @@ def _cancel(args: argparse.Namespace) -> int:
     report, why = anyio.run(run)
     if why:
         print(f"error: nothing to cancel: {why}", file=sys.stderr)
-        return 1
+        return EXIT_NOTHING_MATCHED
     if not report.keys:
         print(f"nothing in progress at {_target(args)}")
         return 0
@@ -453,7 +496,12 @@ async def _signals(worker: Worker, scope: anyio.CancelScope) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pgstagechain", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pgstagechain",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "--dsn", help="connection string (default: $PGSTAGECHAIN_DSN or libpq defaults)"
     )
@@ -536,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; errors become one line on stderr and the exit status above."""
     args = build_parser().parse_args(argv)
     handler = logging.StreamHandler()
     handler.setFormatter(
@@ -545,17 +594,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
     try:
-        return int(COMMANDS[args.command](args) or 0)
+        return int(COMMANDS[args.command](args) or EXIT_OK)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as exc:
         cause = _known_error(exc)
         if cause is None:
-            raise
-        if isinstance(cause, PgStageChainError):
-            print(f"error: {cause}", file=sys.stderr)
-        else:
-            message = str(cause).strip() or type(cause).__name__
-            print(f"error: {message} (database {redact(_dsn(args))})", file=sys.stderr)
-        return 2
+            traceback.print_exc()
+            return EXIT_INTERNAL
+        message = _one_line(str(cause)) or type(cause).__name__
+        if isinstance(cause, psycopg.Error):
+            message += f" ({_where(args)})"
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(text: str) -> str:
+    """A multi-line message (libpq adds hints on lines of their own) as one line."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _where(args: argparse.Namespace) -> str:
+    """Which database a connection error is about, never with its password."""
+    dsn = _dsn(args)
+    if dsn:
+        return f"database {redact(dsn)}"
+    chosen = [f"{k}={os.environ[k]}" for k in LIBPQ_ENV if os.environ.get(k)]
+    return "no --dsn or PGSTAGECHAIN_DSN given; libpq defaults" + (
+        f" with {' '.join(chosen)}" if chosen else ""
+    )
+
+
+#: The libpq environment variables worth naming in an error (never PGPASSWORD).
+LIBPQ_ENV = ("PGHOST", "PGHOSTADDR", "PGPORT", "PGDATABASE", "PGUSER", "PGSERVICE")
 
 
 def _known_error(exc: BaseException) -> BaseException | None:

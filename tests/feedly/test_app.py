@@ -221,3 +221,54 @@ def test_app_reports_failures_and_exits_nonzero(app_dsn: str, tmp_path: Path) ->
         assert key in done.stdout
     # every variant used its three attempts (the stage's Retry policy) before failing
     assert sorted(n for _, n in attempts) == [3, 3, 3, 3]
+
+
+def run_embedded(out: Path, pgdata: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The app with no database URL: it starts its own embedded server in ``pgdata``."""
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FEEDLY_") and k not in ("PGSTAGECHAIN_DSN", "OPENAI_API_KEY")
+    }
+    return subprocess.run(
+        [
+            *(sys.executable, "-m", "examples.feedly", "--out", str(out)),
+            *("--pgdata", str(pgdata), "--jobs", "1", "--variants", "1", "--workers", "1"),
+            *args,
+        ],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_each_run_shows_only_its_own_result_unless_kept(tmp_path: Path) -> None:
+    pytest.importorskip("pgserver")
+    out, pgdata = tmp_path / "out", tmp_path / "pgdata"
+    first = run_embedded(out, pgdata)
+    assert first.returncode == 0, first.stdout + first.stderr
+    (out / "1" / "left-over.txt").write_text("from the first run")
+
+    again = run_embedded(out, pgdata)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads((out / "run.json").read_text())["jobs"] == [1]  # a fresh database
+    assert not (out / "1" / "left-over.txt").exists()  # a fresh output folder
+
+    kept = run_embedded(out, pgdata, "--keep")
+    assert kept.returncode == 0, kept.stdout + kept.stderr
+    assert json.loads((out / "run.json").read_text())["jobs"] == [2]
+    assert (out / "1" / "feed.png").is_file() and (out / "2" / "feed.png").is_file()
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "id='job-2'" in page and "id='job-1'" not in page  # the gallery is this run's
+
+
+def test_a_foreign_output_folder_is_refused_not_emptied(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("do not delete")
+    done = run_embedded(out, tmp_path / "pgdata")
+    assert done.returncode != 0
+    assert "is not empty and holds no earlier Feedly run" in done.stderr
+    assert (out / "thesis.tex").read_text() == "do not delete"

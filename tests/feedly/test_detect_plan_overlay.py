@@ -181,3 +181,102 @@ def test_blur_lowers_classical_sharpness() -> None:
     black = Image.new("RGB", (200, 200), (0, 0, 0))
     dark = checks.analyze(black)
     assert dark["verdict"] == "fail" and dark["checks"]["exposure"] == 0.0
+
+
+def test_a_product_cut_off_by_the_frame_scores_below_the_whole_product() -> None:
+    from examples.feedly.app import reframe
+    from examples.feedly.vision.feed import rank_variants
+    from examples.feedly.vision.vlm import ClassicalImageChecks
+
+    checks = ClassicalImageChecks()
+    whole = make_sample("lipstick").image
+    cropped = reframe(whole, 2)  # zoomed into the bottom-right corner: the lipstick is cut off
+    ok, cut = checks.analyze(whole), checks.analyze(cropped)
+    assert ok["checks"]["product_in_frame"] == 1.0
+    assert "product fully inside the frame -> 1.00" in ok["reasons"]
+    assert cut["checks"]["product_in_frame"] == 0.6
+    assert "product cut off by the frame at the right and bottom -> 0.60" in cut["reasons"]
+    assert cut["score"] <= 0.6 * ok["score"] + 1e-9
+    # everything else equal, the ranking now prefers the whole product
+    rest = {"ocr_similarity": 1.0, "contrast_ratio": 7.0, "overlap_fraction": 0.0}
+    ranked = rank_variants(
+        [
+            {"variant_id": "cut", "vlm_score": cut["score"], **rest, "contrast_ratio": 9.0},
+            {"variant_id": "whole", "vlm_score": ok["score"], **rest},
+        ]
+    )
+    assert ranked[0]["variant_id"] == "whole"
+
+
+def test_one_side_on_the_frame_is_a_milder_penalty() -> None:
+    from examples.feedly.vision.vlm import cut_sides
+
+    assert cut_sides((100, 100, 300, 300), (768, 768)) == []
+    assert cut_sides((100, 100, 300, 768), (768, 768)) == ["bottom"]
+    assert cut_sides((0, 0, 768, 768), (768, 768)) == ["left", "top", "right", "bottom"]
+    assert cut_sides((5, 100, 300, 300), (768, 768)) == ["left"]  # within 1 % of the border
+
+
+def test_copy_splits_into_headline_and_offer() -> None:
+    from examples.feedly.vision.overlay import split_copy
+
+    assert split_copy("New arrival: Summer Sale, up to 30% off") == (
+        "New arrival",
+        "Summer Sale, up to 30% off",
+    )
+    assert split_copy("Best seller. Buy one get one free") == (
+        "Best seller",
+        "Buy one get one free",
+    )
+    assert split_copy("Up to 30% off") == ("", "Up to 30% off")
+
+
+def test_the_offer_is_the_part_with_the_deal_wherever_it_stands() -> None:
+    from examples.feedly.vision.overlay import copy_blocks, copy_roles
+
+    assert copy_blocks("Up to 30% off. Today only") == [
+        ("Up to 30% off", True),
+        ("Today only", False),
+    ]
+    roles = copy_roles("Up to 30% off. Today only")
+    assert [(r.text, r.scale, r.bold) for r in roles] == [
+        ("Up to 30% off", 1.0, True),  # reading order kept, the deal set large
+        ("TODAY ONLY", 0.6, False),
+    ]
+    assert copy_blocks("Flash sale: 20% off today only") == [
+        ("Flash sale", False),
+        ("20% off today only", True),
+    ]
+
+
+def test_overlay_sets_the_offer_larger_and_heavier_than_the_headline() -> None:
+    from examples.feedly.vision.overlay import copy_roles, fit_roles
+
+    img = make_sample("perfume").image
+    dets = detect_objects(img)["detections"]
+    proposal = plan_proposals(img, dets)[0]
+    res = render_overlay(img, "New arrival: Summer Sale, up to 30% off", proposal)
+    assert res.lines[0] == "NEW ARRIVAL"
+    assert res.line_sizes is not None
+    headline, offer = res.line_sizes[0], res.line_sizes[-1]
+    assert offer == res.font_size and headline < 0.7 * offer
+    assert offer >= 0.05 * img.height  # the offer reads at feed size
+    layout = fit_roles(copy_roles("New arrival: Summer Sale, up to 30% off"), proposal["box"])
+    assert layout.strokes is not None and layout.strokes[0] == 0 and layout.strokes[-1] >= 1
+    flat = render_overlay(img, "New arrival: Summer Sale, up to 30% off", proposal, hierarchy=False)
+    assert len(set(flat.line_sizes or [])) == 1 and flat.overlay_id != res.overlay_id
+
+
+def test_a_wrapped_line_never_starts_or_ends_with_a_separator() -> None:
+    from PIL import ImageDraw
+
+    from examples.feedly.vision.overlay import load_font, wrap_text
+
+    draw = ImageDraw.Draw(Image.new("L", (1, 1)))
+    font = load_font(40)
+    width = int(draw.textlength("Summer sale ·", font=font)) + 2
+    lines = wrap_text("Summer sale · up to 30% off", font, width, draw)
+    assert lines == ["Summer sale", "up to 30% off"]
+    assert wrap_text("Summer sale · up to 30% off", font, 2000, draw) == [
+        "Summer sale · up to 30% off"
+    ]

@@ -102,3 +102,60 @@ def test_full_job_and_gallery(tmp_path: Path) -> None:
     srcs = re.findall(r"src='([^']+)'", text)
     assert srcs and all(not s.startswith("/") and (tmp_path / s).is_file() for s in srcs)
     assert text.count("<tr class='chosen'>") == 2
+
+
+def test_gallery_is_a_page_to_show(tmp_path: Path) -> None:
+    backends = Backends(FeedlyConfig())
+    job = run_job(
+        "7", [DEFAULT_DIR / "mug.png"], tmp_path, "Best seller. Buy one get one free", backends
+    )
+    job["backends"] += "; korean font=/home/me/.venv/lib/site-packages/fonts/NotoSansKR-Regular.otf"
+    text = write_gallery(tmp_path / "index.html", [job], subtitle="best of each job").read_text(
+        encoding="utf-8"
+    )
+    # no file-system paths on the page: links are relative, a font is named by its file name
+    assert str(tmp_path) not in text and ".venv" not in text and "site-packages" not in text
+    assert "Korean font: NotoSansKR-Regular.otf" in text
+    # the posts fill the window in a grid of cards, each showing the feed image at card width
+    assert "grid-template-columns:repeat(auto-fill,minmax(min(100%,560px),1fr))" in text
+    assert "<img class='feed'" in text and ".feed{display:block;width:100%" in text
+    # the caption and hashtags are text on the page, not only pixels in the image
+    assert f"<p class='tags' lang='ko'>{' '.join(job['hashtags'])}</p>" in text
+    assert "<p class='sub'>best of each job</p>" in text
+
+
+def test_korean_copy_on_the_image_keeps_the_hierarchy_and_passes_wcag(tmp_path: Path) -> None:
+    if find_korean_font() is None:
+        pytest.skip("no font with Hangul (pip install pylopdf-fonts-ko)")
+    backends = Backends(FeedlyConfig(copy_on_image="ko"))
+    job = run_job(
+        "job-ko",
+        [DEFAULT_DIR / "perfume.png"],
+        tmp_path,
+        "New arrival: Summer Sale, up to 30% off",
+        backends,
+        product="perfume",
+    )
+    results = json.loads((tmp_path / "job-ko" / "results.json").read_text(encoding="utf-8"))
+    on_image = results["job"]["instagram_feed_gen"]["copy_on_image"]
+    assert on_image["language"] == "ko"
+    headline, offer = on_image["lines"][0], on_image["lines"][-1]
+    assert re.search("[가-힣]", headline) and re.search("[가-힣]", offer)
+    assert "30%" in offer  # the offer is the large, heavy line
+    assert on_image["line_sizes"][0] < on_image["line_sizes"][-1]
+    assert on_image["wcag_aa_normal"] is True and on_image["contrast_p10"] >= 4.5
+    with Image.open(on_image["overlay_image"]) as ko, Image.open(job["chosen_overlay"]) as en:
+        assert ko.size == en.size
+        assert np.asarray(ko.convert("L")).tolist() != np.asarray(en.convert("L")).tolist()
+    english = Backends(FeedlyConfig())
+    plain = run_job(
+        "job-en", [DEFAULT_DIR / "perfume.png"], tmp_path, "Flash sale: 20% off", english
+    )
+    assert plain["feed_image"] != job["feed_image"]
+    en_results = json.loads((tmp_path / "job-en" / "results.json").read_text(encoding="utf-8"))
+    assert en_results["job"]["instagram_feed_gen"]["copy_on_image"] == {"language": "en"}
+
+
+def test_copy_on_image_rejects_an_unknown_language() -> None:
+    with pytest.raises(ValueError, match="copy_on_image must be one of"):
+        FeedlyConfig.from_env({"FEEDLY_COPY_ON_IMAGE": "fr"})

@@ -16,6 +16,8 @@ from typing import Any
 DETECTORS = ("opencv", "ultralytics")
 VLMS = ("classical", "llava", "openai")
 TRANSLATORS = ("phrasebook", "openai", "transformers")
+#: The language of the ad copy drawn on the feed image (the caption is Korean either way).
+COPY_LANGUAGES = ("en", "ko")
 
 EXTRA_FOR_MODULE = {
     "cv2": "feedly",
@@ -64,6 +66,7 @@ class FeedlyConfig:
     translator_model_path: str | None = None
     translator_model: str | None = None
     korean_font: str | None = None
+    copy_on_image: str = "en"
 
     def __post_init__(self) -> None:
         """Reject impossible combinations at configuration time, not mid-pipeline."""
@@ -71,6 +74,10 @@ class FeedlyConfig:
             raise ValueError(f"detector must be one of {DETECTORS}, got {self.detector!r}")
         if self.vlm not in VLMS:
             raise ValueError(f"vlm must be one of {VLMS}, got {self.vlm!r}")
+        if self.copy_on_image not in COPY_LANGUAGES:
+            raise ValueError(
+                f"copy_on_image must be one of {COPY_LANGUAGES}, got {self.copy_on_image!r}"
+            )
         if self.translator not in TRANSLATORS:
             raise ValueError(f"translator must be one of {TRANSLATORS}, got {self.translator!r}")
         if self.detector == "ultralytics" and not self.yolo_weights:
@@ -90,7 +97,8 @@ class FeedlyConfig:
 
         Variables: FEEDLY_DETECTOR, FEEDLY_YOLO_WEIGHTS, FEEDLY_VLM, FEEDLY_LLAVA_PATH,
         FEEDLY_OPENAI_BASE_URL, FEEDLY_OPENAI_MODEL, FEEDLY_OPENAI_API_KEY, FEEDLY_TRANSLATOR,
-        FEEDLY_TRANSLATOR_PATH, FEEDLY_TRANSLATOR_MODEL, FEEDLY_KOREAN_FONT.
+        FEEDLY_TRANSLATOR_PATH, FEEDLY_TRANSLATOR_MODEL, FEEDLY_KOREAN_FONT,
+        FEEDLY_COPY_ON_IMAGE (``en`` or ``ko``).
         """
         env = os.environ if environ is None else environ
         names = {
@@ -105,6 +113,7 @@ class FeedlyConfig:
             "translator_model_path": "FEEDLY_TRANSLATOR_PATH",
             "translator_model": "FEEDLY_TRANSLATOR_MODEL",
             "korean_font": "FEEDLY_KOREAN_FONT",
+            "copy_on_image": "FEEDLY_COPY_ON_IMAGE",
         }
         values: dict[str, Any] = {k: env[v] for k, v in names.items() if env.get(v)}
         if "openai_api_key" not in values and env.get("OPENAI_API_KEY"):

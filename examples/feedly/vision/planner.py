@@ -23,13 +23,15 @@ from .iou import Box, area, union_area_within
 from .readability import WCAG_AA_NORMAL, contrast_map
 
 RGB = tuple[int, int, int]
+#: How much a band's share of the image lowers its cost: a bigger band takes bigger type.
+ROOM_WEIGHT = 0.3
 DEFAULT_PALETTE: tuple[RGB, ...] = ((255, 255, 255), (17, 17, 17), (250, 235, 200), (20, 40, 80))
 
 
 def candidate_boxes(
     size: tuple[int, int],
     *,
-    heights: Sequence[float] = (0.16, 0.22),
+    heights: Sequence[float] = (0.16, 0.22, 0.28),
     widths: Sequence[float] = (0.9, 0.6, 0.45),
     step: float = 0.03,
     margin: float = 0.05,
@@ -115,7 +117,8 @@ def plan_proposals(
             0.0, 1.0 - abs(cy - 0.5) / 0.25
         )  # middle third is for the product
         narrow_penalty = 0.03 if (b[2] - b[0]) < 0.85 * w else 0.0  # prefer full-width when equal
-        cost = energy + overlap_weight * covered + centre_penalty + narrow_penalty
+        room_bonus = ROOM_WEIGHT * area(b) / (w * h)  # room for large type, all else equal
+        cost = energy + overlap_weight * covered + centre_penalty + narrow_penalty - room_bonus
         scored.append((cost, b, energy, covered))
     scored.sort(key=lambda t: (t[0], t[1]))
     chosen: list[dict[str, Any]] = []

@@ -18,11 +18,13 @@ from PIL import Image
 from .backends import FeedlyConfig
 from .copy_kor import Translator, ad_copy_gen_kor, make_translator
 from .detect import Detection, Detector, detect_objects, make_detector
+from .feed import find_korean_font
 from .feed import instagram_feed_gen as _feed_gen
 from .iou import iou_eval as _iou_eval
 from .ocr import ocr_eval as _ocr_eval
-from .overlay import render_overlay
+from .overlay import copy_blocks, render_overlay, role_of
 from .planner import plan_proposals
+from .readability import background_pixels, region_contrast
 from .readability import readability_eval as _readability_eval
 from .sample_images import load_image
 from .vlm import VisionLanguageModel, make_vlm
@@ -200,6 +202,14 @@ def instagram_feed(inp: JobInput, b: Backends) -> dict[str, Any]:
     kor = inp.previous["ad_copy_gen_kor"]
     rows = [variant_scores(k, r) for k, r in inp.variants.items()]
     paths = {r["variant_id"]: r["overlay_image"] for r in rows if r["overlay_image"]}
+    on_image: dict[str, Any] = {"copy_on_image": {"language": "en"}}
+    if b.config.copy_on_image == "ko" and rows:
+        best = rank_variants_rows(rows)[0]["variant_id"]
+        found = korean_copy_overlay(inp.variants[best], b, inp.dir())
+        if found is not None:
+            paths[best], on_image["copy_on_image"] = found
+        else:
+            on_image["copy_on_image"]["skipped"] = "no font with Hangul found (FEEDLY_KOREAN_FONT)"
     res = _feed_gen(
         rows,
         paths,
@@ -209,7 +219,48 @@ def instagram_feed(inp: JobInput, b: Backends) -> dict[str, Any]:
         english=next(iter(kor.get("translations", {})), None),
         font_path=b.config.korean_font,
     )
-    return {**res, "variants": rank_variants_rows(rows)}
+    return {**res, **on_image, "variants": rank_variants_rows(rows)}
+
+
+def korean_copy_overlay(
+    results: Results, b: Backends, out_dir: Path
+) -> tuple[str, dict[str, Any]] | None:
+    """The chosen variant redrawn with its copy in Korean (None without a Hangul font).
+
+    Headline and offer are translated apart and keep their roles; the text goes in the
+    planned box and colour, on the same background; the WCAG check of the readability
+    stage decides whether it needs a plate (AA for normal text, 4.5:1 at the 10th
+    percentile of the pixels under it)."""
+    font = find_korean_font(b.config.korean_font)
+    if font is None:
+        return None
+    ov, plan = results["overlay"], results["planner"]
+    proposal = next(p for p in plan["proposals"] if p["proposal_id"] == ov["proposal_id"])
+    roles = [  # translated part by part, so each keeps its role
+        role_of(b.translator.translate(part)["korean"], is_offer)
+        for part, is_offer in copy_blocks(ov["text"])
+    ]
+    with Image.open(ov["background_image"]) as im:
+        background = im.convert("RGB")
+    for plate in (False, True):
+        res = render_overlay(
+            background, ov["text"], proposal, font_path=font, plate=plate, roles=roles
+        )
+        pixels = background_pixels(res.background, res.text_box, res.text_color)
+        check = region_contrast(res.text_color, pixels)
+        if check["wcag_aa_normal"]:
+            break
+    path = out_dir / f"overlay_ko_{res.overlay_id}.png"
+    res.image.save(path)
+    return str(path), {
+        "language": "ko",
+        "lines": res.lines,
+        "line_sizes": res.line_sizes,
+        "contrast_p10": check["contrast_p10"],
+        "wcag_aa_normal": check["wcag_aa_normal"],
+        "plate": plate,
+        "overlay_image": str(path),
+    }
 
 
 def rank_variants_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -284,11 +284,32 @@ def clipping(gray: np.ndarray) -> tuple[float, float]:
     return float((gray <= 2).sum() / n), float((gray >= 253).sum() / n)
 
 
+#: Factor on the image score by how many sides of the product's box meet the frame.
+IN_FRAME = (1.0, 0.8, 0.6)
+#: A box edge this close to the frame (share of the image side) counts as cut off.
+FRAME_MARGIN = 0.01
+SIDES = ("left", "top", "right", "bottom")
+
+
+def box_area(box: Sequence[float]) -> float:
+    return float(max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1]))
+
+
+def cut_sides(box: Sequence[float], size: tuple[int, int]) -> list[str]:
+    """The sides of the image where the product's box meets the frame (it is cut off there)."""
+    w, h = size
+    mx, my = FRAME_MARGIN * w, FRAME_MARGIN * h
+    touches = (box[0] <= mx, box[1] <= my, box[2] >= w - mx, box[3] >= h - my)
+    return [side for side, hit in zip(SIDES, touches, strict=True) if hit]
+
+
 class ClassicalImageChecks:
     """Measurable stand-in for the two LLaVA stages. NOT a vision-language model.
 
     analyze: sharpness (variance of Laplacian), exposure (histogram clipping, mean level),
-    product visible (largest detected box's share of the image).
+    product visible (largest detected box's share of the image) and product in frame (that
+    box does not meet the image border: a product cut off by the frame scales the score by
+    0.8 for one side, 0.6 for two or more).
     judge: the same plus text legibility (WCAG contrast under the text, OCR similarity when
     given in ``context``) and whether the text covers detected objects.
     """
@@ -314,20 +335,31 @@ class ClassicalImageChecks:
             f"clipping {100 * dark:.1f}% black / {100 * bright:.1f}% white, mean {mean:.0f} -> {s_expo:.2f}"
         )
         found = list(dets) if dets is not None else self.detector.detect(image)
-        frac = max(
-            (
-                ((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])) / (image.width * image.height)
-                for d in found
-            ),
-            default=0.0,
-        )
+        product = max(found, key=lambda d: box_area(d.box), default=None)
+        frac = box_area(product.box) / (image.width * image.height) if product else 0.0
         s_prod = 0.0 if frac < 0.02 else 1.0 if 0.05 <= frac <= 0.85 else 0.5
         reasons.append(f"largest object covers {100 * frac:.1f}% of the image -> {s_prod:.2f}")
-        return {"sharpness": s_sharp, "exposure": s_expo, "product_visible": s_prod}, reasons
+        cut = cut_sides(product.box, image.size) if product else []
+        s_frame = IN_FRAME[min(len(cut), 2)]
+        reasons.append(
+            f"product cut off by the frame at the {' and '.join(cut)} -> {s_frame:.2f}"
+            if cut
+            else "product fully inside the frame -> 1.00"
+        )
+        parts = {
+            "sharpness": s_sharp,
+            "exposure": s_expo,
+            "product_visible": s_prod,
+            "product_in_frame": s_frame,
+        }
+        return parts, reasons
 
     @staticmethod
     def _result(stage: str, parts: dict[str, float], reasons: list[str]) -> dict[str, Any]:
-        score = float(np.mean(list(parts.values())))
+        # A cropped product spoils the whole ad, so it scales the score instead of being
+        # one check among many (averaged in, a cut-off product still won on contrast).
+        rest = [v for k, v in parts.items() if k != "product_in_frame"]
+        score = float(np.mean(rest)) * parts.get("product_in_frame", 1.0)
         if min(parts.values()) < 0.3:  # one failed check fails the image, like a reviewer would
             score = min(score, 0.45)
         return {
