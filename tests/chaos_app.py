@@ -80,9 +80,16 @@ def injected(stage: str, key: str, attempt: int) -> bool:
     return zlib.crc32(f"{stage}:{key}:{attempt}".encode()) % 100 < FAIL_PERCENT
 
 
+#: The first stage stands for a model call: long enough that the chaos test can crash the
+#: server between a burst of claims and their first completion.
+FIRST_STAGE_SECONDS = (0.3, 0.6)
+
+
 def work_seconds(stage: str) -> float:
     if MODES[stage][2] and random.randrange(1000) < SLOW_PER_MILLE:
         return SLOW_SECONDS * random.uniform(0.8, 1.2)
+    if stage == ROW_STAGES[0]:
+        return random.uniform(*FIRST_STAGE_SECONDS)
     return random.uniform(0, WORK_SECONDS)
 
 

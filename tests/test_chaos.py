@@ -1,7 +1,7 @@
-"""Chaos: a thousand ten-stage chains through worker processes while everything breaks.
+"""Chaos: some 1,600 ten-stage chains through worker processes while everything breaks.
 
-In one run, while ``PGSTAGECHAIN_CHAOS_JOBS`` jobs of four variants each (default 250,
-so 1,000 chains and 8,500 stage runs) go through three ``pgstagechain worker`` processes
+In one run, while ``PGSTAGECHAIN_CHAOS_JOBS`` jobs of four variants each (default 400,
+so 1,600 chains and 13,600 stage runs) go through three ``pgstagechain worker`` processes
 with a 3 s lease, one of them serving only the first four stages:
 
 * the stages run every way a stage can (``tests/chaos_app.py``): ``async def`` and
@@ -9,8 +9,8 @@ with a 3 s lease, one of them serving only the first four stages:
   completions); a few calls take longer than a server restart;
 * worker processes are SIGKILLed at random moments and started again;
 * the PostgreSQL server crashes (``pg_ctl restart -m immediate``: what was not yet on
-  disk is gone) and is restarted cleanly (``-m fast``), each time with fresh work
-  released just after it comes back;
+  disk is gone), once right after a burst of claims, and is restarted cleanly
+  (``-m fast``), each time with fresh work released just after it comes back;
 * backends of the workers (listeners, claim and completion links, handler connections)
   are terminated with ``pg_terminate_backend``;
 * the pipeline's channel is flooded with hostile payloads: garbage, forgeries for real
@@ -46,18 +46,21 @@ import pytest
 
 from pgstagechain import migrate
 from tests.chaos_app import EXECUTIONS_TABLE, RECORDING_STAGES, pipeline
+from tests.crash import crash, wal_writer_held
 from tests.seed import GROUP_STAGES, ROW_STAGES, add_jobs, create_tables
 
 pytestmark = [pytest.mark.anyio, pytest.mark.chaos, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
-JOBS = int(os.environ.get("PGSTAGECHAIN_CHAOS_JOBS", "250"))
+JOBS = int(os.environ.get("PGSTAGECHAIN_CHAOS_JOBS", "400"))
 VARIANTS = 4
 WORKERS = 3
 #: stages of the worker in slot 1 (a "GPU pool"); the others serve every stage
 PARTIAL_STAGES = ROW_STAGES[:4]
-#: one server restart between two waves of released work
-RESTART_MODES = ("immediate", "fast", "immediate")
+#: one server restart between two waves of released work: the first is a crash just
+#: after a burst of claims (see :func:`crash_after_claims`), the others come once the
+#: released work is about half done
+RESTART_MODES = ("immediate", "fast", "immediate", "immediate")
 WAVES = len(RESTART_MODES) + 1
 LEASE = 3.0
 #: The whole test gives up (and fails) after this many seconds.
@@ -106,7 +109,12 @@ class Chaos:
     recoveries: list[str] = attrs.field(factory=list)
     terminations: Counter[str] = attrs.field(factory=Counter)
     payloads: int = 0
+    #: (stage, key) of each run id seen just before the first crash
+    before_crash: dict[int, tuple[str, str]] = attrs.field(factory=dict)
     released_waves: int = 0
+    #: set after the first crash: the other agents wait for it, so that nothing commits
+    #: synchronously (a NOTIFY does) between the claims that crash is meant to lose and it
+    storm: anyio.Event = attrs.field(factory=anyio.Event)
     finished: anyio.Event = attrs.field(factory=anyio.Event)
 
     def start(self, slot: int) -> None:
@@ -188,7 +196,15 @@ async def until_succeeded(dsn: str, count: int) -> None:
 
 
 def tail(log: Path, size: int = 3000) -> str:
-    return f"--- {log.name}\n{log.read_text(errors='replace')[-size:]}"
+    """The end of a worker's log, after the last exceptions it names (a traceback of
+    nested task groups puts the cause far from its end)."""
+    text = log.read_text(errors="replace")
+    errors = [
+        line.strip(" |")
+        for line in text.splitlines()
+        if ("Error: " in line or "Exception: " in line) and "ExceptionGroup" not in line
+    ]
+    return f"--- {log.name}: last errors {errors[-3:]}\n{text[-size:]}"
 
 
 def worker_logs(logs: Path) -> str:
@@ -227,6 +243,7 @@ async def supervise(chaos: Chaos) -> None:
 
 
 async def kill_workers(chaos: Chaos, rng: random.Random) -> None:
+    await chaos.storm.wait()
     while not chaos.finished.is_set():
         await anyio.sleep(rng.uniform(1.5, 4.0))
         slot = rng.randrange(WORKERS)
@@ -242,6 +259,7 @@ async def kill_workers(chaos: Chaos, rng: random.Random) -> None:
 
 async def cut_backends(chaos: Chaos, rng: random.Random) -> None:
     """Terminate workers' backends: every listener, and a few others of any kind."""
+    await chaos.storm.wait()
     while not chaos.finished.is_set():
         await anyio.sleep(rng.uniform(1.0, 3.0))
         try:
@@ -305,6 +323,7 @@ def hostile_payloads(rng: random.Random, count: int) -> Iterator[str]:
 
 
 async def flood(chaos: Chaos, rng: random.Random) -> None:
+    await chaos.storm.wait()
     while not chaos.finished.is_set():
         await anyio.sleep(rng.uniform(0.5, 1.5))
         payloads = [p for p in dict.fromkeys(hostile_payloads(rng, 300)) if len(p) < 8000]
@@ -319,9 +338,14 @@ async def flood(chaos: Chaos, rng: random.Random) -> None:
         chaos.payloads += len(payloads)
 
 
-async def restart_server(chaos: Chaos, cluster: Any, mode: str) -> None:
+async def restart_server(
+    chaos: Chaos, cluster: Any, mode: str, *, held_wal_writer: int | None = None
+) -> None:
     """Restart the server, then release the next wave and time the way back to progress."""
-    await anyio.to_thread.run_sync(cluster.restart, mode)
+    if mode == "immediate":
+        await anyio.to_thread.run_sync(crash, cluster, held_wal_writer)
+    else:
+        await anyio.to_thread.run_sync(cluster.restart, mode)
     chaos.restarts[mode] += 1
     up = time.monotonic()
     before = await succeeded(chaos.dsn)
@@ -329,6 +353,50 @@ async def restart_server(chaos: Chaos, cluster: Any, mode: str) -> None:
         await release_wave(chaos)
     await until_succeeded(chaos.dsn, before + 1)
     chaos.recoveries.append(f"{time.monotonic() - up:.2f}s ({mode})")
+
+
+async def crash_after_claims(chaos: Chaos, cluster: Any) -> None:
+    """Release the first wave and crash the server as soon as workers claimed some of it,
+    before any of those runs completed, with the WAL writer held: the claims, committed
+    asynchronously, are lost (as the last ~0.2 s of them are in any crash)."""
+    listening = 0
+    while listening < WORKERS:  # started, and done with their start-up commits
+        await anyio.sleep(0.05)
+        [(listening,)] = await query(
+            chaos.dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'pgstagechain-listener'",
+        )
+    with wal_writer_held(chaos.dsn) as wal_writer:
+        await release_wave(chaos)
+        claimed = 0
+        while claimed < 16:
+            await anyio.sleep(0.01)
+            [(claimed,)] = await query(chaos.dsn, "SELECT count(*) FROM pgstagechain.runs")
+        chaos.before_crash = {
+            run_id: (stage, key)
+            for run_id, stage, key in await query(
+                chaos.dsn, "SELECT id, stage, row_key FROM pgstagechain.runs"
+            )
+        }
+        await restart_server(chaos, cluster, "immediate", held_wal_writer=wal_writer)
+    chaos.storm.set()
+
+
+async def crash_figures(chaos: Chaos) -> tuple[int, int]:
+    """Of the claims seen just before the first crash: how many it took back, and how many
+    of their run ids were later given to another row's or stage's run."""
+    after = {
+        run_id: (stage, key)
+        for run_id, stage, key in await query(
+            chaos.dsn,
+            "SELECT id, stage, row_key FROM pgstagechain.runs WHERE id = ANY(%s)",
+            (list(chaos.before_crash),),
+        )
+    }
+    lost = sum(1 for run_id, run in chaos.before_crash.items() if after.get(run_id) != run)
+    reused = sum(1 for run_id, run in chaos.before_crash.items() if after.get(run_id, run) != run)
+    return lost, reused
 
 
 async def progress(dsn: str) -> dict[str, int]:
@@ -359,8 +427,8 @@ async def progress(dsn: str) -> dict[str, int]:
 async def conduct(chaos: Chaos, cluster: Any, rng: random.Random) -> bool:
     """Release work in waves, restart the server between them, and wait for the end.
     False if the work stalled (no run succeeded for ``STALL`` seconds) before it ended."""
-    await release_wave(chaos)
-    for mode in RESTART_MODES:
+    await crash_after_claims(chaos, cluster)
+    for mode in RESTART_MODES[1:]:
         # Restart once the released work is about half done, so some is in flight.
         target = int(0.5 * RUNS_PER_JOB * wave_bounds(chaos.released_waves - 1)[1])
         await until_succeeded(chaos.dsn, target)
@@ -515,6 +583,7 @@ async def test_chains_survive_chaos(
         " (SELECT count(*) FROM pgstagechain.runs WHERE state = 'expired')",
         (RECORDING_STAGES,),
     )
+    lost_claims, reused_ids = await crash_figures(chaos)
     for key, step, attempt, reason in await query(dsn, FAILURE_REASONS):
         print(f"  failed: variant {key} at {step} after attempt {attempt}: {reason[:160]}")
     print(
@@ -528,14 +597,16 @@ async def test_chains_survive_chaos(
         f" server restarts {dict(chaos.restarts)},"
         f" backends terminated {sum(chaos.terminations.values())}"
         f" {dict(chaos.terminations)}, hostile payloads {chaos.payloads}\n"
-        f"  recovery after each restart: {', '.join(chaos.recoveries)}\n"
+        f"  recovery after each restart: {', '.join(chaos.recoveries)};"
+        f" claims lost in the first crash {lost_claims} of {len(chaos.before_crash)},"
+        f" their run ids reused {reused_ids}\n"
         f"  misplaced results {len(misplaced)}, duplicate successful runs {len(duplicate_runs)},"
         f" duplicate executions {len(duplicate_executions)},"
         f" stray executions {len(stray_executions)}, orphaned rows and groups {len(orphans)}"
     )
     if not ended:
         print(await anyio.to_thread.run_sync(worker_logs, tmp_path))
-    assert chaos.restarts == {"immediate": 2, "fast": 1}
+    assert chaos.restarts == Counter(RESTART_MODES)
     assert chaos.kills >= 1 and chaos.terminations["pgstagechain-listener"] >= 1
     assert chaos.exits == [] and sorted(survivors) == list(range(WORKERS))
     assert misplaced == [], "results stored on another row's or stage's run"
