@@ -156,10 +156,12 @@ async def test_stale_completion_after_a_crash_never_closes_another_rows_run(
     pgstagechain_dsn: str, pgstagechain_server: Any
 ) -> None:
     """Worker A holds rows 1-10 at stage ``a`` (handlers without a connection, so their
-    completions are batched) when the server crashes. Claims committed asynchronously,
-    and the advance of the run id sequence with them, can be lost in the crash; worker B,
-    started after it, claims rows 101-110 at stage ``b`` and may get the very run ids A
-    holds. A's late completion must then be refused, not close B's runs."""
+    completions are batched) when the server crashes. What was committed asynchronously
+    and not yet written is lost in a crash (the WAL writer is held here, so that is all
+    of it, every time): claims, and the advance of the run id sequence with them. Worker
+    B, started after the crash, claims rows 101-110 at stage ``b`` and may get the very
+    run ids A holds. A's late completions must then be refused, not close B's runs; every
+    row must still finish, each result on its own row's run."""
     cluster = pgstagechain_server.cluster
     if cluster is None:
         pytest.skip("the server comes from PGSTAGECHAIN_TEST_DSN and cannot be restarted here")
