@@ -10,8 +10,6 @@ ledger. Everything is checked from SQL.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -21,6 +19,7 @@ import psycopg
 import pytest
 
 from pgstagechain import Pipeline, RecoveryScanner, Retry, StageContext, Worker, migrate
+from tests.crash import crash, wal_writer_held
 
 pytestmark = pytest.mark.anyio
 
@@ -61,24 +60,6 @@ async def wait_until(
                 return
             await anyio.sleep(0.02)
     raise AssertionError(f"gave up waiting for: {what}")
-
-
-@asynccontextmanager
-async def wal_writer_held(dsn: str) -> AsyncIterator[None]:
-    """Stop the server's WAL writer (SIGSTOP) until the block ends with a crash restart.
-
-    Asynchronous commits then stay in shared memory: the crash loses every one of them,
-    every time, instead of those made in the last ~0.2 s. Synchronous commits are
-    unaffected (a backend flushes its own). The postmaster's immediate shutdown kills the
-    stopped process after a few seconds; it is resumed here if the block ends otherwise.
-    """
-    [(pid,)] = await query(dsn, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'walwriter'")
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
 
 
 @asynccontextmanager
@@ -175,10 +156,12 @@ async def test_stale_completion_after_a_crash_never_closes_another_rows_run(
     pgstagechain_dsn: str, pgstagechain_server: Any
 ) -> None:
     """Worker A holds rows 1-10 at stage ``a`` (handlers without a connection, so their
-    completions are batched) when the server crashes. Claims committed asynchronously,
-    and the advance of the run id sequence with them, can be lost in the crash; worker B,
-    started after it, claims rows 101-110 at stage ``b`` and may get the very run ids A
-    holds. A's late completion must then be refused, not close B's runs."""
+    completions are batched) when the server crashes. What was committed asynchronously
+    and not yet written is lost in a crash (the WAL writer is held here, so that is all
+    of it, every time): claims, and the advance of the run id sequence with them. Worker
+    B, started after the crash, claims rows 101-110 at stage ``b`` and may get the very
+    run ids A holds. A's late completions must then be refused, not close B's runs; every
+    row must still finish, each result on its own row's run."""
     cluster = pgstagechain_server.cluster
     if cluster is None:
         pytest.skip("the server comes from PGSTAGECHAIN_TEST_DSN and cannot be restarted here")
@@ -220,7 +203,7 @@ async def test_stale_completion_after_a_crash_never_closes_another_rows_run(
         # The next run id must be WAL-logged anew (a sequence logs 32 ids ahead): that
         # record goes with the first claim's commit.
         await query(dsn, "SELECT setval('pgstagechain.runs_id_seq', 1000)")
-        async with wal_writer_held(dsn):
+        with wal_writer_held(dsn) as wal_writer:
             await query(
                 dsn,
                 "INSERT INTO crash_items SELECT k, 'new', 'done' FROM generate_series(1, 10) k",
@@ -237,7 +220,7 @@ async def test_stale_completion_after_a_crash_never_closes_another_rows_run(
                 )
             ]
             # The crash: the WAL not yet written is gone, as after a power cut.
-            await anyio.to_thread.run_sync(cluster.restart, "immediate")
+            await anyio.to_thread.run_sync(crash, cluster, wal_writer)
         await query_when_up(
             dsn, "INSERT INTO crash_items SELECT k, 'a', 'done' FROM generate_series(101, 110) k"
         )

@@ -105,6 +105,9 @@ def test_any_text(payload: str) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(json_values | near_events, st.booleans())
+@example(["r", "img_gen", "\ud800", None], True)
+@example(["r", "img_gen", "10\x001", None], False)
+@example(["r", "img_gen", {"a": {"b": [1, {"c": None}]}}, None], True)
 def test_any_json(value: Any, ascii_only: bool) -> None:
     # ensure_ascii escapes lone surrogates as \udxxx; without it they stay raw in the text
     check(json.dumps(value, ensure_ascii=ascii_only))
