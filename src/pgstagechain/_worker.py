@@ -16,12 +16,10 @@ import os
 import random
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import anyio
 import anyio.lowlevel
 import psycopg
-from psycopg import AsyncConnection
 
 from ._batcher import COMPLETERS, CompletionBatcher
 from ._claim import DEFAULT_LEASE, Claimer, claimer_for
@@ -207,11 +205,24 @@ class Worker:
             raise first from None
 
     async def _open(self) -> None:
-        """Connect and check the database side; a problem here is raised as a library error."""
-        control = await self._connect_first()
+        """Connect and check the database side, waiting for the database at start-up (it
+        may be restarting) within ``startup_timeout``; a refusal for good ends the wait
+        at once, as a library error."""
+        last = ""
         try:
-            await require_installed(control, self.pipeline)
-            self._claimer = await claimer_for(control, self.pipeline)
+            with anyio.move_on_after(self.startup_timeout):
+                while True:
+                    try:
+                        control = await self._control.get()
+                        await require_installed(control, self.pipeline)
+                        self._claimer = await claimer_for(control, self.pipeline)
+                        return
+                    except DB_ERRORS as exc:
+                        if self._stopping:
+                            raise
+                        self.stats.db_errors += 1
+                        last = str(exc).strip() or type(exc).__name__
+                        await self._control.broke(exc)  # raises if refused for good
         except psycopg.Error as exc:
             await self._control.close()
             problem = access_problem(exc)
@@ -221,6 +232,9 @@ class Worker:
         except BaseException:
             await self._control.close()
             raise
+        await self._control.close()
+        assert self.startup_timeout is not None
+        raise StartupTimeoutError(self.startup_timeout, redact(self.conninfo), last)
 
     async def _serve_started(self, *, until_idle: bool) -> None:
         claimer = self._claimer_()
@@ -300,23 +314,6 @@ class Worker:
                 await self._control.close()
                 for link in self._completers:
                     await link.close()
-
-    async def _connect_first(self) -> AsyncConnection[Any]:
-        """Wait for the database at start-up (it may be restarting), within
-        ``startup_timeout``; a refusal for good ends the wait at once."""
-        last = ""
-        with anyio.move_on_after(self.startup_timeout):
-            while True:
-                try:
-                    return await self._control.get()
-                except DB_ERRORS as exc:
-                    if self._stopping:
-                        raise
-                    self.stats.db_errors += 1
-                    last = str(exc).strip() or type(exc).__name__
-                    await self._control.broke(exc)
-        assert self.startup_timeout is not None
-        raise StartupTimeoutError(self.startup_timeout, redact(self.conninfo), last)
 
     async def _drain(self) -> None:
         """Let in-flight runs finish within the deadline; hand the rest back at once."""
