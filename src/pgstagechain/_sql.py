@@ -89,13 +89,54 @@ def plain(name: str) -> LiteralString:
     return Statements({}).text(name)
 
 
+def object_names(pipeline: Pipeline) -> dict[str, str]:
+    """The database objects a pipeline owns on the user's side, by role."""
+    return {
+        "function": f"notify_{pipeline.name}",
+        "trigger": f"pgstagechain_{pipeline.name}",
+        "state_index": f"pgstagechain_{pipeline.name}_state",
+        "group_index": f"pgstagechain_{pipeline.name}_group",
+    }
+
+
+def owned_names(schema: str, objects: dict[str, str]) -> dict[str, sql.Composable]:
+    """``objects`` (as :func:`object_names` gives them, or as install recorded them) as SQL."""
+    names: dict[str, sql.Composable] = {}
+    if "function" in objects:
+        names["function"] = sql.Identifier("pgstagechain", objects["function"])
+    if "trigger" in objects:
+        names["trigger"] = sql.Identifier(objects["trigger"])
+    for index in ("state_index", "group_index"):
+        if index in objects:  # created beside its table, dropped by its qualified name
+            names[index] = sql.Identifier(objects[index])
+            names[f"{index}_in_schema"] = sql.Identifier(schema, objects[index])
+    return names
+
+
+def _text_array(values: list[str]) -> sql.Composable:
+    return sql.SQL("ARRAY[{}]::text[]").format(sql.SQL(", ").join(map(sql.Literal, values)))
+
+
 def configured_names(
-    pipeline: Pipeline, key_type: str, group_type: str | None = None
+    pipeline: Pipeline, key_type: str = "text", group_type: str | None = None
 ) -> dict[str, sql.Composable]:
     """The pipeline's names as SQL, for the templates' ``{word}`` placeholders; the types of
-    its key and group columns as the catalog spells them."""
+    its key and group columns as the catalog spells them. Values the trigger function
+    holds as constants (the done status, the channel, the steps it announces) come as
+    literals."""
     spec = pipeline.table
     names: dict[str, sql.Composable] = {
+        **owned_names(spec.schema, object_names(pipeline)),
+        "done": sql.Literal(spec.statuses.done),
+        "channel": sql.Literal(pipeline.channel),
+        "pipeline_name": sql.Literal(pipeline.name),
+        "row_steps": _text_array(
+            [s.after for s in pipeline if not s.group and not pipeline.is_group_step(s.after)]
+        ),
+        "fan_in_steps": _text_array(list(pipeline.fan_in_steps())),
+        "new_group": sql.SQL("NULL::text"),
+        # index builds: CONCURRENTLY outside a transaction (see Statements.with_names)
+        "concurrently": sql.SQL(""),
         "table": sql.Identifier(spec.schema, spec.table),
         "key": sql.Identifier(spec.key),
         "step": sql.Identifier(spec.step_column),
@@ -113,6 +154,7 @@ def configured_names(
         names["group"] = sql.Identifier(spec.group_column)
         names["group_type"] = sql.SQL(group_type or "text")
         names["group_expr"] = sql.SQL("t.{}::text").format(names["group"])
+        names["new_group"] = sql.SQL("NEW.{}::text").format(names["group"])
     return names
 
 
@@ -123,6 +165,10 @@ class Statements:
         self.names = names
         self._composed: dict[str, sql.Composable] = {}
         self._text: dict[str, LiteralString] = {}
+
+    def with_names(self, **more: sql.Composable) -> Statements:
+        """The same templates with some names added or replaced."""
+        return Statements({**self.names, **more})
 
     def composed(self, name: str, within: tuple[str, ...] = ()) -> sql.Composable:
         """Template ``name`` with its fragments and names filled in (``within``: the

@@ -1,0 +1,97 @@
+"""What many tests need: a few statements, waiting for a condition with a deadline, a
+worker in the background, and a real HTTP server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TypeVar
+
+import anyio
+import psycopg
+
+from pgstagechain import Worker
+
+T = TypeVar("T")
+
+#: how long a test waits for something that should happen before it fails
+WAIT_SECONDS = 60.0
+
+
+async def query(dsn: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(statement, params)
+        return await cur.fetchall() if cur.description else []
+
+
+async def value(dsn: str, statement: str, params: Any = None) -> Any:
+    return (await query(dsn, statement, params))[0][0]
+
+
+async def query_when_up(dsn: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
+    """:func:`query`, waiting out a server restart."""
+    while True:
+        try:
+            return await query(dsn, statement, params)
+        except psycopg.OperationalError:
+            await anyio.sleep(0.1)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], what: str, *, within: float = WAIT_SECONDS
+) -> None:
+    """Poll ``check`` until it holds; fail with ``what`` if it never does."""
+    with anyio.move_on_after(within):
+        while True:
+            if await check():
+                return
+            await anyio.sleep(0.02)
+    raise AssertionError(f"gave up waiting for: {what}")
+
+
+def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    """``predicate`` as a check for :func:`wait_until`."""
+
+    async def check() -> bool:
+        return predicate()
+
+    return check
+
+
+def wait_for(check: Callable[[], T], what: str, *, within: float = WAIT_SECONDS) -> T:
+    """Blocking :func:`wait_until`: poll ``check`` until it returns something true."""
+    deadline = time.monotonic() + within
+    while not (found := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for: {what}")
+        time.sleep(0.05)
+    return found
+
+
+@asynccontextmanager
+async def serving(worker: Worker) -> AsyncIterator[Worker]:
+    """Run ``worker`` in the background; stop it (and wait for its drain) on exit."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await worker.wait_started()
+        try:
+            yield worker
+        finally:
+            worker.stop()
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """Serve ``handler`` on a free port until the block ends; yield ``http://127.0.0.1:PORT``."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
