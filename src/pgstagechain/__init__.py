@@ -8,8 +8,10 @@ crashed worker left behind.
 
 from __future__ import annotations
 
+from . import admin as admin
 from ._claim import claim as claim
 from ._claim import complete as complete
+from ._claim import complete_sync as complete_sync
 from ._claim import fail as fail
 from ._connect import redact as redact
 from ._context import Claim as Claim
@@ -66,8 +68,10 @@ __all__ = [
     "Statuses",
     "Worker",
     "WorkerStats",
+    "admin",
     "claim",
     "complete",
+    "complete_sync",
     "fail",
     "migrate",
     "redact",

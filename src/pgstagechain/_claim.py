@@ -383,6 +383,30 @@ async def complete(
     )
 
 
+def complete_sync(
+    conn: Connection[Any], pipeline: Pipeline, claimed: Claim, result: Any = None
+) -> None:
+    """:func:`complete` on a blocking connection: a plain function's handler completes its
+    stage in the transaction it wrote in, so both commit or neither.
+
+    ``claimed`` comes from :func:`claim` on the same pipeline (which reads the catalog this
+    needs). Raises :class:`~pgstagechain.LeaseLostError` when the claim was rescued meanwhile.
+    """
+    claimer = _claimers.get(pipeline)
+    if claimer is None:
+        raise ConfigurationError(
+            f"pipeline {pipeline.name!r}: claim the row with claim() before complete_sync()"
+        )
+    completed, _ = claimer.complete_many_sync(
+        conn,
+        claimed.stage,
+        claimed.is_group,
+        [(claimed.run_id, claimed.token, claimed.row_key, to_json(claimed.stage, result), False)],
+    )
+    if claimed.token not in completed:
+        raise LeaseLostError(claimed.run_id)
+
+
 async def fail(
     conn: AsyncConnection[Any],
     pipeline: Pipeline,
