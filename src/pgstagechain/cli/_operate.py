@@ -43,6 +43,14 @@ def _seconds(value: float | None) -> str:
     return f"{int(value // 3600)}h{int(value % 3600 // 60):02d}m"
 
 
+def _window(seconds: float) -> str:
+    """A status window as a column heading: 1h, 15m, 90s."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
 def status_table(pipeline: Pipeline, found: admin.PipelineStatus, *, bars: bool = False) -> Table:
     """The ``status`` table; with ``bars`` a progress column (done out of all seen)."""
     table = Table(title=f"pipeline {pipeline.name} on {found.table}")
@@ -51,7 +59,7 @@ def status_table(pipeline: Pipeline, found: admin.PipelineStatus, *, bars: bool 
     for name in ("waiting", "running", "done", "failed"):
         table.add_column(name, justify="right")
     table.add_column("oldest waiting", justify="right")
-    window = _seconds(found.window_seconds)
+    window = _window(found.window_seconds)
     for name in ("p50", "p95", "runs"):
         table.add_column(f"{name} ({window})", justify="right")
     if bars:
