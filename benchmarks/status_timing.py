@@ -20,7 +20,7 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgstagechain import Worker, claim, fail, migrate
-from pgstagechain._admin import status
+from pgstagechain.admin import status
 from pgstagechain.testing import TemporaryCluster
 from tests.cli_app import pipeline
 from tests.seed import ROW_STAGES, add_jobs, create_tables

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from pgstagechain import ConfigurationError, Pipeline, Worker, claim, complete, fail, migrate
-from pgstagechain._admin import CANCEL_REASON, cancel, history, retry, stage_order, status
+from pgstagechain.admin import CANCEL_REASON, cancel, history, retry, stage_order, status
 from tests.seed import ROW_STAGES, add_jobs, create_tables, seed_pipeline
 
 pytestmark = pytest.mark.anyio
@@ -41,20 +41,20 @@ async def test_status_counts_running_retrying_and_waiting_groups(pgstagechain_ds
         assert all(claims)
         assert claims[2] is not None
         assert await fail(conn, pipeline, claims[2], "busy", retry_in=600)
-        found = {s.stage: s for s in await status(conn, pipeline)}
+        found = {s.stage: s for s in (await status(conn, pipeline)).stages}
     yolo = found["yolo_detect"]
     assert (yolo.waiting, yolo.running, yolo.retrying, yolo.done, yolo.failed) == (1, 3, 1, 0, 0)
     assert yolo.oldest_waiting is not None  # 202 finished vlm_analyze a moment ago
     assert found["vlm_analyze"].done == 4
-    assert found["vlm_analyze"].runs_last_hour == 4
-    assert found["vlm_analyze"].p95_seconds is not None
-    assert found["yolo_detect"].runs_last_hour == 1  # the failed attempt
+    assert found["vlm_analyze"].runs.total == found["vlm_analyze"].runs.succeeded == 4
+    assert found["vlm_analyze"].runs.p95_seconds is not None
+    assert found["yolo_detect"].runs.failed == 1  # the failed attempt
     assert found["ad_copy_gen_kor"].waiting == 0
 
     async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as conn:
         report = await cancel(conn, pipeline, key="201")
         assert (report.keys, report.runs_closed, report.retries_dropped) == (("201",), 0, 1)
-        found = {s.stage: s for s in await status(conn, pipeline)}
+        found = {s.stage: s for s in (await status(conn, pipeline)).stages}
     yolo = found["yolo_detect"]
     assert (yolo.waiting, yolo.running, yolo.retrying, yolo.done, yolo.failed) == (1, 2, 0, 0, 1)
 

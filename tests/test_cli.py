@@ -74,7 +74,7 @@ async def run_chain(dsn: str, bad: tuple[int, ...] = ()) -> None:
 
 
 def by_stage(output: str) -> dict[str, dict[str, Any]]:
-    return {s["stage"]: s for s in json.loads(output)}
+    return {s["name"]: s for s in json.loads(output)["stages"]}
 
 
 async def test_status_reports_every_stage_in_chain_order(pgstagechain_dsn: str) -> None:
@@ -84,8 +84,8 @@ async def test_status_reports_every_stage_in_chain_order(pgstagechain_dsn: str) 
     found = by_stage(done.stdout)
     assert list(found) == ROW_STAGES + GROUP_STAGES
     assert found["vlm_analyze"]["done"] == 6
-    assert found["vlm_analyze"]["runs_last_hour"] == 6
-    assert found["vlm_analyze"]["p50_seconds"] is not None
+    assert found["vlm_analyze"]["runs"]["succeeded"] == 6
+    assert found["vlm_analyze"]["runs"]["p50_seconds"] is not None
     assert found["overlay"]["failed"] == 1
     assert found["overlay"]["done"] == 5
     assert found["iou_eval"]["done"] == 5
@@ -93,7 +93,7 @@ async def test_status_reports_every_stage_in_chain_order(pgstagechain_dsn: str) 
     assert found["ad_copy_gen_kor"]["waiting"] == 0
     assert found["ad_copy_gen_kor"]["done"] == 2
     assert found["instagram_feed_gen"]["done"] == 2
-    assert found["instagram_feed_gen"]["group"] is True
+    assert found["instagram_feed_gen"]["level"] == "group"
 
     table = cli(pgstagechain_dsn, "status", APP)
     assert table.returncode == 0, table.stderr
@@ -108,7 +108,7 @@ async def test_status_counts_waiting_rows_and_their_age(pgstagechain_dsn: str) -
     add_jobs(pgstagechain_dsn, jobs=2, variants=2)
     found = by_stage(cli(pgstagechain_dsn, "status", APP, "--json").stdout)
     assert found["vlm_analyze"]["waiting"] == 4
-    assert found["vlm_analyze"]["oldest_waiting"] is None  # set from outside: no trace
+    assert found["vlm_analyze"]["oldest_waiting_seconds"] is None  # set from outside: no trace
     assert found["yolo_detect"]["waiting"] == 0
     # one row through vlm_analyze by hand: it now waits for yolo_detect, with an age
     async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as conn:
@@ -119,8 +119,8 @@ async def test_status_counts_waiting_rows_and_their_age(pgstagechain_dsn: str) -
     assert found["vlm_analyze"]["waiting"] == 3
     assert found["vlm_analyze"]["done"] == 1
     assert found["yolo_detect"]["waiting"] == 1
-    assert found["yolo_detect"]["oldest_waiting"] is not None
-    assert found["yolo_detect"]["oldest_waiting"] >= 0
+    assert found["yolo_detect"]["oldest_waiting_seconds"] is not None
+    assert found["yolo_detect"]["oldest_waiting_seconds"] >= 0
 
 
 def test_status_watch_refreshes_until_interrupted(pgstagechain_dsn: str) -> None:

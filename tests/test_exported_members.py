@@ -25,7 +25,10 @@ INTENDED = {
     "Claim",
     "claim",
     "complete",
+    "complete_sync",
     "fail",
+    # operating: status, history, retry, cancel (a module)
+    "admin",
     # installing
     "migrate",
     "uninstall",
@@ -75,3 +78,37 @@ def test_errors_share_one_root() -> None:
 def test_optional_modules_import_without_their_extras_being_used() -> None:
     metrics = importlib.import_module("pgstagechain.metrics")
     assert set(metrics.__all__) == {"OUTCOMES", "Metrics", "RunObserver", "serve"}
+
+
+ADMIN = {
+    "CANCEL_REASON",
+    "STATUS_WINDOW",
+    "CancelReport",
+    "Failure",
+    "History",
+    "PipelineStatus",
+    "RecentRuns",
+    "RunRecord",
+    "StageStatus",
+    "WorkerPresence",
+    "cancel",
+    "failures",
+    "history",
+    "listeners",
+    "retry",
+    "runs",
+    "stage_order",
+    "status",
+    "workers",
+}
+
+
+def test_admin_is_a_public_module_with_documented_members() -> None:
+    from pgstagechain import admin
+
+    assert admin is importlib.import_module("pgstagechain.admin")
+    assert set(admin.__all__) == ADMIN
+    for name in admin.__all__:
+        found = getattr(admin, name)
+        if isinstance(found, type) or callable(found):
+            assert found.__doc__, f"pgstagechain.admin.{name} has no docstring"

@@ -104,8 +104,8 @@ def test_chain_completes_while_the_app_serves(pgstagechain_dsn: str) -> None:
         status = wait_for(finished)
         counts = stage_counts(status)
         assert counts["iou_eval"] == (0, 0, 6, 0)  # rows sit at the last row stage
-        assert counts["vlm_analyze"] == (0, 0, 0, 0)  # nothing waits for the first
-        assert counts["ad_copy_gen_kor"] == (0, 0, 0, 0)
+        assert counts["vlm_analyze"] == (0, 0, 6, 0)  # all went through; none waits
+        assert counts["ad_copy_gen_kor"] == (0, 0, 2, 0)  # both groups went on past it
         assert status["stages"][0]["runs"]["succeeded"] == 6
         overview = client.get("/pipelines/").json()
         (worker,) = overview["workers"]
@@ -239,7 +239,7 @@ async def test_drive_a_stage_by_hand(pgstagechain_dsn: str) -> None:
         assert reply.json()["outcome"] == "failed"
         assert reply.json()["error"] == "RuntimeError"  # the text stays in pgstagechain.runs
         status = (await client.get("/p/manual")).json()
-        assert stage_counts(status) == {"analyze": (0, 0, 0, 0), "judge": (0, 0, 1, 1)}
+        assert stage_counts(status) == {"analyze": (0, 0, 2, 0), "judge": (0, 0, 1, 1)}
         assert status["stages"][1]["runs"]["failed"] == 1
         assert (await client.post("/p/manual/stages/nope/run", json={"key": 1})).status_code == 404
     with psycopg.connect(pgstagechain_dsn) as conn:

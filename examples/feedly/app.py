@@ -47,7 +47,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from pgstagechain import Worker, migrate, redact
+from pgstagechain import Worker, admin, migrate, redact
 
 from .pipeline import pipeline
 from .vision.gallery import write_gallery
@@ -324,14 +324,7 @@ class Workers:
         if not self.procs:
             return
         with anyio.fail_after(seconds):
-            while True:
-                cur = await conn.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND application_name = 'pgstagechain-listener'"
-                )
-                (listening,) = await cur.fetchone() or (0,)
-                if listening >= len(self.procs):
-                    return
+            while await admin.listeners(conn) < len(self.procs):
                 dead = self.dead()
                 if dead:
                     raise SystemExit("error: a worker process failed to start\n" + dead[0])
@@ -343,78 +336,63 @@ class Workers:
 
 @dataclass
 class Snapshot:
+    """The pipeline's status (:func:`pgstagechain.admin.status`) as this run sees it: the
+    counts of an earlier run (``--keep``) taken off, and this run's jobs' failures."""
+
     done: dict[str, int]
     running: dict[str, int]
+    failed: dict[str, int]
     posted: set[int]
     failures: list[dict[str, Any]]
-    blocked: set[int]
-    unsettled: int
+    settled: bool
+
+    @property
+    def blocked(self) -> set[int]:
+        return {int(f["job_id"]) for f in self.failures}
 
     def finished(self, job_ids: Sequence[int]) -> bool:
         """Every job has its post or cannot get one, and nothing is still moving."""
-        return self.unsettled == 0 and all(j in self.posted or j in self.blocked for j in job_ids)
+        return self.settled and all(j in self.posted or j in self.blocked for j in job_ids)
 
 
-async def snapshot(conn: AsyncConnection[Any], job_ids: list[int]) -> Snapshot:
-    keys = [str(j) for j in job_ids]
-    cur = await conn.execute(
-        "SELECT stage, count(DISTINCT row_key) FILTER (WHERE state = 'succeeded'),"
-        " count(*) FILTER (WHERE state = 'running')"
-        " FROM pgstagechain.runs WHERE pipeline = %s AND group_key = ANY(%s::text[])"
-        " GROUP BY stage",
-        (pipeline.name, keys),
-    )
-    done: dict[str, int] = {}
-    running: dict[str, int] = {}
-    for stage, n_done, n_running in await cur.fetchall():
-        done[stage], running[stage] = n_done, n_running
+async def snapshot(
+    conn: AsyncConnection[Any], job_ids: list[int], before: admin.PipelineStatus | None = None
+) -> Snapshot:
+    """Where this run's jobs are; ``before``: the status when they were released."""
+    now = await admin.status(conn, pipeline)
+
+    def since(figure: str) -> dict[str, int]:
+        return {
+            s.stage: getattr(s, figure) - (getattr(before[s.stage], figure) if before else 0)
+            for s in now.stages
+        }
+
     cur = await conn.execute("SELECT job_id FROM posts WHERE job_id = ANY(%s)", (job_ids,))
     posted = {j for (j,) in await cur.fetchall()}
-    failures = await failed_rows(conn, job_ids)
-    # Still moving: a variant not yet failed nor at the fan-in step, or a job between stages.
-    cur = await conn.execute(
-        "SELECT (SELECT count(*) FROM jobs_variants WHERE job_id = ANY(%(jobs)s)"
-        "        AND status <> 'failed' AND NOT (current_step = %(fan_in)s AND status = 'done'))"
-        " + (SELECT count(*) FROM pgstagechain.groups WHERE pipeline = %(p)s"
-        "    AND group_key = ANY(%(keys)s::text[]) AND status <> 'failed'"
-        "    AND NOT (step = %(last)s AND status = 'done'))",
-        {
-            "jobs": job_ids,
-            "keys": keys,
-            "p": pipeline.name,
-            "fan_in": ROW_STAGES[-1],
-            "last": STAGES[-1],
-        },
+    return Snapshot(
+        done=since("done"),
+        running={s.stage: s.running for s in now.stages},
+        failed=since("failed"),
+        posted=posted,
+        failures=await failed_rows(conn, job_ids),
+        settled=now.settled,
     )
-    (unsettled,) = await cur.fetchone() or (0,)
-    blocked = {int(f["job_id"]) for f in failures}
-    return Snapshot(done, running, posted, failures, blocked, unsettled)
 
 
 async def failed_rows(conn: AsyncConnection[Any], job_ids: list[int]) -> list[dict[str, Any]]:
     """Variants and jobs that stopped at a failed stage, with the last error of that stage."""
-    cur = await conn.execute(
-        """
-        SELECT 'variant', v.job_id, v.job_variants_id::text, v.current_step,
-               (SELECT r.error FROM pgstagechain.runs r
-                 WHERE r.pipeline = %(p)s AND r.stage = v.current_step
-                   AND r.row_key = v.job_variants_id::text ORDER BY r.id DESC LIMIT 1)
-        FROM jobs_variants v WHERE v.job_id = ANY(%(jobs)s) AND v.status = 'failed'
-        UNION ALL
-        SELECT 'job', g.group_key::bigint, g.group_key, g.step,
-               (SELECT r.error FROM pgstagechain.runs r
-                 WHERE r.pipeline = %(p)s AND r.stage = g.step AND r.row_key = g.group_key
-                 ORDER BY r.id DESC LIMIT 1)
-        FROM pgstagechain.groups g
-        WHERE g.pipeline = %(p)s AND g.group_key = ANY(%(keys)s::text[]) AND g.status = 'failed'
-        ORDER BY 2, 3
-        """,
-        {"p": pipeline.name, "jobs": job_ids, "keys": [str(j) for j in job_ids]},
-    )
-    return [
-        {"level": level, "job_id": job, "key": key, "stage": stage, "error": error or ""}
-        for level, job, key, stage, error in await cur.fetchall()
+    found = await admin.failures(conn, pipeline, groups=[str(j) for j in job_ids])
+    rows = [
+        {
+            "level": "variant" if f.level == "row" else "job",
+            "job_id": int(f.group_key or f.key),
+            "key": f.key,
+            "stage": f.stage,
+            "error": f.error or "",
+        }
+        for f in found
     ]
+    return sorted(rows, key=lambda r: (r["job_id"], r["key"]))
 
 
 def progress_bars(console: Console) -> Progress:
@@ -451,14 +429,15 @@ async def watch(
             )
             for i, s in enumerate(pipeline)
         }
+        before = await admin.status(conn, pipeline)
         for job_id, _keys in jobs:
             await release(conn, job_id)
         while True:
-            snap = await snapshot(conn, job_ids)
+            snap = await snapshot(conn, job_ids, before)
             for name, task in tasks.items():
                 running = snap.running.get(name, 0)
                 note = f"[cyan]{running} running[/]" if running else ""
-                failed = sum(1 for f in snap.failures if f["stage"] == name)
+                failed = snap.failed.get(name, 0)
                 if failed:
                     note += f" [bold red]{failed} failed[/]"
                 bars.update(task, completed=snap.done.get(name, 0), note=note)
@@ -495,13 +474,10 @@ def _q(values: list[float], q: float) -> float | None:
 async def stage_timings(conn: AsyncConnection[Any], job_ids: list[int]) -> list[dict[str, Any]]:
     """Per stage: runs, p50/max duration, p50/max hand-off wait (previous stage finished ->
     this stage started: notification, claim and queueing behind busy slots), workers."""
-    cur = await conn.execute(
-        "SELECT stage, row_key, group_key, state, worker_id, started_at, finished_at"
-        " FROM pgstagechain.runs WHERE pipeline = %s AND group_key = ANY(%s::text[])"
-        " ORDER BY id",
-        (pipeline.name, [str(j) for j in job_ids]),
-    )
-    runs = await cur.fetchall()
+    runs = [
+        (r.stage, r.row_key, r.group_key, r.state, r.worker_id, r.started_at, r.finished_at)
+        for r in await admin.runs(conn, pipeline, groups=[str(j) for j in job_ids])
+    ]
     finished: dict[tuple[str, str], Any] = {}
     group_last: dict[tuple[str, str], Any] = {}
     for stage, key, group, state, _w, _s, end in runs:

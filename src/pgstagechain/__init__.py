@@ -8,9 +8,11 @@ crashed worker left behind.
 
 from __future__ import annotations
 
-from ._claim import claim as claim
-from ._claim import complete as complete
-from ._claim import fail as fail
+from . import admin as admin
+from ._by_hand import claim as claim
+from ._by_hand import complete as complete
+from ._by_hand import complete_sync as complete_sync
+from ._by_hand import fail as fail
 from ._connect import redact as redact
 from ._context import Claim as Claim
 from ._context import StageContext as StageContext
@@ -66,8 +68,10 @@ __all__ = [
     "Statuses",
     "Worker",
     "WorkerStats",
+    "admin",
     "claim",
     "complete",
+    "complete_sync",
     "fail",
     "migrate",
     "redact",

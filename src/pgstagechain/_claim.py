@@ -1,8 +1,8 @@
 """Verify-then-claim, completion and failure: each one atomic statement.
 
-The worker drives these in batches; :func:`claim`, :func:`complete` and :func:`fail`
-expose the same guarantees to an application that wants to run a stage by hand (from
-an HTTP endpoint, a management command, a test).
+The worker drives these in batches; :mod:`._by_hand` exposes the same guarantees to an
+application that wants to run a stage by hand (from an HTTP endpoint, a management
+command, a test).
 """
 
 from __future__ import annotations
@@ -349,47 +349,6 @@ async def claimer_for(conn: AsyncConnection[Any], pipeline: Pipeline) -> Claimer
     return found
 
 
-async def claim(
-    conn: AsyncConnection[Any],
-    pipeline: Pipeline,
-    stage: str,
-    key: Any,
-    *,
-    worker_id: str = "manual",
-    lease: float = MANUAL_LEASE,
-) -> Claim | None:
-    """Claim ``key`` for ``stage`` if it is still at (previous step, done); else return None.
-
-    One atomic statement: under any number of concurrent claimers exactly one gets the
-    row, the others get None (never an exception, never a second run). For a group
-    stage, ``key`` is the group key. Commit ``conn`` (or use autocommit) to publish it.
-    """
-    found = await (await claimer_for(conn, pipeline)).claim(
-        conn, stage, keys=[str(key)], worker_id=worker_id, lease=lease
-    )
-    return found[0] if found else None
-
-
-async def complete(
-    conn: AsyncConnection[Any], pipeline: Pipeline, claimed: Claim, result: Any = None
-) -> None:
-    """Mark a claimed stage done (firing the next stage) in ``conn``'s current transaction.
-
-    Raises :class:`~pgstagechain.LeaseLostError` when the claim was rescued meanwhile;
-    roll back then, so nothing the caller wrote in this transaction survives.
-    """
-    await (await claimer_for(conn, pipeline)).complete(
-        conn, claimed, to_json(claimed.stage, result)
-    )
-
-
-async def fail(
-    conn: AsyncConnection[Any],
-    pipeline: Pipeline,
-    claimed: Claim,
-    error: str,
-    *,
-    retry_in: float | None = None,
-) -> bool:
-    """Record ``error`` for a claimed stage; the row fails unless ``retry_in`` schedules a retry."""
-    return await (await claimer_for(conn, pipeline)).fail(conn, claimed, error, retry_in=retry_in)
+def cached_claimer(pipeline: Pipeline) -> Claimer | None:
+    """The pipeline's :class:`Claimer` if :func:`claimer_for` built it already."""
+    return _claimers.get(pipeline)

@@ -3,6 +3,7 @@ telling an error worth retrying (a restart, a network cut) from one that never h
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -11,6 +12,12 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from .errors import ConfigurationError
+
+#: the environment variable naming the database when no connection string is given
+ENV_DSN = "PGSTAGECHAIN_DSN"
+
+#: errors of the connection, not of the statement: worth trying again on a new one
+DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 #: libpq keepalive settings so a dead peer is noticed in ~25 s instead of hours.
 KEEPALIVES = {
@@ -30,6 +37,11 @@ def conninfo_with_defaults(conninfo: str, application_name: str = "pgstagechain"
     extra: dict[str, Any] = {k: v for k, v in KEEPALIVES.items() if k not in given}
     extra.setdefault("application_name", given.get("application_name", application_name))
     return make_conninfo(conninfo, **extra)
+
+
+def default_dsn(dsn: str | None) -> str:
+    """``dsn`` if given, else ``$PGSTAGECHAIN_DSN``, else empty (libpq's own defaults)."""
+    return dsn if dsn is not None else os.environ.get(ENV_DSN, "")
 
 
 def redact(conninfo: str) -> str:

@@ -15,14 +15,13 @@ import psycopg
 from psycopg import AsyncConnection, Connection
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
+from ._connect import DB_ERRORS as DB_ERRORS
 from ._connect import access_problem, connect, redact
 from ._listener import Backoff
 from .errors import DatabaseAccessError
 
 logger = logging.getLogger("pgstagechain.worker")
 
-#: errors of the connection, not of the statement: worth trying again on a new one
-DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 #: a connection idle longer than this is tested before a handler gets it
 IDLE_CHECK_SECONDS = 1.0
 

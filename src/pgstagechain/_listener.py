@@ -22,6 +22,9 @@ from .errors import ConfigurationError, DatabaseAccessError
 
 logger = logging.getLogger("pgstagechain.listener")
 
+#: the application name of a listening connection, as ``pg_stat_activity`` shows it
+APPLICATION_NAME = "pgstagechain-listener"
+
 
 @attrs.define
 class ListenerStats:
@@ -104,9 +107,7 @@ class Listener:
                 await anyio.sleep(delay)
 
     async def _session(self) -> None:
-        conn = await connect(
-            self.conninfo, autocommit=True, application_name="pgstagechain-listener"
-        )
+        conn = await connect(self.conninfo, autocommit=True, application_name=APPLICATION_NAME)
         async with conn:
             for channel in self.channels:
                 await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))

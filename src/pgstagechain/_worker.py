@@ -175,6 +175,13 @@ class Worker:
         if self.listener is not None:
             await self.listener.connected.wait()
 
+    def describe(self) -> str:
+        """One line for logs: which stages, how much concurrency, which database (no password)."""
+        return (
+            f"worker {self.worker_id} serving {', '.join(s.name for s in self.served)} "
+            f"of {self.pipeline.name!r} (concurrency {self.concurrency}) on {redact(self.conninfo)}"
+        )
+
     @property
     def in_flight(self) -> int:
         return self._runs.count
@@ -400,11 +407,3 @@ class Worker:
     def _claimer_(self) -> Claimer:
         assert self._claimer is not None
         return self._claimer
-
-
-def describe(worker: Worker) -> str:
-    """One line for logs: which stages, how much concurrency, which database (no password)."""
-    return (
-        f"worker {worker.worker_id} serving {', '.join(s.name for s in worker.served)} "
-        f"of {worker.pipeline.name!r} (concurrency {worker.concurrency}) on {redact(worker.conninfo)}"
-    )

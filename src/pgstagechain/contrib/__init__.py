@@ -6,7 +6,7 @@ share needs no framework and is importable from here:
 
 * :func:`run_workers`: run workers inside your own event loop for a block;
 * :func:`run_elected_workers`: the same, in one process only of those sharing a database;
-* :func:`pipeline_status`: per-stage counts as JSON-able data;
+* :func:`pipeline_status`: :func:`pgstagechain.admin.status` as JSON-able data;
 * :func:`run_stage`: claim one row for a stage, run its handler here, complete it.
 """
 

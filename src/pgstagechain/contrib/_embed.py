@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -15,17 +14,12 @@ from typing import Any
 import anyio
 import anyio.abc
 
-from .._connect import access_problem, connect, redact
-from .._install import migrate as install
-from .._links import DB_ERRORS
-from .._pipeline import Pipeline
-from .._worker import Worker, describe
-from ..errors import ConfigurationError, DatabaseAccessError, PgStageChainError
+from .. import ConfigurationError, DatabaseAccessError, PgStageChainError, Pipeline, Worker
+from .. import migrate as install
+from .._connect import DB_ERRORS, access_problem, connect, default_dsn, redact
 from ..http import aclose_client
 
 logger = logging.getLogger("pgstagechain.contrib")
-
-ENV_DSN = "PGSTAGECHAIN_DSN"
 
 Pipelines = Pipeline | Iterable[Pipeline]
 
@@ -37,10 +31,6 @@ def as_pipelines(pipelines: Pipelines) -> list[Pipeline]:
     if len({p.name for p in found}) != len(found):
         raise ConfigurationError("pipelines are listed twice")
     return found
-
-
-def default_dsn(dsn: str | None) -> str:
-    return dsn if dsn is not None else os.environ.get(ENV_DSN, "")
 
 
 class _SignalHook:
@@ -125,7 +115,7 @@ class _Runner:
 
     async def _announce(self) -> None:
         await self.worker.wait_started()
-        logger.info("started %s", describe(self.worker))
+        logger.info("started %s", self.worker.describe())
         self.ready.set()
 
 

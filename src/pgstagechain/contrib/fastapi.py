@@ -32,18 +32,9 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from pydantic import BaseModel, StrictInt, StrictStr
 
-from .._connect import conninfo_with_defaults
-from .._pipeline import Pipeline
-from .._worker import Worker
-from ..errors import ConfigurationError
-from ._embed import (
-    ENV_DSN,
-    Pipelines,
-    as_pipelines,
-    default_dsn,
-    run_elected_workers,
-    run_workers,
-)
+from .. import ConfigurationError, Pipeline, Worker
+from .._connect import ENV_DSN, conninfo_with_defaults, default_dsn
+from ._embed import Pipelines, as_pipelines, run_elected_workers, run_workers
 from ._status import STATUS_WINDOW, ManualRun, key_type, parse_key, pipeline_status, run_stage
 
 __all__ = [
@@ -242,8 +233,9 @@ def status_router(
     """Routes that report the pipelines' state as JSON, mount with ``prefix=...``:
 
     * ``GET /`` every pipeline's status and the workers running in this process;
-    * ``GET /{pipeline}`` one pipeline: per stage, rows waiting / running / done /
-      failed, and its runs of the last ``window`` seconds;
+    * ``GET /{pipeline}`` one pipeline: :func:`pgstagechain.admin.status` as JSON (per
+      stage, rows waiting / running / retrying / done / failed, and its runs of the last
+      ``window`` seconds);
     * with ``manual=True``, ``POST /{pipeline}/stages/{stage}/run`` with ``{"key": ...}``
       claims that row for the stage, runs the handler in the request and completes it
       (409 when the row is not waiting for that stage).

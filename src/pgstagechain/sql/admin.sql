@@ -31,13 +31,18 @@ SELECT w.after, (
 ) AS oldest
 FROM unnest(%(afters)s::text[]) AS w(after)
 
--- name: durations
-SELECT stage, count(*) AS n,
+-- name: recent_runs
+-- Runs of each stage that finished within the window: how they ended, and how long they took.
+SELECT stage,
+       count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE state = 'failed') AS failed,
+       count(*) FILTER (WHERE state = 'expired') AS expired,
+       count(*) FILTER (WHERE state = 'cancelled') AS cancelled,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p50,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p95
 FROM pgstagechain.runs
 WHERE pipeline = %(pipeline)s AND finished_at IS NOT NULL
-  AND finished_at > clock_timestamp() - interval '1 hour'
+  AND finished_at > clock_timestamp() - %(window)s * interval '1 second'
   AND stage = ANY(%(stages)s::text[])
 GROUP BY stage
 
@@ -45,6 +50,55 @@ GROUP BY stage
 SELECT stage, count(*) AS n FROM pgstagechain.runs
 WHERE retry_at IS NOT NULL AND pipeline = %(pipeline)s
 GROUP BY stage
+
+-- name: failures
+-- Rows and groups that stopped at a failed stage, each with the error of its latest run
+-- there; the most recent first. `groups` (NULL: all) keeps those of the given groups.
+SELECT * FROM (
+    SELECT 'row' AS level, t.{key}::text AS key, {group_expr} AS group_key, t.{step} AS stage,
+           last.error, last.finished_at
+    FROM {table} t
+    LEFT JOIN LATERAL (
+        SELECT r.error, r.finished_at FROM pgstagechain.runs r
+        WHERE r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text AND r.stage = t.{step}
+        ORDER BY r.id DESC LIMIT 1
+    ) last ON true
+    WHERE t.{status} = %(failed)s AND t.{step} = ANY(%(row_stages)s::text[])
+      AND (%(groups)s::text[] IS NULL OR {group_expr} = ANY(%(groups)s::text[]))
+    UNION ALL
+    SELECT 'group', g.group_key, g.group_key, g.step, last.error, last.finished_at
+    FROM pgstagechain.groups g
+    LEFT JOIN LATERAL (
+        SELECT r.error, r.finished_at FROM pgstagechain.runs r
+        WHERE r.pipeline = g.pipeline AND r.row_key = g.group_key AND r.stage = g.step
+        ORDER BY r.id DESC LIMIT 1
+    ) last ON true
+    WHERE g.pipeline = %(pipeline)s AND g.status = 'failed'
+      AND (%(groups)s::text[] IS NULL OR g.group_key = ANY(%(groups)s::text[]))
+) failed
+ORDER BY finished_at DESC NULLS LAST, level, key
+LIMIT %(limit)s
+
+-- name: live_workers
+-- Which workers hold runs of the pipeline now, and since when.
+SELECT worker_id, count(*) AS running, array_agg(DISTINCT stage ORDER BY stage) AS stages,
+       min(started_at) AS oldest_started, max(lease_until) AS lease_until
+FROM pgstagechain.runs
+WHERE pipeline = %(pipeline)s AND state = 'running'
+GROUP BY worker_id
+ORDER BY worker_id
+
+-- name: listeners
+-- Worker connections listening on this database, by the name they connect with.
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = %(name)s
+
+-- name: runs_of_groups
+SELECT id, stage, row_key, group_key, attempt, state, worker_id, started_at, finished_at,
+       retry_at, error, result
+FROM pgstagechain.runs
+WHERE pipeline = %(pipeline)s AND group_key = ANY(%(groups)s::text[])
+ORDER BY id
 
 -- name: runs_of
 SELECT id, stage, row_key, group_key, attempt, state, worker_id, started_at, finished_at,

@@ -7,6 +7,12 @@ FROM pg_attribute a
 WHERE a.attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
   AND a.attnum > 0 AND NOT a.attisdropped
 
+-- name: column_type
+-- one column's type by its catalog name (int4, uuid, ...) and category (N: numeric, ...)
+SELECT t.typname, t.typcategory FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = to_regclass(format('%%I.%%I', %(schema)s::text, %(table)s::text))
+  AND a.attname = %(column)s AND NOT a.attisdropped
+
 -- name: schema_exists
 SELECT to_regclass('pgstagechain.migrations') IS NOT NULL
 

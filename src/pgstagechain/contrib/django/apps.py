@@ -9,7 +9,7 @@ import anyio
 from django.apps import AppConfig  # type: ignore[import-untyped]
 from django.db.models.signals import post_migrate  # type: ignore[import-untyped]
 
-from ..._install import migrate
+from ... import migrate
 from . import conf
 
 

@@ -18,7 +18,7 @@ from django.conf import settings  # type: ignore[import-untyped]
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from psycopg.conninfo import make_conninfo
 
-from ..._pipeline import Pipeline
+from ... import Pipeline
 
 #: Django's own keys in ``OPTIONS`` of the PostgreSQL backend; every other key is passed
 #: to libpq as is (``sslmode``, ``sslrootcert``, ``connect_timeout``, ``service``, ...).

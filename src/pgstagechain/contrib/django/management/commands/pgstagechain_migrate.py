@@ -13,8 +13,7 @@ from django.core.management.base import (  # type: ignore[import-untyped]
     CommandParser,
 )
 
-from ....._install import migrate
-from .....errors import ExistingRowsError
+from ..... import ExistingRowsError, migrate
 from ... import conf
 
 

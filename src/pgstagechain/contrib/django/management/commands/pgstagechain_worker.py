@@ -14,7 +14,7 @@ import anyio
 from anyio.abc import TaskStatus
 from django.core.management.base import BaseCommand, CommandParser  # type: ignore[import-untyped]
 
-from ....._worker import Worker
+from ..... import Worker
 from ...._embed import run_workers
 from ... import conf
 from ...runner import close_orm_connections, command_error

@@ -1,0 +1,324 @@
+"""Operating a pipeline from Python: where its rows are, what happened to one, who is
+working on it, and putting things right.
+
+Everything ``pgstagechain status``, ``inspect``, ``retry`` and ``cancel`` show or do, the
+FastAPI status router and the example apps read from here. Each function takes an open
+async connection (autocommit, or commit afterwards) and the pipeline; every statement
+lives in ``sql/admin.sql``.
+
+The status figures, per stage S that runs after step A (rows, or groups for a group stage):
+
+* ``waiting``: at (A, done), ready to be claimed for S;
+* ``running``: at (S, running): claimed, including ``retrying``;
+* ``retrying``: of those, the ones whose last attempt failed and has a retry scheduled;
+* ``done``: finished S, wherever they are now: at (S, done) or at any later stage of the
+  same level, in any state;
+* ``failed``: at (S, failed), stopped there for good (until ``retry``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+
+from ._catalog import statements_for
+from ._history import History, RunRecord, history
+from ._listener import APPLICATION_NAME
+from ._migrations import require_schema
+from ._pipeline import Pipeline
+from ._repair import CANCEL_REASON, CancelReport, cancel, retry
+from ._sql import plain
+from ._stage import Stage
+
+__all__ = [
+    "CANCEL_REASON",
+    "STATUS_WINDOW",
+    "CancelReport",
+    "Failure",
+    "History",
+    "PipelineStatus",
+    "RecentRuns",
+    "RunRecord",
+    "StageStatus",
+    "WorkerPresence",
+    "cancel",
+    "failures",
+    "history",
+    "listeners",
+    "retry",
+    "runs",
+    "stage_order",
+    "status",
+    "workers",
+]
+
+#: seconds over which finished runs are counted (:attr:`StageStatus.runs`)
+STATUS_WINDOW = 3600.0
+
+
+@attrs.frozen(kw_only=True)
+class RecentRuns:
+    """Runs of one stage that finished within the status window, and how long they took."""
+
+    succeeded: int = 0
+    failed: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    p50_seconds: float | None = None
+    p95_seconds: float | None = None
+
+    @property
+    def total(self) -> int:
+        return self.succeeded + self.failed + self.expired + self.cancelled
+
+
+@attrs.frozen(kw_only=True)
+class StageStatus:
+    """Where the rows (or groups) of one stage are: see the module docstring."""
+
+    stage: str
+    after: str
+    group: bool
+    waiting: int
+    running: int
+    retrying: int
+    done: int
+    failed: int
+    #: how long the oldest waiting row has waited (None: none waits, or it was set from outside)
+    oldest_waiting: dt.timedelta | None
+    runs: RecentRuns
+
+    @property
+    def total(self) -> int:
+        """Rows (or groups) that reached this stage or are waiting for it."""
+        return self.waiting + self.running + self.done + self.failed
+
+    def to_json(self) -> dict[str, Any]:
+        """The form the CLI's ``--json`` and the FastAPI router show."""
+        age = self.oldest_waiting
+        return {
+            "name": self.stage,
+            "after": self.after,
+            "level": "group" if self.group else "row",
+            "waiting": self.waiting,
+            "running": self.running,
+            "retrying": self.retrying,
+            "done": self.done,
+            "failed": self.failed,
+            "total": self.total,
+            "oldest_waiting_seconds": None if age is None else age.total_seconds(),
+            "runs": attrs.asdict(self.runs),
+        }
+
+
+@attrs.frozen(kw_only=True)
+class PipelineStatus:
+    """Every stage's :class:`StageStatus`, in chain order."""
+
+    pipeline: str
+    table: str
+    window_seconds: float
+    stages: tuple[StageStatus, ...]
+
+    def __getitem__(self, stage: str) -> StageStatus:
+        for each in self.stages:
+            if each.stage == stage:
+                return each
+        raise KeyError(stage)
+
+    @property
+    def settled(self) -> bool:
+        """Nothing waits and nothing runs: every row and group is done or failed."""
+        return all(s.waiting == 0 and s.running == 0 for s in self.stages)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pipeline": self.pipeline,
+            "table": self.table,
+            "window_seconds": self.window_seconds,
+            "stages": [s.to_json() for s in self.stages],
+        }
+
+
+@attrs.frozen(kw_only=True)
+class Failure:
+    """A row or group stopped at a failed stage, with the error of its latest run there."""
+
+    level: str
+    key: str
+    group_key: str | None
+    stage: str
+    error: str | None
+    finished_at: dt.datetime | None
+
+
+@attrs.frozen(kw_only=True)
+class WorkerPresence:
+    """A worker that holds runs of the pipeline now."""
+
+    worker_id: str
+    running: int
+    stages: tuple[str, ...]
+    oldest_started: dt.datetime
+    lease_until: dt.datetime
+
+
+def stage_order(pipeline: Pipeline) -> list[Stage]:
+    """The stages in chain order: from each start step onwards, then any left over."""
+    ordered: list[Stage] = []
+    for start in pipeline.start_steps:
+        step = start
+        while (found := pipeline.next_stage(step)) is not None and found not in ordered:
+            ordered.append(found)
+            step = found.name
+    ordered += [s for s in pipeline if s not in ordered]
+    return ordered
+
+
+def _downstream(pipeline: Pipeline, stage: Stage) -> list[str]:
+    """Stage names after ``stage`` on the same level (row or group)."""
+    found: list[str] = []
+    step = stage.name
+    while (nxt := pipeline.next_stage(step)) is not None and nxt.group == stage.group:
+        if nxt.name in found:
+            break
+        found.append(nxt.name)
+        step = nxt.name
+    return found
+
+
+def _statuses(pipeline: Pipeline) -> dict[str, Any]:
+    statuses = pipeline.table.statuses
+    return {
+        "pipeline": pipeline.name,
+        "done": statuses.done,
+        "running": statuses.running,
+        "failed": statuses.failed,
+    }
+
+
+async def status(
+    conn: AsyncConnection[Any], pipeline: Pipeline, *, window: float = STATUS_WINDOW
+) -> PipelineStatus:
+    """Every stage's counts, oldest waiting age and runs of the last ``window`` seconds."""
+    await require_schema(conn)
+    q = await statements_for(conn, pipeline)
+    params = {**_statuses(pipeline), "window": window}
+    stages = stage_order(pipeline)
+    row_stages = [s for s in stages if not s.group]
+    cur = conn.cursor(row_factory=dict_row)
+
+    steps = sorted({s.name for s in row_stages} | {s.after for s in row_stages})
+    await cur.execute(q.text("row_counts"), {**params, "steps": steps})
+    level = {params["done"]: "done", params["running"]: "running", params["failed"]: "failed"}
+    rows = {(r["step"], level.get(r["status"], "")): r["n"] for r in await cur.fetchall()}
+    await cur.execute(q.text("group_counts"), params)
+    groups: dict[tuple[str, str], int] = {}
+    group_oldest: dict[str, dt.datetime] = {}
+    for r in await cur.fetchall():
+        groups[(r["step"], r["status"])] = r["n"]
+        if r["oldest_done"] is not None:
+            group_oldest[r["step"]] = r["oldest_done"]
+    afters = [s.after for s in row_stages if s.after in pipeline]
+    await cur.execute(q.text("row_oldest_waiting"), {**params, "afters": afters})
+    row_oldest = {r["after"]: r["oldest"] for r in await cur.fetchall() if r["oldest"]}
+    await cur.execute(q.text("recent_runs"), {**params, "stages": [s.name for s in stages]})
+    recent = {
+        r.pop("stage"): RecentRuns(
+            **{k: v for k, v in r.items() if k not in ("p50", "p95")},
+            p50_seconds=None if r["p50"] is None else float(r["p50"]),
+            p95_seconds=None if r["p95"] is None else float(r["p95"]),
+        )
+        for r in await cur.fetchall()
+    }
+    await cur.execute(q.text("pending_retries"), params)
+    retrying = {r["stage"]: r["n"] for r in await cur.fetchall()}
+    now_row = await (await conn.execute(q.text("now"))).fetchone()
+    assert now_row is not None
+    now: dt.datetime = now_row[0]
+
+    found: list[StageStatus] = []
+    for each in stages:
+        counts = groups if each.group else rows
+        oldest_at = (group_oldest if each.group else row_oldest).get(each.after)
+        later = _downstream(pipeline, each)
+        found.append(
+            StageStatus(
+                stage=each.name,
+                after=each.after,
+                group=each.group,
+                waiting=counts.get((each.after, "done"), 0),
+                running=counts.get((each.name, "running"), 0),
+                retrying=retrying.get(each.name, 0),
+                done=counts.get((each.name, "done"), 0)
+                + sum(n for (step, _), n in counts.items() if step in later),
+                failed=counts.get((each.name, "failed"), 0),
+                oldest_waiting=(now - oldest_at) if oldest_at is not None else None,
+                runs=recent.get(each.name, RecentRuns()),
+            )
+        )
+    spec = pipeline.table
+    return PipelineStatus(
+        pipeline=pipeline.name,
+        table=f"{spec.schema}.{spec.table}",
+        window_seconds=window,
+        stages=tuple(found),
+    )
+
+
+async def failures(
+    conn: AsyncConnection[Any],
+    pipeline: Pipeline,
+    *,
+    groups: Sequence[str] | None = None,
+    limit: int = 100,
+) -> list[Failure]:
+    """Rows and groups at a failed stage, the most recent first, each with its error.
+
+    ``groups`` keeps only the rows of those groups (and those groups themselves).
+    """
+    await require_schema(conn)
+    q = await statements_for(conn, pipeline)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        q.text("failures"),
+        {
+            **_statuses(pipeline),
+            "row_stages": [s.name for s in pipeline if not s.group],
+            "groups": None if groups is None else [str(g) for g in groups],
+            "limit": limit,
+        },
+    )
+    return [Failure(**r) for r in await cur.fetchall()]
+
+
+async def workers(conn: AsyncConnection[Any], pipeline: Pipeline) -> list[WorkerPresence]:
+    """The workers that hold live runs of the pipeline, by worker id."""
+    await require_schema(conn)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(plain("live_workers"), {"pipeline": pipeline.name})
+    return [WorkerPresence(**{**r, "stages": tuple(r["stages"])}) for r in await cur.fetchall()]
+
+
+async def listeners(conn: AsyncConnection[Any]) -> int:
+    """How many worker connections listen for notifications on this database (any pipeline)."""
+    cur = await conn.execute(plain("listeners"), {"name": APPLICATION_NAME})
+    found = await cur.fetchone()
+    return int(found[0]) if found else 0
+
+
+async def runs(
+    conn: AsyncConnection[Any], pipeline: Pipeline, *, groups: Sequence[str]
+) -> list[RunRecord]:
+    """Every run of the rows of ``groups`` and of the groups themselves, oldest first."""
+    await require_schema(conn)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        plain("runs_of_groups"), {"pipeline": pipeline.name, "groups": [str(g) for g in groups]}
+    )
+    return [RunRecord(**r) for r in await cur.fetchall()]
