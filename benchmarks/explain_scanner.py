@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -174,9 +175,20 @@ STATEMENTS: dict[str, dict[str, Any]] = {
 }
 
 
-async def explain(dsn: str, pipeline: Pipeline) -> None:
+def rows_updated(plan: dict[str, Any], relation: str) -> int:
+    """Rows the plan's UPDATE of ``relation`` touched (anywhere in it, CTEs included)."""
+    found = 0
+    if plan.get("Node Type") == "ModifyTable" and plan.get("Relation Name") == relation:
+        found += int(plan.get("Actual Rows", 0))
+    for child in plan.get("Plans", []):
+        found += rows_updated(child, relation)
+    return found
+
+
+async def explain(dsn: str, pipeline: Pipeline, *, as_json: bool = False) -> None:
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         claimer = await claimer_for(conn, pipeline)
+        report: dict[str, dict[str, Any]] = {}
         stages = list(pipeline)
         common = {
             "row_steps": [s.after for s in stages if not s.group],
@@ -195,14 +207,23 @@ async def explain(dsn: str, pipeline: Pipeline) -> None:
                 params["ancestors"] = claimer.ancestors(extra["stage"])
             text = claimer.text(name)
             started = time.perf_counter()
-            cur = await conn.execute(
-                "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + text,  # type: ignore[operator]
-                params,
-            )
-            plan = "\n".join(line for (line,) in await cur.fetchall())
+            options = "ANALYZE, BUFFERS, FORMAT JSON" if as_json else "ANALYZE, BUFFERS, COSTS OFF"
+            cur = await conn.execute(f"EXPLAIN ({options}) {text}", params)  # type: ignore[arg-type]
+            found = await cur.fetchall()
             elapsed = (time.perf_counter() - started) * 1000
             await conn.rollback()  # claims, notifications and expiries are not kept
-            print(f"\n=== {name} ({elapsed:.1f} ms round trip) ===\n{plan}")
+            if as_json:
+                (tree,) = found[0][0]
+                report[name] = {
+                    "round_trip_ms": round(elapsed, 3),
+                    "execution_ms": tree["Execution Time"],
+                    "runs_updated": rows_updated(tree["Plan"], "runs"),
+                }
+            else:
+                plan = "\n".join(line for (line,) in found)
+                print(f"\n=== {name} ({elapsed:.1f} ms round trip) ===\n{plan}")
+        if as_json:
+            print(json.dumps(report))
 
 
 @contextlib.contextmanager
@@ -219,6 +240,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--stuck", type=int, default=1_000)
+    parser.add_argument("--json", action="store_true", help="one JSON line of figures, no plans")
     args = parser.parse_args()
     pipeline = build_pipeline()
     with server() as dsn:
@@ -244,7 +266,7 @@ def main() -> None:
             f" loaded in {time.perf_counter() - started:.1f}s"
         )
         try:
-            anyio.run(explain, dsn, pipeline)
+            anyio.run(lambda: explain(dsn, pipeline, as_json=args.json))
         finally:
             if os.environ.get("PGSTAGECHAIN_DSN"):
 

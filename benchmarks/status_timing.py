@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pgstagechain import Worker, claim, fail, migrate
 from pgstagechain.admin import status
 from pgstagechain.testing import TemporaryCluster
-from tests.cli_app import pipeline
-from tests.seed import ROW_STAGES, add_jobs, create_tables
+from tests.apps.cli_app import pipeline
+from tests.apps.seed import ROW_STAGES, add_jobs, create_tables
 
 
 async def fill(dsn: str) -> None:
@@ -69,7 +69,7 @@ def main() -> None:
             rows = conn.execute("SELECT count(*) FROM jobs_variants").fetchone()
             runs = conn.execute("SELECT count(*) FROM pgstagechain.runs").fetchone()
         command = [sys.executable, "-m", "pgstagechain", "--dsn", dsn, "status"]
-        command.append("tests.cli_app:pipeline")
+        command.append("tests.apps.cli_app:pipeline")
         walls = []
         for _ in range(5):
             started = time.perf_counter()

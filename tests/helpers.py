@@ -3,17 +3,21 @@ worker in the background, and a real HTTP server."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import psycopg
 
 from pgstagechain import Worker
+
+if TYPE_CHECKING:
+    import uvicorn
 
 T = TypeVar("T")
 
@@ -61,7 +65,9 @@ def holds(predicate: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
     return check
 
 
-def wait_for(check: Callable[[], T], what: str, *, within: float = WAIT_SECONDS) -> T:
+def wait_for(
+    check: Callable[[], T], what: str = "a condition", *, within: float = WAIT_SECONDS
+) -> T:
     """Blocking :func:`wait_until`: poll ``check`` until it returns something true."""
     deadline = time.monotonic() + within
     while not (found := check()):
@@ -95,3 +101,33 @@ def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def uvicorn_serving(
+    app: Any, sock: socket.socket | None = None
+) -> Iterator[tuple[str, uvicorn.Server]]:
+    """Run an ASGI ``app`` under uvicorn in a thread (lifespan on); stop it on exit."""
+    import uvicorn
+
+    if sock is None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]})
+    thread.start()
+    try:
+        wait_for(lambda: server.started or not thread.is_alive(), "the server to start")
+        assert thread.is_alive(), "the server did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=WAIT_SECONDS)
+        sock.close()
+        assert not thread.is_alive()

@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 
-from tests.local_http import serving
-
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tests.helpers import http_server  # noqa: E402  (the repository root is on the path now)
 
 Reply = Callable[[dict[str, Any]], str]
 
@@ -61,7 +60,7 @@ def chat_server(reply: Reply) -> Iterator[tuple[str, list[dict[str, Any]]]]:
         def log_message(self, *args: Any) -> None:
             pass
 
-    with serving(Handler) as base:
+    with http_server(Handler) as base:
         yield base + "/v1", received
 
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from pgstagechain.testing.plugin import TestServer as PgServer
-from tests.seed import ROW_STAGES
+from tests.apps.seed import ROW_STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
 
