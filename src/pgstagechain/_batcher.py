@@ -9,7 +9,6 @@ microseconds), or when it is full.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 
 import anyio
@@ -37,8 +36,8 @@ class _Batch:
         self.size = 0
         self.done = anyio.Event()
         #: tokens of the runs completed, and the claims chained to them
-        self.completed: set[uuid.UUID] = set()
-        self.chained: dict[uuid.UUID, Claim] = {}
+        self.completed: set[int] = set()
+        self.chained: dict[int, Claim] = {}
 
 
 class CompletionBatcher:

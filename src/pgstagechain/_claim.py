@@ -8,7 +8,6 @@ command, a test).
 from __future__ import annotations
 
 import json
-import uuid
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, LiteralString
@@ -32,7 +31,7 @@ DEAD_WORKER_ATTEMPTS = 3
 
 #: One run to complete: (run id, its claim's token, row key, result as JSON or None, go on
 #: to the next stage)
-Completion = tuple[int, uuid.UUID, str, str | None, bool]
+Completion = tuple[int, int, str, str | None, bool]
 
 
 def to_json(stage: str, result: Any) -> str | None:
@@ -43,6 +42,12 @@ def to_json(stage: str, result: Any) -> str | None:
         return json.dumps(result, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"stage {stage!r} returned a result that is not JSON: {exc}") from None
+
+
+def results_by_token(items: Sequence[Completion]) -> str | None:
+    """The results as one JSON object keyed by claim token (None when every result is None)."""
+    found = [f'"{token}":{result}' for _, token, _, result, _ in items if result is not None]
+    return "{" + ",".join(found) + "}" if found else None
 
 
 class Claimer:
@@ -182,7 +187,7 @@ class Claimer:
             stage=stage,
             run_ids=[item[0] for item in items],
             tokens=[item[1] for item in items],
-            results=[item[3] for item in items],
+            results=results_by_token(items),
         )
         # one flag for the statement (a per-row test would cost the server per row)
         chain = following is not None and all(item[4] for item in items)
@@ -201,13 +206,13 @@ class Claimer:
         items: Sequence[Completion],
         description: Sequence[Any] | None,
         rows: Sequence[Sequence[Any]],
-    ) -> tuple[set[uuid.UUID], dict[uuid.UUID, Claim]]:
+    ) -> tuple[set[int], dict[int, Claim]]:
         """The tokens of the completed runs (first column), and the chained claims by the
         token of the run they continue (the other rows), with the result just stored added
         to their results."""
         completed = {row[0] for row in rows if row[0] is not None}
         following = self.chain_target(stage)
-        chained: dict[uuid.UUID, Claim] = {}
+        chained: dict[int, Claim] = {}
         if following is None or len(completed) == len(rows):
             return completed, chained
         make = self._claim_maker(following.name, following.group, description)
@@ -234,7 +239,7 @@ class Claimer:
         *,
         worker_id: str = "manual",
         lease: float = DEFAULT_LEASE,
-    ) -> tuple[set[uuid.UUID], dict[uuid.UUID, Claim]]:
+    ) -> tuple[set[int], dict[int, Claim]]:
         """Complete runs of one stage in one statement.
 
         Each item is ``(run_id, token, row_key, result_json, chain)``. When every item has
@@ -255,7 +260,7 @@ class Claimer:
         *,
         worker_id: str = "manual",
         lease: float = DEFAULT_LEASE,
-    ) -> tuple[set[uuid.UUID], dict[uuid.UUID, Claim]]:
+    ) -> tuple[set[int], dict[int, Claim]]:
         """:meth:`complete_many` on a blocking connection (a sync handler's own)."""
         cur = conn.cursor()
         cur.execute(*self._complete_params(stage, is_group, items, worker_id, lease))

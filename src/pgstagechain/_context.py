@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
+import secrets
 from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
@@ -22,8 +22,9 @@ class Claim:
     ``results`` what the earlier stages of this row (or group) returned, and for a group
     stage ``members`` maps each member's key to the results of its row stages.
 
-    ``token`` proves the claim is this one: random, drawn by the claim itself, so it never
-    repeats, not even after a crash has rolled the run ids back. ``series`` is the token of
+    ``token`` proves the claim is this one: random, drawn by the claim statement itself, so
+    two claims that were handed the same run id (a crash rolls the id sequence back) still
+    differ. ``series`` is the token of
     the first attempt and stays the same through every retry of it.
     """
 
@@ -35,14 +36,14 @@ class Claim:
     group_key: str | None
     attempt: int
     is_group: bool
-    token: uuid.UUID = attrs.field(factory=uuid.uuid4)
-    series: uuid.UUID = attrs.field()
+    token: int = attrs.field(factory=lambda: secrets.randbits(62))
+    series: int = attrs.field()
     row: Mapping[str, Any] = attrs.field(factory=dict)
     results: Mapping[str, Any] = attrs.field(factory=dict)
     members: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
 
     @series.default
-    def _first_attempt(self) -> uuid.UUID:
+    def _first_attempt(self) -> int:
         return self.token
 
 
@@ -94,7 +95,7 @@ class StageContext(Generic[ConnT]):
     def idempotency_key(self) -> str:
         """The same for every attempt of this stage for this row, and never used again: send
         it with a side effect outside the database so the receiver can drop a repeat."""
-        return str(self.claim.series)
+        return f"{self.claim.series:016x}"
 
     @property
     def row(self) -> Mapping[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import anyio
 import attrs
 from anyio.abc import TaskGroup
-from psycopg import pq
+from psycopg import AsyncConnection, pq
 
 from ._batcher import CompletionBatcher
 from ._claim import Claimer, to_json
@@ -69,7 +69,10 @@ def failure_of(stage: Stage, claim: Claim, exc: BaseException) -> Failure:
 
 
 async def call_handler(stage: Stage, ctx: StageContext[Any]) -> Any:
-    """Run an async stage's handler within the stage's time-out."""
+    """Run an async stage's handler within the stage's time-out (a stage without one
+    costs no cancel scope)."""
+    if stage.timeout is None:
+        return await stage.run(ctx)
     with anyio.fail_after(stage.timeout):
         return await stage.run(ctx)
 
@@ -211,28 +214,35 @@ class RunExecutor:
         async with self.connections.connection() as conn:
             result = await call_handler(stage, self._context(claim, conn))
             payload = to_json(stage.name, result)
-            if conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                return await self._complete_batched(stage, claim, payload)
-            # The handler wrote: complete in its transaction, so both commit or neither.
-            booked = self._book_next(stage)
-            self.runs.concluding.add(claim.token)
-            try:
-                completed, chained = await self.claimer.complete_many(
-                    conn,
-                    stage.name,
-                    stage.group,
-                    [(claim.run_id, claim.token, claim.row_key, payload, booked is not None)],
-                    worker_id=self.worker_id,
-                    lease=self.lease,
-                )
-                if claim.token in completed:
-                    await conn.commit()
-            except BaseException:
-                self._settle(booked, True, None, claim)
-                raise
-            finally:
-                self.runs.concluding.discard(claim.token)
-            return self._settle(booked, claim.token in completed, chained.get(claim.token), claim)
+            if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                # The handler wrote: complete in its transaction, so both commit or neither.
+                return await self._complete_own(stage, claim, conn, payload)
+        # It did not: its connection goes back to the pool before the batch is sent.
+        return await self._complete_batched(stage, claim, payload)
+
+    async def _complete_own(
+        self, stage: Stage, claim: Claim, conn: AsyncConnection[Any], payload: str | None
+    ) -> tuple[Stage, Claim] | None:
+        """Complete in the handler's own transaction, and commit both."""
+        booked = self._book_next(stage)
+        self.runs.concluding.add(claim.token)
+        try:
+            completed, chained = await self.claimer.complete_many(
+                conn,
+                stage.name,
+                stage.group,
+                [(claim.run_id, claim.token, claim.row_key, payload, booked is not None)],
+                worker_id=self.worker_id,
+                lease=self.lease,
+            )
+            if claim.token in completed:
+                await conn.commit()
+        except BaseException:
+            self._settle(booked, True, None, claim)
+            raise
+        finally:
+            self.runs.concluding.discard(claim.token)
+        return self._settle(booked, claim.token in completed, chained.get(claim.token), claim)
 
     async def _run_sync(self, stage: Stage, claim: Claim) -> tuple[Stage, Claim] | None:
         def call() -> tuple[bool, str | None]:

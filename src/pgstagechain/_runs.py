@@ -5,7 +5,6 @@ Runs are known by their claim's token, not their id: ids can repeat after a serv
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 import anyio
@@ -47,10 +46,10 @@ class LiveRuns:
         self.total = total
         self.in_flight = {stage: 0 for stage in limits}
         self.count = 0
-        self.scopes: dict[uuid.UUID, tuple[Claim, anyio.CancelScope]] = {}
+        self.scopes: dict[int, tuple[Claim, anyio.CancelScope]] = {}
         #: runs whose completion is on its way (in a batch, or being committed by the
         #: handler's own transaction): not lost, whatever a lease renewal finds
-        self.concluding: set[uuid.UUID] = set()
+        self.concluding: set[int] = set()
         self._on_free = on_free
 
     def free(self, stage: str) -> int:

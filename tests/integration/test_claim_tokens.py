@@ -3,7 +3,7 @@ crash lost the sequence's advance) never lets an old claim act on the new run.""
 
 from __future__ import annotations
 
-import uuid
+import secrets
 from typing import Any
 
 import anyio
@@ -74,7 +74,7 @@ async def test_an_old_claim_with_the_same_run_id_cannot_touch_the_new_run(
     async with await connect(pgstagechain_dsn, autocommit=True) as conn:
         live = await claim(conn, pipeline, "vlm_analyze", 101)
         assert live is not None
-        stale = attrs.evolve(live, token=uuid.uuid4())
+        stale = attrs.evolve(live, token=secrets.randbits(62))
 
         with pytest.raises(LeaseLostError):
             async with conn.transaction():

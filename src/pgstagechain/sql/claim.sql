@@ -36,7 +36,7 @@ claimed AS (
     WHERE t.{key} = ANY(ARRAY(SELECT k FROM picked))
     RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
               1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
-              gen_random_uuid() AS token, NULL::uuid AS series {extras}
+              {new_token} AS token, NULL::bigint AS series {extras}
 ),
 {record_runs}
 SELECT c.*, earlier.results FROM claimed c {earlier_results}
@@ -69,7 +69,7 @@ claimed AS (
     WHERE g.ctid = ANY(ARRAY(SELECT ctid FROM picked))
     RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt,
               nextval('pgstagechain.runs_id_seq') AS run_id,
-              gen_random_uuid() AS token, NULL::uuid AS series
+              {new_token} AS token, NULL::bigint AS series
 ),
 {record_runs}
 SELECT c.*, earlier.results, mem.members FROM claimed c {earlier_results} {members}
@@ -85,7 +85,7 @@ consumed AS (
 claimed AS (
     SELECT t.{key} AS key, c.row_key, {group_expr} AS group_key,
            c.attempt + 1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
-           gen_random_uuid() AS token, c.series {extras}
+           {new_token} AS token, c.series {extras}
     FROM consumed c JOIN {table} t ON t.{key} = c.row_key::{key_type}
     WHERE t.{step} = %(stage)s AND t.{status} = %(running)s
 ),
@@ -100,7 +100,7 @@ consumed AS (
 ),
 claimed AS (
     SELECT g.group_key AS key, c.row_key, g.group_key, c.attempt + 1 AS attempt,
-           nextval('pgstagechain.runs_id_seq') AS run_id, gen_random_uuid() AS token, c.series
+           nextval('pgstagechain.runs_id_seq') AS run_id, {new_token} AS token, c.series
     FROM consumed c JOIN pgstagechain.groups g
       ON g.pipeline = %(pipeline)s AND g.group_key = c.row_key
     WHERE g.step = %(stage)s AND g.status = 'running'
@@ -153,3 +153,11 @@ LEFT JOIN LATERAL (
           AND r.result IS NOT NULL
     ) mr ON TRUE
 ) mem ON c.run_id IS NOT NULL
+
+-- fragment: new_token
+-- A claim's token: 62 random bits from the backend's generator, which PostgreSQL seeds from
+-- a strong random source when the backend starts (so anew after a crash). It only has to
+-- tell apart two claims that were handed the same run id, one of them lost in a crash: a
+-- chance of 2^-53 that it cannot. Drawn by the claim statement itself, not from a
+-- sequence or anything else a transaction lost in a crash could hand out again.
+(random() * 4611686018427387904)::bigint

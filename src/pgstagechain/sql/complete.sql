@@ -26,7 +26,7 @@ claimed AS (
               1 AS attempt, t.{status} = %(running)s AS chain,
               CASE WHEN t.{status} = %(running)s
                    THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
-              CASE WHEN t.{status} = %(running)s THEN gen_random_uuid() END AS token {extras}
+              CASE WHEN t.{status} = %(running)s THEN {new_token} END AS token {extras}
 ),
 {record_chained_runs},
 chained AS (
@@ -51,7 +51,7 @@ claimed AS (
               g.status = 'running' AS chain,
               CASE WHEN g.status = 'running'
                    THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
-              CASE WHEN g.status = 'running' THEN gen_random_uuid() END AS token
+              CASE WHEN g.status = 'running' THEN {new_token} END AS token
 ),
 {record_chained_runs},
 chained AS (
@@ -61,13 +61,13 @@ chained AS (
 {completed_then_chained}
 
 -- fragment: close_runs
--- each run with its token and its result, side by side in the input arrays
+-- The runs by id (the primary key serves, whatever the statistics say), each proven by its
+-- token; the results come as one JSON object keyed by token.
 run AS (
     UPDATE pgstagechain.runs r SET state = 'succeeded', finished_at = clock_timestamp(),
-                                   result = mine.result::jsonb
-    FROM unnest(%(run_ids)s::bigint[], %(tokens)s::uuid[], %(results)s::text[])
-         AS mine(id, token, result)
-    WHERE r.id = mine.id AND r.token = mine.token AND r.state = 'running'
+                                   result = %(results)s::jsonb -> r.token::text
+    WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.token = ANY(%(tokens)s::bigint[])
+      AND r.state = 'running'
     RETURNING r.token, r.row_key
 )
 
@@ -85,7 +85,7 @@ runs AS (
 -- fragment: completed_then_chained
 -- One result: a row per new claim (completed NULL), then a row per completed run (the
 -- claim's columns NULL, by a join that is never true and so never runs).
-SELECT NULL::uuid AS completed, n.* FROM chained n
+SELECT NULL::bigint AS completed, n.* FROM chained n
 UNION ALL
 SELECT run.token, n.* FROM run LEFT JOIN chained n ON FALSE
 

@@ -4,8 +4,8 @@
 
 -- name: renew_leases
 UPDATE pgstagechain.runs r SET lease_until = clock_timestamp() + %(lease)s * interval '1 second'
-FROM unnest(%(run_ids)s::bigint[], %(tokens)s::uuid[]) AS mine(id, token)
-WHERE r.id = mine.id AND r.token = mine.token AND r.state = 'running'
+WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.token = ANY(%(tokens)s::bigint[])
+  AND r.state = 'running'
 RETURNING r.token
 
 -- name: expire_leases
@@ -23,8 +23,8 @@ expired AS (
         retry_at = CASE WHEN r.attempt < p.max_attempts OR %(free)s THEN clock_timestamp() END
     FROM policy p
     WHERE r.id = ANY(ARRAY({expired_runs}) || ARRAY(
-            SELECT x.id FROM unnest(%(run_ids)s::bigint[], %(tokens)s::uuid[]) AS mine(id, token)
-            JOIN pgstagechain.runs x ON x.id = mine.id AND x.token = mine.token))
+            SELECT x.id FROM pgstagechain.runs x
+            WHERE x.id = ANY(%(run_ids)s::bigint[]) AND x.token = ANY(%(tokens)s::bigint[])))
       AND r.pipeline = %(pipeline)s AND r.stage = p.stage AND r.state = 'running'
     RETURNING r.row_key, r.stage, r.retry_at, p.is_group
 ),

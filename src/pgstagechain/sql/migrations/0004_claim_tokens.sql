@@ -1,4 +1,5 @@
--- Every run carries a token drawn at random by the claim that opened it, and every
+-- Every run carries a token drawn at random by the claim that opened it (62 bits: see the
+-- `new_token` fragment in claim.sql), and every
 -- statement that acts on a run a worker holds (complete, fail, renew, release) names the
 -- run by id *and* token. Run ids come from a sequence, and a claim committed without
 -- waiting for its WAL flush can be lost in a crash together with the sequence's advance:
@@ -10,4 +11,4 @@
 --
 -- Both are nullable (runs of earlier versions have neither) and never indexed, so the
 -- completion of a run stays a HOT update.
-ALTER TABLE pgstagechain.runs ADD COLUMN token uuid, ADD COLUMN series uuid;
+ALTER TABLE pgstagechain.runs ADD COLUMN token bigint, ADD COLUMN series bigint;
