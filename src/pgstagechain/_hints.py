@@ -95,6 +95,10 @@ class Hints:
             exc if isinstance(exc, MalformedNotification) else f"{type(exc).__name__}: {exc}",
         )
 
+    def wake(self) -> None:
+        """Have the dispatcher look again."""
+        self._wake()
+
     def scan_all(self) -> None:
         """After a (re)LISTEN or a scan that found ready work: look at every stage."""
         for name in self.needs_scan:

@@ -28,8 +28,11 @@ from psycopg import AsyncConnection
 
 from ._claim import Claimer, claimer_for
 from ._connect import connect, conninfo_with_defaults
+from ._hints import Hints
 from ._install import require_installed
+from ._links import DB_ERRORS, Link
 from ._pipeline import Pipeline
+from ._runs import WorkerStats
 from ._stage import Stage
 
 logger = logging.getLogger("pgstagechain.recovery")
@@ -101,6 +104,63 @@ async def probe(conn: AsyncConnection[Any], claimer: Claimer, served: Sequence[S
         repaired=repaired,
         next_retry_at=next_retry_at,
     )
+
+
+class WorkerScan:
+    """A worker's recovery: a probe every ``interval`` seconds, and at once when asked
+    (after every (re)LISTEN); what it finds becomes hints for the dispatcher."""
+
+    def __init__(
+        self,
+        claimer: Claimer,
+        control: Link,
+        served: Sequence[Stage],
+        hints: Hints,
+        stats: WorkerStats,
+        *,
+        interval: float,
+    ) -> None:
+        self.claimer = claimer
+        self.control = control
+        self.served = tuple(served)
+        self.hints = hints
+        self.stats = stats
+        self.interval = interval
+        self._asked = anyio.Event()
+
+    def now(self) -> None:
+        """Scan at once (the listener just (re)connected: notifications may be lost)."""
+        self._asked.set()
+
+    async def run(self) -> None:
+        while True:
+            with anyio.move_on_after(self.interval):
+                await self._asked.wait()
+            self._asked = anyio.Event()
+            try:
+                await self.scan()
+            except DB_ERRORS as exc:
+                self.stats.db_errors += 1
+                await self.control.broke(exc)
+
+    async def scan(self) -> float | None:
+        """Find work a notification did not announce; return seconds to the next retry."""
+        self.stats.scans += 1
+        found = await probe(await self.control.get(), self.claimer, self.served)
+        self.stats.rescued += found.rescued
+        self.stats.repaired += found.repaired
+        pipeline = self.claimer.pipeline
+        for step in found.ready_steps:
+            target = pipeline.next_stage(step)
+            if target is not None and target.name in self.hints.needs_scan:
+                self.hints.needs_scan[target.name] = True
+        wait: float | None = None
+        if found.next_retry_at is not None:
+            wait = (found.next_retry_at - dt.datetime.now(dt.UTC)).total_seconds()
+            if wait <= 0:
+                self.hints.retries_due()
+        self.hints.wake()
+        return wait
 
 
 class RecoveryScanner:

@@ -10,12 +10,11 @@ statement; a probe re-drives whatever a lost notification or a dead worker left.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import random
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import anyio
 import anyio.lowlevel
@@ -33,7 +32,7 @@ from ._leases import LeaseKeeper
 from ._links import DB_ERRORS, HandlerConnections, Link
 from ._listener import Listener
 from ._pipeline import Pipeline
-from ._recovery import probe
+from ._recovery import WorkerScan
 from ._runs import LiveRuns, WorkerStats
 from ._stage import Stage
 from .errors import ConfigurationError, DatabaseAccessError, StartupTimeoutError
@@ -90,28 +89,17 @@ class Worker:
         # As given, so each connection below carries its own application_name (listener,
         # control, finisher) unless the caller's DSN sets one.
         self._given_conninfo = conninfo
-        served = list(stages) if stages is not None else [s.name for s in pipeline]
-        for name in served:
-            if name not in pipeline:
-                raise ConfigurationError(
-                    f"worker asked to serve unknown stage {name!r} of pipeline {pipeline.name!r}"
-                )
-        if not served:
-            raise ConfigurationError("a worker must serve at least one stage")
-        if concurrency < 1 or batch_size < 1 or lease <= 0:
-            raise ConfigurationError("concurrency, batch_size and lease must be positive")
-        if pool_size is not None and pool_size < 1:
-            raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
-        if startup_timeout is not None and startup_timeout <= 0:
-            raise ConfigurationError(f"startup_timeout must be positive, got {startup_timeout}")
+        served = _served(pipeline, stages)
+        _check(concurrency, batch_size, lease, pool_size, startup_timeout)
         self.startup_timeout = startup_timeout
-        self.served: tuple[Stage, ...] = tuple(pipeline[n] for n in served)
+        self.served = served
         self.concurrency = concurrency
+        #: runs in flight at once per stage: the worker's limit, the stage's, the given one
         self.limits = {
             s.name: min(
                 concurrency, (stage_limits or {}).get(s.name) or s.concurrency or concurrency
             )
-            for s in self.served
+            for s in served
         }
         self.worker_id = (
             worker_id or f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}"
@@ -131,7 +119,6 @@ class Worker:
 
         self._stopping = False
         self._started = anyio.Event()
-        self._scan_now = anyio.Event()
         self._wake = Wake()
         self._hints = Hints(
             pipeline,
@@ -151,6 +138,7 @@ class Worker:
         ]
         self._claimer: Claimer | None = None
         self._batcher: CompletionBatcher | None = None
+        self._scanner: WorkerScan | None = None
         self._claiming = False
 
     # -- public -------------------------------------------------------------------------
@@ -198,7 +186,13 @@ class Worker:
     async def _serve(self, *, until_idle: bool) -> None:
         self._stopping = False
         try:
-            await self._open()
+            self._claimer = await start_up(
+                self._control,
+                self.pipeline,
+                wait=self.startup_timeout,
+                stopping=lambda: self._stopping,
+                stats=self.stats,
+            )
             await self._serve_started(until_idle=until_idle)
         except BaseExceptionGroup as group:
             # A refusal for good, from whichever task met it first, ends the worker as
@@ -210,38 +204,6 @@ class Worker:
             while isinstance(first, BaseExceptionGroup):
                 first = first.exceptions[0]
             raise first from None
-
-    async def _open(self) -> None:
-        """Connect and check the database side, waiting for the database at start-up (it
-        may be restarting) within ``startup_timeout``; a refusal for good ends the wait
-        at once, as a library error."""
-        last = ""
-        try:
-            with anyio.move_on_after(self.startup_timeout):
-                while True:
-                    try:
-                        control = await self._control.get()
-                        await require_installed(control, self.pipeline)
-                        self._claimer = await claimer_for(control, self.pipeline)
-                        return
-                    except DB_ERRORS as exc:
-                        if self._stopping:
-                            raise
-                        self.stats.db_errors += 1
-                        last = str(exc).strip() or type(exc).__name__
-                        await self._control.broke(exc)  # raises if refused for good
-        except psycopg.Error as exc:
-            await self._control.close()
-            problem = access_problem(exc)
-            if problem is None:
-                raise
-            raise DatabaseAccessError(problem, redact(self.conninfo)) from None
-        except BaseException:
-            await self._control.close()
-            raise
-        await self._control.close()
-        assert self.startup_timeout is not None
-        raise StartupTimeoutError(self.startup_timeout, redact(self.conninfo), last)
 
     async def _serve_started(self, *, until_idle: bool) -> None:
         claimer = self._claimer_()
@@ -267,7 +229,15 @@ class Worker:
                 maintenance.start_soon(self._batcher.run)
                 keeper = LeaseKeeper(claimer, finisher, self._runs, self.stats, lease=self.lease)
                 maintenance.start_soon(keeper.run)
-                maintenance.start_soon(self._scan_loop)
+                self._scanner = WorkerScan(
+                    claimer,
+                    self._control,
+                    self.served,
+                    self._hints,
+                    self.stats,
+                    interval=self.scan_interval,
+                )
+                maintenance.start_soon(self._scanner.run)
                 if self.listen:
                     self.listener = Listener(
                         self._given_conninfo,
@@ -311,7 +281,7 @@ class Worker:
                         start=start,
                     )
                     self._started.set()
-                    await self._dispatch_loop(dispatcher, until_idle)
+                    await self._dispatch_loop(dispatcher, self._scanner, until_idle)
                     await self._drain()
                 # Every handler task has returned, so every batched completion is flushed.
                 maintenance.cancel_scope.cancel()
@@ -338,7 +308,8 @@ class Worker:
 
     async def _on_listen(self) -> None:
         self._hints.scan_all()
-        self._scan_now.set()
+        if self._scanner is not None:
+            self._scanner.now()
 
     @property
     def idle(self) -> bool:
@@ -350,7 +321,9 @@ class Worker:
             or self._hints.any()
         )
 
-    async def _dispatch_loop(self, dispatcher: Dispatcher, until_idle: bool) -> None:
+    async def _dispatch_loop(
+        self, dispatcher: Dispatcher, scanner: WorkerScan, until_idle: bool
+    ) -> None:
         stopping = lambda: self._stopping  # noqa: E731
         while not self._stopping:
             self._claiming = True
@@ -363,7 +336,7 @@ class Worker:
                 continue
             if until_idle and self.idle:
                 try:
-                    next_retry = await self._scan()
+                    next_retry = await scanner.scan()
                 except DB_ERRORS as exc:
                     self.stats.db_errors += 1
                     await self._control.broke(exc)
@@ -375,35 +348,73 @@ class Worker:
                 continue
             await self._wake.wait(None)
 
-    async def _scan_loop(self) -> None:
-        while True:
-            with anyio.move_on_after(self.scan_interval):
-                await self._scan_now.wait()
-            self._scan_now = anyio.Event()
-            try:
-                await self._scan()
-            except DB_ERRORS as exc:
-                self.stats.db_errors += 1
-                await self._control.broke(exc)
-
-    async def _scan(self) -> float | None:
-        """Find work a notification did not announce; return seconds to the next retry."""
-        self.stats.scans += 1
-        found = await probe(await self._control.get(), self._claimer_(), self.served)
-        self.stats.rescued += found.rescued
-        self.stats.repaired += found.repaired
-        for step in found.ready_steps:
-            target = self.pipeline.next_stage(step)
-            if target is not None and target.name in self._hints.needs_scan:
-                self._hints.needs_scan[target.name] = True
-        wait: float | None = None
-        if found.next_retry_at is not None:
-            wait = (found.next_retry_at - dt.datetime.now(dt.UTC)).total_seconds()
-            if wait <= 0:
-                self._hints.retries_due()
-        self._wake.set()
-        return wait
-
     def _claimer_(self) -> Claimer:
         assert self._claimer is not None
         return self._claimer
+
+
+def _served(pipeline: Pipeline, names: Iterable[str] | None) -> tuple[Stage, ...]:
+    """The stages a worker is asked to serve (default: all), checked."""
+    chosen = list(names) if names is not None else [s.name for s in pipeline]
+    for name in chosen:
+        if name not in pipeline:
+            raise ConfigurationError(
+                f"worker asked to serve unknown stage {name!r} of pipeline {pipeline.name!r}"
+            )
+    if not chosen:
+        raise ConfigurationError("a worker must serve at least one stage")
+    return tuple(pipeline[n] for n in chosen)
+
+
+def _check(
+    concurrency: int,
+    batch_size: int,
+    lease: float,
+    pool_size: int | None,
+    startup_timeout: float | None,
+) -> None:
+    if concurrency < 1 or batch_size < 1 or lease <= 0:
+        raise ConfigurationError("concurrency, batch_size and lease must be positive")
+    if pool_size is not None and pool_size < 1:
+        raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
+    if startup_timeout is not None and startup_timeout <= 0:
+        raise ConfigurationError(f"startup_timeout must be positive, got {startup_timeout}")
+
+
+async def start_up(
+    control: Link,
+    pipeline: Pipeline,
+    *,
+    wait: float | None,
+    stopping: Callable[[], bool],
+    stats: WorkerStats,
+) -> Claimer:
+    """Connect and check the database side, waiting for the database (it may be
+    restarting) up to ``wait`` seconds; a refusal for good ends the wait at once, as a
+    library error."""
+    last = ""
+    try:
+        with anyio.move_on_after(wait):
+            while True:
+                try:
+                    conn = await control.get()
+                    await require_installed(conn, pipeline)
+                    return await claimer_for(conn, pipeline)
+                except DB_ERRORS as exc:
+                    if stopping():
+                        raise
+                    stats.db_errors += 1
+                    last = str(exc).strip() or type(exc).__name__
+                    await control.broke(exc)  # raises if refused for good
+    except psycopg.Error as exc:
+        await control.close()
+        problem = access_problem(exc)
+        if problem is None:
+            raise
+        raise DatabaseAccessError(problem, redact(control.conninfo)) from None
+    except BaseException:
+        await control.close()
+        raise
+    await control.close()
+    assert wait is not None
+    raise StartupTimeoutError(wait, redact(control.conninfo), last)
