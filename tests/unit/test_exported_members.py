@@ -13,7 +13,9 @@ INTENDED = {
     "Stage",
     "stage",
     "Retry",
+    "FanIn",
     "StageContext",
+    "FailedMember",
     # running
     "Worker",
     "WorkerStats",
