@@ -140,7 +140,11 @@ def configured_names(
         "failed": sql.Literal(spec.statuses.failed),
         "wake_statuses": _text_array(
             [spec.statuses.done]
-            + ([spec.statuses.failed] if any(s.fan_in is not FanIn.ALL_DONE for s in pipeline) else [])
+            + (
+                [spec.statuses.failed]
+                if any(s.fan_in is not FanIn.ALL_DONE for s in pipeline)
+                else []
+            )
         ),
         # each row step whose chain leads to a group stage: that stage, the step it follows
         # and its fan-in policy, side by side

@@ -138,7 +138,8 @@ class Stage:
             self.fan_in = fan_in
         if not isinstance(self.fan_in, FanIn):
             raise StageDeclarationError(
-                self.name, f"fan_in must be a FanIn (one of {[p.name for p in FanIn]}), got {self.fan_in!r}"
+                self.name,
+                f"fan_in must be a FanIn (one of {[p.name for p in FanIn]}), got {self.fan_in!r}",
             )
         if self.fan_in is not FanIn.ALL_DONE and not self.group:
             raise StageDeclarationError(

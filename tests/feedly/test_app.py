@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from PIL import Image
@@ -306,7 +307,7 @@ async def test_a_job_with_one_failed_variant_gets_its_post_and_the_gallery_says_
             (keys[1],),
         )
         (path,) = await cur.fetchone() or ("",)
-        Path(path).unlink()
+        await anyio.Path(path).unlink()
         await app.release(conn, job)
         await Worker(pipeline, app_dsn, scan_interval=1).run_until_idle()
         cur = await conn.execute("SELECT record FROM posts WHERE job_id = %s", (job,))

@@ -39,9 +39,23 @@ def workers(dsn: str, name: str) -> Iterator[list[subprocess.Popen[bytes]]]:
     """``WORKERS`` worker processes for ``tests.apps.fan_in_app:<name>``, stopped on exit."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "pgstagechain", "--dsn", dsn, "--log-level", "ERROR",
-             "worker", f"tests.apps.fan_in_app:{name}", "--concurrency", "8",
-             "--worker-id", f"w{n}", "--scan-interval", "1"],
+            [
+                sys.executable,
+                "-m",
+                "pgstagechain",
+                "--dsn",
+                dsn,
+                "--log-level",
+                "ERROR",
+                "worker",
+                f"tests.apps.fan_in_app:{name}",
+                "--concurrency",
+                "8",
+                "--worker-id",
+                f"w{n}",
+                "--scan-interval",
+                "1",
+            ],
             cwd=ROOT,
             env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
         )
@@ -78,7 +92,8 @@ async def row_at(dsn: str, key: int) -> tuple[str, str]:
 async def seen(dsn: str, job: int) -> list[tuple[str, list[str], dict[str, Any]]]:
     """What each run of a group stage of ``job`` was given, in order."""
     found = await query(
-        dsn, "SELECT stage, members, failed FROM fan_in_seen WHERE job_id = %s ORDER BY id",
+        dsn,
+        "SELECT stage, members, failed FROM fan_in_seen WHERE job_id = %s ORDER BY id",
         (str(job),),
     )
     return [(stage, members, failed) for stage, members, failed in found]
@@ -161,7 +176,9 @@ async def test_settled_proceeds_without_the_failed_member_and_forms_again_when_i
             status = await admin.status(conn, fan_in_app.settled)
             assert (status[GROUP_STAGES[0]].stalled, status[GROUP_STAGES[0]].partial) == (0, 1)
             failures = {
-                f.key: f for f in await admin.failures(conn, fan_in_app.settled) if f.level == "group"
+                f.key: f
+                for f in await admin.failures(conn, fan_in_app.settled)
+                if f.level == "group"
             }
             assert list(failures) == ["3"]
             assert "every member failed" in (failures["3"].error or "")
@@ -190,7 +207,9 @@ async def test_fail_fast_fails_the_group_with_the_members_reason(pgstagechain_ds
             lambda: _eq(group_at(dsn, 1), (GROUP_STAGES[0], "failed")), "job 1 to fail"
         )
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-            (failure,) = [f for f in await admin.failures(conn, fan_in_app.fail_fast) if f.level == "group"]
+            (failure,) = [
+                f for f in await admin.failures(conn, fan_in_app.fail_fast) if f.level == "group"
+            ]
             assert failure.key == "1" and failure.stage == GROUP_STAGES[0]
             assert "member 102 failed at ocr_eval" in (failure.error or "")
             assert "OCR could not read variant 102" in (failure.error or "")
@@ -240,8 +259,11 @@ async def test_members_inserted_one_by_one_never_form_their_group_early(
                 if rng.random() < 0.3:
                     await wait_until(
                         lambda: _eq(
-                            value(dsn, "SELECT count(*) FROM jobs_variants"
-                                  " WHERE (current_step, status) <> ('ocr_eval', 'done')"),
+                            value(
+                                dsn,
+                                "SELECT count(*) FROM jobs_variants"
+                                " WHERE (current_step, status) <> ('ocr_eval', 'done')",
+                            ),
                             0,
                         ),
                         "the variants inserted so far to finish their row stages",

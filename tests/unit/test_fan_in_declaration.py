@@ -18,9 +18,7 @@ def noop(ctx: Any) -> None:
 
 
 def grouped(**options: Any) -> Pipeline:
-    return Pipeline(
-        "ads", table="t", key="id", group_column="job_id", start="img_gen", **options
-    )
+    return Pipeline("ads", table="t", key="id", group_column="job_id", start="img_gen", **options)
 
 
 def test_the_default_is_to_wait_for_every_member() -> None:
@@ -77,7 +75,15 @@ def test_a_policy_or_a_group_size_changes_the_fingerprint_and_nothing_else_does(
     assert len(set(digests.values())) == len(digests)
     # a pipeline that declares none keeps the fingerprint it had before policies existed
     assert set(fingerprint(fan_in_app.all_done)) == {
-        "table", "key", "step", "status", "group", "done", "start", "stages", "digest"
+        "table",
+        "key",
+        "step",
+        "status",
+        "group",
+        "done",
+        "start",
+        "stages",
+        "digest",
     }
     assert fingerprint(fan_in_app.settled)["fan_in"] == {"ad_copy_gen_kor": "settled"}
     assert fingerprint(fan_in_app.sized)["group_size"] == "variant_count"
