@@ -134,6 +134,12 @@ async def test_all_done_waits_shows_the_group_stalled_and_forms_once_the_member_
             lambda: _eq(row_at(dsn, 103), ("ocr_eval", "done")), "variant 103 to finish"
         )
         assert await group_at(dsn, 1) is None  # waits for every member
+        attempts = await query(
+            dsn,
+            "SELECT attempt, state FROM pgstagechain.runs WHERE row_key = '102'"
+            " AND stage = 'ocr_eval' ORDER BY id",
+        )
+        assert attempts == [(1, "failed"), (2, "failed")]  # both of its attempts
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             status = await admin.status(conn, fan_in_app.all_done)
             first = status[GROUP_STAGES[0]]
