@@ -2,8 +2,10 @@
 
 An upstream system (here: ``python -m examples.feedly``) inserts a job and its variants and
 sets each variant to ``('img_gen', 'done')``. From then on the workers carry every variant
-through the eight row stages; when all variants of a job have finished ``iou_eval`` the two
-job stages run once per job, and ``instagram_feed_gen`` records the post.
+through the eight row stages; when every variant of a job has finished ``iou_eval`` or
+failed for good (``FanIn.SETTLED``), the two job stages run once per job from the variants
+that succeeded, and ``instagram_feed_gen`` records the post, with the variants left out and
+why.
 
 Run workers for it from the shell (repo root on ``sys.path``)::
 
@@ -25,7 +27,7 @@ from typing import Any
 
 from psycopg import Connection
 
-from pgstagechain import PermanentError, Pipeline, Retry, Stage, StageContext
+from pgstagechain import FanIn, PermanentError, Pipeline, Retry, Stage, StageContext
 
 from .vision import stages as vision
 from .vision.backends import FeedlyConfig
@@ -180,10 +182,11 @@ def iou_eval(ctx: Ctx) -> dict[str, Any]:
     return vision.iou_eval(variant_input(ctx), backends())
 
 
-# -- the two job stages (fan-in: they run once all of a job's variants passed iou_eval) ------
+# -- the two job stages (fan-in: they run once every variant of the job passed iou_eval or ----
+# -- failed for good; a job is not held up by one variant that cannot be made) -------------
 
 
-@pipeline.stage(after="iou_eval", group=True, retry=MODEL, timeout=300)
+@pipeline.stage(after="iou_eval", group=True, retry=MODEL, timeout=300, fan_in=FanIn.SETTLED)
 def ad_copy_gen_kor(ctx: Ctx) -> dict[str, Any]:
     """9. Korean ad copy and hashtags for the job."""
     inp, _tenant = job_input(ctx)
@@ -226,6 +229,11 @@ class InstagramFeedGen(Stage):
             "backends": f"detector={b.detector.name}; vlm={b.vlm.name}; "
             f"translator={b.translator.name}; korean font={Path(feed['korean_font']).name if feed['korean_font'] else 'none'}",
             "variants": feed["variants"],
+            # the variants left out: they failed for good at some stage (FanIn.SETTLED)
+            "failed_variants": [
+                {"variant_id": key, "stage": failed.stage, "error": failed.error}
+                for key, failed in sorted(ctx.failed_members.items())
+            ],
         }
         record_path = inp.dir() / "post.json"
         record_path.write_text(json.dumps(record, indent=1, ensure_ascii=False), encoding="utf-8")

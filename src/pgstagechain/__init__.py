@@ -15,6 +15,7 @@ from ._by_hand import complete_sync as complete_sync
 from ._by_hand import fail as fail
 from ._connect import redact as redact
 from ._context import Claim as Claim
+from ._context import FailedMember as FailedMember
 from ._context import StageContext as StageContext
 from ._events import MalformedNotification as MalformedNotification
 from ._gc import tune_gc as tune_gc
@@ -27,6 +28,7 @@ from ._pipeline import Statuses as Statuses
 from ._recovery import RecoveryReport as RecoveryReport
 from ._recovery import RecoveryScanner as RecoveryScanner
 from ._runs import WorkerStats as WorkerStats
+from ._stage import FanIn as FanIn
 from ._stage import Retry as Retry
 from ._stage import Stage as Stage
 from ._stage import stage as stage
@@ -50,6 +52,8 @@ __all__ = [
     "ConfigurationError",
     "DatabaseAccessError",
     "ExistingRowsError",
+    "FailedMember",
+    "FanIn",
     "LeaseLostError",
     "Listener",
     "MalformedNotification",

@@ -16,7 +16,7 @@ import attrs
 from psycopg import AsyncConnection, Connection
 
 from ._catalog import statements_for
-from ._context import Claim
+from ._context import Claim, FailedMember
 from ._pipeline import Pipeline
 from ._sql import Statements
 from ._stage import Stage
@@ -127,6 +127,7 @@ class Claimer:
         group_key, attempt, results = at["group_key"], at["attempt"], at["results"]
         extras = [(name[2:], i) for name, i in at.items() if name.startswith("x_")]
         members = at.get("members")
+        failed_members = at.get("failed_members")
         pipeline = self.pipeline.name
 
         def make(row: Sequence[Any]) -> Claim:
@@ -144,6 +145,11 @@ class Claimer:
                 row={name: row[i] for name, i in extras},
                 results=row[results] or {},
                 members=(row[members] or {}) if members is not None else {},
+                failed_members=(
+                    {k: FailedMember(**v) for k, v in row[failed_members].items()}
+                    if failed_members is not None and row[failed_members]
+                    else {}
+                ),
             )
 
         return make

@@ -14,13 +14,23 @@ ConnT = TypeVar("ConnT")
 
 
 @attrs.frozen(kw_only=True)
+class FailedMember:
+    """A member of a group that failed for good: the stage it stopped at and why."""
+
+    stage: str
+    error: str | None
+
+
+@attrs.frozen(kw_only=True)
 class Claim:
     """A row (or group) moved to ``(stage, running)`` by this worker, with its run record.
 
     ``key`` is the key in the column's own type (the group key, as text, for a group
     stage); ``row`` holds the pipeline's extra columns as they were at claim time,
     ``results`` what the earlier stages of this row (or group) returned, and for a group
-    stage ``members`` maps each member's key to the results of its row stages.
+    stage ``members`` maps each member's key to the results of its row stages, and
+    ``failed_members`` each member that failed for good (a group formed under
+    ``FanIn.SETTLED``) to its :class:`FailedMember`; such members are not in ``members``.
 
     ``token`` proves the claim is this one: random, drawn by the claim statement itself, so
     two claims that were handed the same run id (a crash rolls the id sequence back) still
@@ -41,6 +51,7 @@ class Claim:
     row: Mapping[str, Any] = attrs.field(factory=dict)
     results: Mapping[str, Any] = attrs.field(factory=dict)
     members: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
+    failed_members: Mapping[str, FailedMember] = attrs.field(factory=dict)
 
     @series.default
     def _first_attempt(self) -> int:
@@ -54,7 +65,9 @@ class StageContext(Generic[ConnT]):
     ``conn`` is the handler's own connection: whatever it writes there commits in the
     same transaction that marks the stage done, or not at all. ``results`` maps each
     earlier stage of this row (or group) to the result it returned; for a group stage,
-    ``members`` maps every member's key to the results of its row stages.
+    ``members`` maps every member's key to the results of its row stages, and
+    ``failed_members`` the members that failed for good (``FanIn.SETTLED``) to their stage
+    and error.
     """
 
     claim: Claim
@@ -96,6 +109,10 @@ class StageContext(Generic[ConnT]):
         """The same for every attempt of this stage for this row, and never used again: send
         it with a side effect outside the database so the receiver can drop a repeat."""
         return f"{self.claim.series:016x}"
+
+    @property
+    def failed_members(self) -> Mapping[str, FailedMember]:
+        return self.claim.failed_members
 
     @property
     def row(self) -> Mapping[str, Any]:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -13,6 +13,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
 from ._catalog import statements_for
+from ._context import FailedMember
 from ._migrations import require_schema
 from ._pipeline import Pipeline
 from ._repair import bad_key
@@ -45,6 +46,105 @@ class RunRecord:
 
 
 @attrs.frozen(kw_only=True)
+class GroupIssue:
+    """A group with members that failed for good, and what its fan-in policy made of it.
+
+    ``state`` is ``stalled`` (the group waits for every member to be done, ``FanIn.ALL_DONE``:
+    it moves only once an operator retries or cancels the failed ones), ``waiting`` (it will
+    proceed without them once the other members settle, ``FanIn.SETTLED``), ``partial`` (it
+    formed without them) or ``failed`` (the group failed: ``FanIn.FAIL_FAST``, or every
+    member failed). ``reason`` says so in a sentence.
+    """
+
+    group_key: str
+    #: the group stage whose group this is, and its fan-in policy (a ``FanIn`` value)
+    stage: str
+    fan_in: str
+    state: str
+    reason: str
+    members: int
+    failed_members: Mapping[str, FailedMember]
+    group_step: str | None
+    group_status: str | None
+
+
+def _failed_list(failed: Mapping[str, FailedMember]) -> str:
+    shown = [
+        f"{key} at {f.stage}" + (f" ({_last_line(f.error)})" if f.error else "")
+        for key, f in sorted(failed.items())
+    ]
+    return ", ".join(shown)
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def group_issue(pipeline: Pipeline, found: Mapping[str, Any]) -> GroupIssue | None:
+    """Classify one row of the ``group_issues`` statement."""
+    failed = {k: FailedMember(**v) for k, v in found["failed_members"].items()}
+    owners = pipeline.fan_in_of()
+    stage = next((owners[f.stage] for f in failed.values() if f.stage in owners), None)
+    if stage is None:
+        return None
+    n, members = len(failed), found["members"]
+    which = f"member{'s' if n > 1 else ''} {_failed_list(failed)}"
+    if found["group_status"] == "failed":
+        state = "failed"
+        reason = f"the group failed: {found['group_error'] or which}"
+    elif found["group_step"] is not None:
+        state = "partial"
+        reason = f"formed without {n} of {members} members, failed for good: {which}"
+    elif stage.fan_in.value == "settled":
+        state = "waiting"
+        reason = f"{n} of {members} members failed for good ({which}); proceeds without them once the others settle"
+    else:
+        state = "stalled"
+        reason = (
+            f"{n} of {members} members failed for good ({which}) and fan-in "
+            f"{stage.fan_in.name} waits for every member to be done: retry or cancel them"
+        )
+    return GroupIssue(
+        group_key=found["group_key"],
+        stage=stage.name,
+        fan_in=stage.fan_in.value,
+        state=state,
+        reason=reason,
+        members=members,
+        failed_members=failed,
+        group_step=found["group_step"],
+        group_status=found["group_status"],
+    )
+
+
+async def group_issues(
+    conn: AsyncConnection[Any],
+    pipeline: Pipeline,
+    *,
+    groups: Sequence[str] | None = None,
+) -> list[GroupIssue]:
+    """Groups with members that failed for good (``groups``: only those), by group key."""
+    if pipeline.table.group_column is None:
+        return []
+    await require_schema(conn)
+    q = await statements_for(conn, pipeline)
+    statuses = pipeline.table.statuses
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(
+        q.text("group_issues"),
+        {
+            "pipeline": pipeline.name,
+            "failed": statuses.failed,
+            "member_steps": list(pipeline.fan_in_of()),
+            "groups": None if groups is None else [str(g) for g in groups],
+        },
+    )
+    found = [group_issue(pipeline, r) for r in await cur.fetchall()]
+    return [each for each in found if each is not None]
+
+
+@attrs.frozen(kw_only=True)
 class History:
     """A row's (or a group's) current position and every run of every stage for it."""
 
@@ -58,6 +158,8 @@ class History:
     group_step: str | None = None
     group_status: str | None = None
     group_runs: tuple[RunRecord, ...] = ()
+    #: the group has members that failed for good: what that did to it (see GroupIssue)
+    issue: GroupIssue | None = None
 
 
 async def _runs_of(
@@ -87,7 +189,8 @@ async def history(
         await cur.execute(q.text("group_position"), {"pipeline": pipeline.name, "key": key})
         found = await cur.fetchone()
         group_runs = await _runs_of(conn, pipeline, key, group_stage_names)
-        if found is None and not group_runs:
+        issues = await group_issues(conn, pipeline, groups=[key])
+        if found is None and not group_runs and not issues:
             raise ConfigurationError(f"pipeline {pipeline.name!r} has no group {key!r}")
         return History(
             key=key,
@@ -96,6 +199,7 @@ async def history(
             status=found["status"] if found else None,
             group_key=key,
             runs=group_runs,
+            issue=issues[0] if issues else None,
         )
     try:
         async with conn.transaction():
@@ -125,5 +229,6 @@ async def history(
             group_step=position["step"] if position else None,
             group_status=position["status"] if position else None,
             group_runs=await _runs_of(conn, pipeline, group_key, group_stage_names),
+            issue=next(iter(await group_issues(conn, pipeline, groups=[group_key])), None),
         )
     return result

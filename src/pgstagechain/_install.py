@@ -19,6 +19,7 @@ from ._connect import connect
 from ._migrations import migrate_schema, require_schema
 from ._pipeline import Pipeline
 from ._sql import Statements, object_names, owned_names, plain
+from ._stage import FanIn
 from .errors import ExistingRowsError, NotInstalledError
 
 logger = logging.getLogger("pgstagechain.install")
@@ -27,7 +28,7 @@ logger = logging.getLogger("pgstagechain.install")
 def fingerprint(pipeline: Pipeline) -> dict[str, Any]:
     """What the database side depends on; a worker refuses to start when it differs."""
     spec = pipeline.table
-    config = {
+    config: dict[str, Any] = {
         "table": [spec.schema, spec.table],
         "key": spec.key,
         "step": spec.step_column,
@@ -37,6 +38,13 @@ def fingerprint(pipeline: Pipeline) -> dict[str, Any]:
         "start": list(pipeline.start_steps),
         "stages": sorted([s.name, s.after, s.group] for s in pipeline),
     }
+    # fan-in declarations change the trigger; recorded only when set, so that the digest of a
+    # pipeline that declares none stays what it was
+    policies = {s.name: s.fan_in.value for s in pipeline if s.fan_in is not FanIn.ALL_DONE}
+    if policies:
+        config["fan_in"] = policies
+    if spec.group_size_column:
+        config["group_size"] = spec.group_size_column
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     return {**config, "digest": digest}
 
@@ -193,8 +201,8 @@ async def require_installed(conn: AsyncConnection[Any], pipeline: Pipeline) -> N
         )
     if row["config"].get("digest") != fingerprint(pipeline)["digest"]:
         raise NotInstalledError(
-            f"pipeline {pipeline.name!r} changed since it was installed (stages, table or "
-            "columns): run `pgstagechain migrate APP:PIPELINE` to update the trigger"
+            f"pipeline {pipeline.name!r} changed since it was installed (stages, table, "
+            "columns or fan-in): run `pgstagechain migrate APP:PIPELINE` to update the trigger"
         )
 
 

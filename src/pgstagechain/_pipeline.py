@@ -8,7 +8,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import attrs
 
-from ._stage import FunctionStage, Retry, Stage, check_name, stage
+from ._stage import FanIn, FunctionStage, Retry, Stage, check_name, stage
 from .errors import ConfigurationError, StageDeclarationError
 
 P = ParamSpec("P")
@@ -51,6 +51,8 @@ class TableSpec:
     step_column: str = attrs.field(default="current_step", validator=_sql_name("step column"))
     status_column: str = attrs.field(default="status", validator=_sql_name("status column"))
     group_column: str | None = attrs.field(default=None)
+    #: a column of the member rows holding how many members their group has
+    group_size_column: str | None = attrs.field(default=None)
     extra_columns: tuple[str, ...] = attrs.field(default=())
     statuses: Statuses = Statuses()
 
@@ -58,6 +60,13 @@ class TableSpec:
     def _check_group(self, attribute: attrs.Attribute[Any], value: str | None) -> None:
         if value is not None:
             _sql_name("group column")(self, attribute, value)
+
+    @group_size_column.validator
+    def _check_group_size(self, attribute: attrs.Attribute[Any], value: str | None) -> None:
+        if value is not None:
+            _sql_name("group size column")(self, attribute, value)
+            if self.group_column is None:
+                raise ConfigurationError("group_size_column needs group_column to be set")
 
     @extra_columns.validator
     def _check_extras(self, attribute: attrs.Attribute[Any], value: tuple[str, ...]) -> None:
@@ -70,6 +79,7 @@ class TableSpec:
     def columns(self) -> tuple[str, ...]:
         """Every column the pipeline reads, each once."""
         named = [self.key, self.step_column, self.status_column, self.group_column]
+        named.append(self.group_size_column)
         named += list(self.extra_columns)
         return tuple(dict.fromkeys(c for c in named if c is not None))
 
@@ -79,6 +89,10 @@ class Pipeline:
 
     ``start`` names the steps that something outside the pipeline sets to done (the
     seed's ``img_gen``); every stage must lead back to one of them.
+
+    ``group_size_column`` names a column of the member rows that holds how many members
+    their group has: a group then never forms before that many members exist, even when
+    they are inserted one by one and the first finishes before the last is inserted.
 
     >>> pipeline = Pipeline("ads", table="jobs_variants", key="job_variants_id",
     ...                     group_column="job_id", start="img_gen")
@@ -97,6 +111,7 @@ class Pipeline:
         step_column: str = "current_step",
         status_column: str = "status",
         group_column: str | None = None,
+        group_size_column: str | None = None,
         extra_columns: Iterable[str] = (),
         statuses: Statuses | None = None,
         stages: Iterable[Stage] = (),
@@ -113,6 +128,7 @@ class Pipeline:
             step_column=step_column,
             status_column=status_column,
             group_column=group_column,
+            group_size_column=group_size_column,
             extra_columns=tuple(extra_columns),
             statuses=statuses or Statuses(),
         )
@@ -181,6 +197,7 @@ class Pipeline:
         timeout: float | None = None,
         concurrency: int | None = None,
         connection: bool = True,
+        fan_in: FanIn | None = None,
     ) -> Callable[[Callable[P, R]], FunctionStage[P, R]]:
         """Decorator: make a stage of a function and register it here."""
         make = stage(
@@ -191,6 +208,7 @@ class Pipeline:
             timeout=timeout,
             concurrency=concurrency,
             connection=connection,
+            fan_in=fan_in,
         )
 
         def decorate(func: Callable[P, R]) -> FunctionStage[P, R]:
@@ -213,6 +231,22 @@ class Pipeline:
         """Row-level steps whose next stage is a group stage."""
         return tuple(s.after for s in self if s.group and not self.is_group_step(s.after))
 
+    def fan_in_of(self) -> dict[str, Stage]:
+        """Each row step (start steps included) whose chain leads to a group stage, with that
+        group stage: the stage whose group its rows are members of."""
+        found: dict[str, Stage] = {}
+        for step in (*self.start_steps, *(s.name for s in self if not s.group)):
+            current = step
+            seen = {current}
+            while (following := self.next_stage(current)) is not None and not following.group:
+                current = following.name
+                if current in seen:
+                    break
+                seen.add(current)
+            if following is not None and following.group:
+                found[step] = following
+        return found
+
     def validate(self) -> None:
         """Check the whole graph; raise :class:`StageDeclarationError` naming the culprit."""
         if not self._stages:
@@ -228,6 +262,12 @@ class Pipeline:
                 raise StageDeclarationError(
                     each.name,
                     f"a row stage cannot follow group stage {each.after!r} (fan-out is not supported)",
+                )
+            if self.is_group_step(each.after) and each.fan_in is not FanIn.ALL_DONE:
+                raise StageDeclarationError(
+                    each.name,
+                    f"fan_in={each.fan_in.name} belongs on the first group stage of the chain; "
+                    f"{each.name!r} follows group stage {each.after!r}",
                 )
         for each in self:
             seen = [each.name]

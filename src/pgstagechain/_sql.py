@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, LiteralString
 import attrs
 from psycopg import sql
 
+from ._stage import FanIn
+
 if TYPE_CHECKING:
     from ._pipeline import Pipeline
 
@@ -125,6 +127,7 @@ def configured_names(
     holds as constants (the done status, the channel, the steps it announces) come as
     literals."""
     spec = pipeline.table
+    members = pipeline.fan_in_of()
     names: dict[str, sql.Composable] = {
         **owned_names(spec.schema, object_names(pipeline)),
         "done": sql.Literal(spec.statuses.done),
@@ -134,6 +137,23 @@ def configured_names(
             [s.after for s in pipeline if not s.group and not pipeline.is_group_step(s.after)]
         ),
         "fan_in_steps": _text_array(list(pipeline.fan_in_steps())),
+        "failed": sql.Literal(spec.statuses.failed),
+        "wake_statuses": _text_array(
+            [spec.statuses.done]
+            + (
+                [spec.statuses.failed]
+                if any(s.fan_in is not FanIn.ALL_DONE for s in pipeline)
+                else []
+            )
+        ),
+        # each row step whose chain leads to a group stage: that stage, the step it follows
+        # and its fan-in policy, side by side
+        "member_steps": _text_array(list(members)),
+        "member_fan_ins": _text_array([s.after for s in members.values()]),
+        "member_group_stages": _text_array([s.name for s in members.values()]),
+        "member_policies": _text_array([s.fan_in.value for s in members.values()]),
+        "group_stage_names": _text_array([s.name for s in pipeline if s.group]),
+        "expected_size": sql.SQL("NULL::bigint"),
         "new_group": sql.SQL("NULL::text"),
         # index builds: CONCURRENTLY outside a transaction (see Statements.with_names)
         "concurrently": sql.SQL(""),
@@ -155,6 +175,11 @@ def configured_names(
         names["group_type"] = sql.SQL(group_type or "text")
         names["group_expr"] = sql.SQL("t.{}::text").format(names["group"])
         names["new_group"] = sql.SQL("NEW.{}::text").format(names["group"])
+    if spec.group_size_column:
+        # the size the members declare for their group (`m`: the members), the largest
+        names["expected_size"] = sql.SQL("max(m.{})::bigint").format(
+            sql.Identifier(spec.group_size_column)
+        )
     return names
 
 

@@ -7,6 +7,7 @@ or a plain ``def`` (runs in a worker thread so it never blocks the loop).
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import re
@@ -56,6 +57,26 @@ class Retry:
 NO_RETRY = Retry()
 
 
+class FanIn(enum.Enum):
+    """When a group stage's group forms from its members (the rows of one group).
+
+    A member *fails for good* when it lands on ``(stage, failed)``: its attempts are used
+    up, it raised :class:`~pgstagechain.PermanentError`, or an operator cancelled it.
+    """
+
+    #: Wait until every member is done at the step the group stage follows (the default).
+    #: A group with a member failed for good waits for an operator, and ``status`` shows it
+    #: as stalled, with the member's error.
+    ALL_DONE = "all_done"
+    #: Proceed once every member is done or failed for good, with at least one done; the
+    #: handler gets the done ones in ``ctx.members`` and the failed ones, with their stage
+    #: and error, in ``ctx.failed_members``. When every member failed, the group fails.
+    SETTLED = "settled"
+    #: Fail the group as soon as one member fails for good, with that member's error as
+    #: the reason; otherwise as ``ALL_DONE``.
+    FAIL_FAST = "fail_fast"
+
+
 class Stage:
     """One step of a pipeline. Subclass it and override :meth:`run`, or use :func:`stage`.
 
@@ -75,6 +96,8 @@ class Stage:
     retry: Retry = NO_RETRY
     timeout: float | None = None
     concurrency: int | None = None
+    #: for the first group stage of a chain: when its group forms (see :class:`FanIn`)
+    fan_in: FanIn = FanIn.ALL_DONE
     #: False for stages that never write to the database: they hold no connection while
     #: they run and their completions are batched (``ctx.conn`` is then None).
     connection: bool = True
@@ -89,6 +112,7 @@ class Stage:
         timeout: float | None = None,
         concurrency: int | None = None,
         connection: bool | None = None,
+        fan_in: FanIn | None = None,
     ) -> None:
         self.name = check_name("stage", name or self.name or _snake(type(self).__name__))
         self.after = check_name("predecessor step", after or self.after)
@@ -110,6 +134,17 @@ class Stage:
             )
         if connection is not None:
             self.connection = connection
+        if fan_in is not None:
+            self.fan_in = fan_in
+        if not isinstance(self.fan_in, FanIn):
+            raise StageDeclarationError(
+                self.name,
+                f"fan_in must be a FanIn (one of {[p.name for p in FanIn]}), got {self.fan_in!r}",
+            )
+        if self.fan_in is not FanIn.ALL_DONE and not self.group:
+            raise StageDeclarationError(
+                self.name, f"fan_in={self.fan_in.name} applies to group stages only (group=True)"
+            )
         if type(self).run is Stage.run and not isinstance(self, FunctionStage):
             raise StageDeclarationError(self.name, "a Stage subclass must override run()")
 
@@ -155,6 +190,7 @@ def stage(
     timeout: float | None = None,
     concurrency: int | None = None,
     connection: bool = True,
+    fan_in: FanIn | None = None,
 ) -> Callable[[Callable[P, R]], FunctionStage[P, R]]:
     """Turn a function ``(ctx) -> result`` into a :class:`Stage` that runs after step ``after``.
 
@@ -175,6 +211,7 @@ def stage(
             timeout=timeout,
             concurrency=concurrency,
             connection=connection,
+            fan_in=fan_in,
         )
 
     return decorate

@@ -14,6 +14,13 @@ The status figures, per stage S that runs after step A (rows, or groups for a gr
 * ``done``: finished S, wherever they are now: at (S, done) or at any later stage of the
   same level, in any state;
 * ``failed``: at (S, failed), stopped there for good (until ``retry``).
+
+For the first group stage of a chain (the fan-in) also, counting groups with members that
+failed for good (see :func:`group_issues` for each one and why):
+
+* ``stalled``: not formed, and waiting for every member to be done (``FanIn.ALL_DONE``):
+  nothing moves until an operator retries or cancels the failed members;
+* ``partial``: formed without them (``FanIn.SETTLED``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
 from ._catalog import statements_for
-from ._history import History, RunRecord, history
+from ._history import GroupIssue, History, RunRecord, group_issues, history
 from ._listener import APPLICATION_NAME
 from ._migrations import require_schema
 from ._pipeline import Pipeline
@@ -40,6 +47,7 @@ __all__ = [
     "STATUS_WINDOW",
     "CancelReport",
     "Failure",
+    "GroupIssue",
     "History",
     "PipelineStatus",
     "RecentRuns",
@@ -48,6 +56,7 @@ __all__ = [
     "WorkerPresence",
     "cancel",
     "failures",
+    "group_issues",
     "history",
     "listeners",
     "retry",
@@ -92,6 +101,10 @@ class StageStatus:
     #: how long the oldest waiting row has waited (None: none waits, or it was set from outside)
     oldest_waiting: dt.timedelta | None
     runs: RecentRuns
+    #: for a fan-in group stage: groups held up by members failed for good, and groups
+    #: that formed without them (see the module docstring)
+    stalled: int = 0
+    partial: int = 0
 
     @property
     def total(self) -> int:
@@ -113,6 +126,8 @@ class StageStatus:
             "total": self.total,
             "oldest_waiting_seconds": None if age is None else age.total_seconds(),
             "runs": attrs.asdict(self.runs),
+            "stalled": self.stalled,
+            "partial": self.partial,
         }
 
 
@@ -238,6 +253,9 @@ async def status(
     }
     await cur.execute(q.text("pending_retries"), params)
     retrying = {r["stage"]: r["n"] for r in await cur.fetchall()}
+    held: dict[tuple[str, str], int] = {}
+    for issue in await group_issues(conn, pipeline):
+        held[(issue.stage, issue.state)] = held.get((issue.stage, issue.state), 0) + 1
     now_row = await (await conn.execute(q.text("now"))).fetchone()
     assert now_row is not None
     now: dt.datetime = now_row[0]
@@ -260,6 +278,8 @@ async def status(
                 failed=counts.get((each.name, "failed"), 0),
                 oldest_waiting=(now - oldest_at) if oldest_at is not None else None,
                 runs=recent.get(each.name, RecentRuns()),
+                stalled=held.get((each.name, "stalled"), 0),
+                partial=held.get((each.name, "partial"), 0),
             )
         )
     spec = pipeline.table

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 from PIL import Image
@@ -216,7 +217,14 @@ def test_app_reports_failures_and_exits_nonzero(app_dsn: str, tmp_path: Path) ->
         ).fetchall()
     assert len(rows) == 4
     assert {(s, st) for _, s, st in rows} == {("vlm_analyze", "failed")}
-    assert failed == {("variant", key, "vlm_analyze") for key, _, _ in rows}
+    # every variant of each job failed, so each job fails too (FanIn.SETTLED), saying why
+    jobs = {f["job_id"] for f in summary["failures"]}
+    assert failed == {("variant", key, "vlm_analyze") for key, _, _ in rows} | {
+        ("job", str(job), "ad_copy_gen_kor") for job in jobs
+    }
+    assert all(
+        "every member failed" in f["error"] for f in summary["failures"] if f["level"] == "job"
+    )
     for key, _, _ in rows:
         assert key in done.stdout
     # every variant used its three attempts (the stage's Retry policy) before failing
@@ -275,3 +283,42 @@ def test_a_foreign_output_folder_is_refused_not_emptied(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "is not empty and holds no earlier Feedly run" in done.stderr
     assert (out / "thesis.tex").read_text() == "do not delete"
+
+
+@pytest.mark.anyio
+async def test_a_job_with_one_failed_variant_gets_its_post_and_the_gallery_says_why(
+    app_dsn: str, tmp_path: Path
+) -> None:
+    """One variant's image is gone before the pipeline starts: it fails for good at its first
+    stage, and the job still gets its Korean copy and its post from the other two
+    (``FanIn.SETTLED``); the post's record and the gallery name the variant left out."""
+    from examples.feedly import app
+    from examples.feedly.pipeline import pipeline
+    from pgstagechain import Worker
+
+    out = tmp_path / "out"
+    await app.prepare(app_dsn)
+    async with await psycopg.AsyncConnection.connect(app_dsn, autocommit=True) as conn:
+        images = app.product_images(app.DEFAULT_DIR)
+        ((job, keys),) = await app.create_jobs(conn, images[:1], 1, 3, out)
+        cur = await conn.execute(
+            "SELECT a.path FROM img_assets a JOIN jobs_variants v USING (img_asset_id)"
+            " WHERE v.job_variants_id = %s",
+            (keys[1],),
+        )
+        (path,) = await cur.fetchone() or ("",)
+        await anyio.Path(path).unlink()
+        await app.release(conn, job)
+        await Worker(pipeline, app_dsn, scan_interval=1).run_until_idle()
+        cur = await conn.execute("SELECT record FROM posts WHERE job_id = %s", (job,))
+        (record,) = await cur.fetchone() or (None,)
+        page = await app.gallery(conn, [job], out)
+    assert record is not None, "the job got no post"
+    assert sorted(v["variant_id"] for v in record["variants"]) == sorted(
+        str(k) for k in (keys[0], keys[2])
+    )
+    (failed,) = record["failed_variants"]
+    assert failed["variant_id"] == str(keys[1]) and failed["stage"] == "vlm_analyze"
+    assert "is missing" in failed["error"]
+    text = page.read_text(encoding="utf-8")
+    assert f"Variant {keys[1]} was left out: it failed at vlm_analyze (" in text

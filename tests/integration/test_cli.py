@@ -183,6 +183,28 @@ async def test_inspect_shows_history_errors_and_group(pgstagechain_dsn: str) -> 
     assert "ad_copy_gen_kor" in group.stdout
 
 
+async def test_status_and_inspect_show_a_group_stalled_by_a_failed_member(
+    pgstagechain_dsn: str,
+) -> None:
+    await run_chain(pgstagechain_dsn, bad=(101,))
+    status = cli(pgstagechain_dsn, "status", APP)
+    assert status.returncode == 0, status.stderr
+    assert "1 stalled" in status.stdout
+    assert "groups with members failed for good" in status.stdout
+    as_json = by_stage(cli(pgstagechain_dsn, "status", APP, "--json").stdout)
+    assert as_json["ad_copy_gen_kor"]["stalled"] == 1
+    assert as_json["instagram_feed_gen"]["stalled"] == 0
+
+    group = cli(pgstagechain_dsn, "inspect", APP, "1", "--group")
+    assert group.returncode == 0, group.stderr
+    assert "group 1 of pipeline feedly: (no position)" in group.stdout
+    assert "group 1 is stalled: 1 of" in group.stdout
+    assert "101 at overlay (" in group.stdout and "unreadable image" in group.stdout
+    member = json.loads(cli(pgstagechain_dsn, "inspect", APP, "102", "--json").stdout)
+    assert member["issue"]["state"] == "stalled"
+    assert member["issue"]["failed_members"]["101"]["stage"] == "overlay"
+
+
 async def test_inspect_names_a_missing_or_malformed_key(pgstagechain_dsn: str) -> None:
     await run_chain(pgstagechain_dsn)
     missing = cli(pgstagechain_dsn, "inspect", APP, "999")

@@ -42,7 +42,7 @@ def start_worker(dsn: str, n: int) -> subprocess.Popen[bytes]:
             "2",
         ],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
     )
 
 

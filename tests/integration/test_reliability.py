@@ -184,7 +184,7 @@ def start_worker_process(dsn: str, app: str, *extra: str, log: Path) -> subproce
             cwd=ROOT,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])},
         )
 
 

@@ -37,6 +37,7 @@ table{border-collapse:collapse;font-size:13px;margin-top:8px;width:100%}
 td,th{border-bottom:1px solid #eee;padding:5px 6px;text-align:right}
 th:first-child,td:first-child{text-align:left}
 th{color:#555;font-weight:600}tr.chosen td{background:#eef8f1;font-weight:600}
+.failed{color:#a33;font-size:13px;margin:4px 12px}
 footer{color:#666;font-size:13px;padding-top:24px;padding-bottom:32px}
 """
 
@@ -103,6 +104,12 @@ def _post(job: Mapping[str, Any], base: Path) -> str:
     out.append(f"<p class='tags' lang='ko'>{e(' '.join(job.get('hashtags', [])))}</p>")
     if job.get("english"):
         out.append(f"<p class='en'>{e(str(job['english']))}</p>")
+    for failed in job.get("failed_variants", []):
+        error = str(failed.get("error") or "no error recorded").strip().splitlines()
+        out.append(
+            f"<p class='failed'>Variant {e(str(failed.get('variant_id')))} was left out: it "
+            f"failed at {e(str(failed.get('stage')))} ({e(error[-1] if error else '')}).</p>"
+        )
     out.append(f"<details><summary>Why variant {e(chosen)}: the scores</summary>")
     out.append("<div class='variants'>")
     for v in variants:
@@ -133,8 +140,9 @@ def render_gallery(
     """HTML for ``jobs``: one card per post, as it would appear in a feed (image, Korean
     caption, hashtags), with the variants it was chosen from and their scores folded
     away. Each job mapping has job_id, chosen_variant_id, feed_image, caption_ko, hashtags,
-    optional tenant_id, product, english, backends, and variants (variant_id, overlay_image
-    and the score columns). ``korean_font`` is a URL (relative to the page) of a font for
+    optional tenant_id, product, english, backends, failed_variants (variant_id, stage,
+    error: the variants left out), and variants (variant_id, overlay_image and the score
+    columns). ``korean_font`` is a URL (relative to the page) of a font for
     the Korean text, for browsers without one."""
     base = Path(base_dir)
     e = html.escape

@@ -69,12 +69,14 @@ def status_table(pipeline: Pipeline, found: admin.PipelineStatus, *, bars: bool 
         if each.retrying:
             running += f" ({each.retrying} retrying)"
         age = each.oldest_waiting
+        waiting = str(each.waiting) + (f" ({each.stalled} stalled)" if each.stalled else "")
+        done = str(each.done) + (f" ({each.partial} partial)" if each.partial else "")
         cells: list[Any] = [
             each.stage,
             "group" if each.group else "row",
-            str(each.waiting),
+            Text(waiting, style="bold red" if each.stalled else ""),
             running,
-            str(each.done),
+            done,
             Text(str(each.failed), style="bold red" if each.failed else ""),
             _seconds(None if age is None else age.total_seconds()),
             _seconds(each.runs.p50_seconds),
@@ -87,6 +89,20 @@ def status_table(pipeline: Pipeline, found: admin.PipelineStatus, *, bars: bool 
     return table
 
 
+def issues_table(issues: Sequence[admin.GroupIssue]) -> Table:
+    """Groups held up, or formed without some members, by members that failed for good."""
+    table = Table(title="groups with members failed for good")
+    for name in ("group", "stage", "fan-in", "state"):
+        table.add_column(name)
+    table.add_column("reason", overflow="fold")
+    for each in issues:
+        style = {"stalled": "bold red", "failed": "red", "partial": "yellow"}.get(each.state, "")
+        table.add_row(
+            each.group_key, each.stage, each.fan_in, Text(each.state, style=style), each.reason
+        )
+    return table
+
+
 def _status(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args.pipeline)
     console = _console()
@@ -94,6 +110,12 @@ def _status(args: argparse.Namespace) -> int:
     async def once() -> admin.PipelineStatus:
         async with await connect(dsn(args), autocommit=True) as conn:
             return await admin.status(conn, pipeline)
+
+    async def once_with_issues() -> tuple[admin.PipelineStatus, list[admin.GroupIssue]]:
+        async with await connect(dsn(args), autocommit=True) as conn:
+            found = await admin.status(conn, pipeline)
+            held = [s for s in found.stages if s.stalled or s.partial]
+            return found, (await admin.group_issues(conn, pipeline))[:20] if held else []
 
     async def watch() -> None:
         async with await connect(dsn(args), autocommit=True) as conn:
@@ -117,11 +139,13 @@ def _status(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):
             anyio.run(watch)
         return 0
-    found = anyio.run(once)
+    found, issues = anyio.run(once_with_issues)
     if args.json:
         print(json.dumps(found.to_json(), indent=2))
     else:
         console.print(status_table(pipeline, found))
+        if issues:
+            console.print(issues_table(issues))
     return 0
 
 
@@ -184,6 +208,12 @@ def _inspect(args: argparse.Namespace) -> int:
             else "not formed yet"
         )
         console.print(f"group {found.group_key}: {group_where}", highlight=False)
+    if found.issue is not None:
+        console.print(
+            f"group {found.issue.group_key} is {found.issue.state}: {found.issue.reason}",
+            highlight=False,
+            markup=False,
+        )
     console.print(runs_table(f"runs of {what} {found.key}", found.runs))
     if found.group_runs:
         console.print(runs_table(f"runs of group {found.group_key}", found.group_runs))

@@ -200,3 +200,36 @@ dropped AS (
 SELECT (SELECT coalesce(array_agg(key ORDER BY key), '{{}}') FROM failed) AS keys,
        (SELECT count(*) FROM closed) AS closed,
        (SELECT count(*) FROM dropped) AS dropped
+
+-- name: group_issues
+-- Groups with members that failed for good (at a step of the chain that leads to a group
+-- stage), each with its own row if it formed, its member count, and the failed members
+-- with the error of their latest run. `groups` (NULL: all) keeps those of the given groups.
+WITH hit AS (
+    SELECT {group_expr} AS group_key,
+           jsonb_object_agg(t.{key}::text,
+                            jsonb_build_object('stage', t.{step}, 'error', last.error))
+               AS failed_members
+    FROM {table} t
+    LEFT JOIN LATERAL (
+        SELECT r.error FROM pgstagechain.runs r
+        WHERE r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text AND r.stage = t.{step}
+        ORDER BY r.id DESC LIMIT 1
+    ) last ON true
+    WHERE t.{status} = %(failed)s AND t.{step} = ANY(%(member_steps)s::text[])
+      AND t.{group} IS NOT NULL
+      AND (%(groups)s::text[] IS NULL OR {group_expr} = ANY(%(groups)s::text[]))
+    GROUP BY 1
+)
+SELECT h.group_key, h.failed_members, g.step AS group_step, g.status AS group_status,
+       (SELECT count(*) FROM {table} m WHERE m.{group} = h.group_key::{group_type}) AS members,
+       last.error AS group_error
+FROM hit h
+LEFT JOIN pgstagechain.groups g ON g.group_key = h.group_key AND g.pipeline = %(pipeline)s
+LEFT JOIN LATERAL (
+    SELECT r.error FROM pgstagechain.runs r
+    WHERE r.pipeline = %(pipeline)s AND r.row_key = h.group_key AND r.stage = g.step
+      AND g.status = 'failed'
+    ORDER BY r.id DESC LIMIT 1
+) last ON true
+ORDER BY h.group_key

@@ -72,7 +72,8 @@ claimed AS (
               {new_token} AS token, NULL::bigint AS series
 ),
 {record_runs}
-SELECT c.*, earlier.results, mem.members FROM claimed c {earlier_results} {members}
+SELECT c.*, earlier.results, mem.members, mem.failed_members
+FROM claimed c {earlier_results} {members}
 
 -- name: claim_row_retries
 -- Retries whose time has come: consume the pending retry of the failed run and open the
@@ -106,7 +107,8 @@ claimed AS (
     WHERE g.step = %(stage)s AND g.status = 'running'
 ),
 {record_runs}
-SELECT c.*, earlier.results, mem.members FROM claimed c {earlier_results} {members}
+SELECT c.*, earlier.results, mem.members, mem.failed_members
+FROM claimed c {earlier_results} {members}
 
 -- fragment: due_retries
 SELECT r.id FROM pgstagechain.runs r
@@ -140,10 +142,16 @@ LEFT JOIN LATERAL (
 
 -- fragment: members
 -- The members of the claimed group `c`, each with the results of its row stages; the group
--- column is compared in its own type so that its index serves.
+-- column is compared in its own type so that its index serves. Members that failed for good
+-- (a group formed under FanIn.SETTLED) come apart, with their stage and latest error.
 LEFT JOIN LATERAL (
-    SELECT jsonb_object_agg(m.row_key, coalesce(mr.results, '{{}}'::jsonb)) AS members
-    FROM (SELECT t.{key}::text AS row_key FROM {table} t
+    SELECT jsonb_object_agg(m.row_key, coalesce(mr.results, '{{}}'::jsonb))
+               FILTER (WHERE NOT m.failed) AS members,
+           jsonb_object_agg(m.row_key, jsonb_build_object('stage', m.step, 'error', mf.error))
+               FILTER (WHERE m.failed) AS failed_members
+    FROM (SELECT t.{key}::text AS row_key, t.{step} AS step,
+                 t.{status} IS NOT DISTINCT FROM %(failed)s AS failed
+          FROM {table} t
           WHERE t.{group} = c.group_key::{group_type}) m
     LEFT JOIN LATERAL (
         SELECT jsonb_object_agg(r.stage, r.result ORDER BY r.id) AS results
@@ -151,7 +159,12 @@ LEFT JOIN LATERAL (
         WHERE r.pipeline = %(pipeline)s AND r.row_key = m.row_key
           AND r.stage = ANY(%(row_stages)s::text[]) AND r.state = 'succeeded'
           AND r.result IS NOT NULL
-    ) mr ON TRUE
+    ) mr ON NOT m.failed
+    LEFT JOIN LATERAL (
+        SELECT r.error FROM pgstagechain.runs r
+        WHERE r.pipeline = %(pipeline)s AND r.row_key = m.row_key AND r.stage = m.step
+        ORDER BY r.id DESC LIMIT 1
+    ) mf ON m.failed
 ) mem ON c.run_id IS NOT NULL
 
 -- fragment: new_token

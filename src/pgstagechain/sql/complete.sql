@@ -55,7 +55,7 @@ claimed AS (
 ),
 {record_chained_runs},
 chained AS (
-    SELECT c.*, earlier.results, mem.members
+    SELECT c.*, earlier.results, mem.members, mem.failed_members
     FROM claimed c {earlier_results} {members} WHERE c.chain
 )
 {completed_then_chained}

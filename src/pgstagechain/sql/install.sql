@@ -13,21 +13,39 @@ END
 $pgstagechain$
 
 -- name: trigger_function_fan_in
+-- Variables are prefixed so that they never shadow a column of the user's table.
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $pgstagechain$
+DECLARE
+    pgsc_fan_in text;       -- the step the group stage follows
+    pgsc_group_stage text;  -- that group stage
+    pgsc_policy text;       -- its FanIn, by value
+    pgsc_members bigint;
+    pgsc_done bigint;
+    pgsc_failed bigint;
+    pgsc_expected bigint;
+    pgsc_verdict text;      -- 'formed', 'failed' or NULL (not yet)
+    pgsc_group_status text;
+    pgsc_reason text;
 BEGIN
     IF {landed_on_done} THEN
         {announce_row}
+    END IF;
+    IF NEW.{group} IS NOT NULL AND {moved} THEN
         {form_group}
     END IF;
     RETURN NULL;
 END
 $pgstagechain$
 
+-- fragment: moved
+-- a real change of (step, status): claims set running and never get here (see WHEN)
+(TG_OP = 'INSERT' OR OLD.{step} IS DISTINCT FROM NEW.{step}
+    OR OLD.{status} IS DISTINCT FROM NEW.{status})
+
 -- fragment: landed_on_done
 -- Only a real change to (step, status) that lands on done wakes anybody: claims (status
 -- running) and no-op updates send nothing.
-NEW.{status} = {done} AND (TG_OP = 'INSERT'
-    OR OLD.{step} IS DISTINCT FROM NEW.{step} OR OLD.{status} IS DISTINCT FROM NEW.{status})
+NEW.{status} = {done} AND {moved}
 
 -- fragment: announce_row
 IF NEW.{step} = ANY({row_steps}) THEN
@@ -36,27 +54,108 @@ IF NEW.{step} = ANY({row_steps}) THEN
 END IF;
 
 -- fragment: form_group
--- Fan-in: when a member reaches a step followed by a group stage, take the group's lock and
--- look at every member with a fresh snapshot; the last one in creates the group's row (at
--- most once: primary key), whose own trigger wakes the group stage.
-IF NEW.{step} = ANY({fan_in_steps}) AND NEW.{group} IS NOT NULL THEN
+-- Fan-in. A member matters to its group when it lands on the step the group stage follows
+-- (done), or fails for good at a step of the chain leading there under a policy that acts
+-- on failures. Then, under the group's lock, count every member with a fresh snapshot and
+-- apply the group stage's policy: the group forms (its row appears at (fan-in step, done),
+-- whose own trigger wakes the group stage), fails with a recorded reason, or waits. A
+-- declared group size keeps it waiting until that many members exist.
+SELECT p.fan_in, p.group_stage, p.policy INTO pgsc_fan_in, pgsc_group_stage, pgsc_policy
+FROM unnest({member_steps}, {member_fan_ins}, {member_group_stages}, {member_policies})
+     AS p(step, fan_in, group_stage, policy)
+WHERE p.step = NEW.{step};
+IF pgsc_fan_in IS NOT NULL AND (
+        (NEW.{status} = {done} AND NEW.{step} = pgsc_fan_in)
+        OR (NEW.{status} = {failed} AND pgsc_policy <> 'all_done')) THEN
     PERFORM pg_advisory_xact_lock(hashtextextended({pipeline_name} || ':' || NEW.{group}::text, 0));
-    IF NOT EXISTS (
-        SELECT 1 FROM {table} m
-        WHERE m.{group} = NEW.{group}
-          AND (m.{step} IS DISTINCT FROM NEW.{step} OR m.{status} IS DISTINCT FROM {done})
-    ) THEN
-        INSERT INTO pgstagechain.groups (pipeline, group_key, step, status)
-        VALUES ({pipeline_name}, NEW.{group}::text, NEW.{step}, 'done')
-        ON CONFLICT DO NOTHING;
+    SELECT count(*),
+           count(*) FILTER (WHERE m.{step} = pgsc_fan_in AND m.{status} = {done}),
+           count(*) FILTER (WHERE m.{status} = {failed} AND m.{step} = ANY({member_steps})),
+           {expected_size}
+    INTO pgsc_members, pgsc_done, pgsc_failed, pgsc_expected
+    FROM {table} m WHERE m.{group} = NEW.{group};
+    IF pgsc_policy = 'fail_fast' AND pgsc_failed > 0 THEN
+        pgsc_verdict := 'failed';
+    ELSIF pgsc_expected IS NOT NULL AND pgsc_members < pgsc_expected THEN
+        pgsc_verdict := NULL;  -- members still to come
+    ELSIF pgsc_done = pgsc_members THEN
+        pgsc_verdict := 'formed';
+    ELSIF pgsc_policy = 'settled' AND pgsc_done + pgsc_failed = pgsc_members THEN
+        pgsc_verdict := CASE WHEN pgsc_done > 0 THEN 'formed' ELSE 'failed' END;
+    END IF;
+    SELECT g.status INTO pgsc_group_status FROM pgstagechain.groups g
+    WHERE g.group_key = NEW.{group}::text AND g.pipeline = {pipeline_name};
+    IF pgsc_verdict = 'formed' THEN
+        IF pgsc_group_status IS NULL THEN
+            INSERT INTO pgstagechain.groups (pipeline, group_key, step, status)
+            VALUES ({pipeline_name}, NEW.{group}::text, pgsc_fan_in, 'done')
+            ON CONFLICT DO NOTHING;
+        ELSE
+            -- It formed before and a member changed since (a retry, a re-run): it forms
+            -- again, once; a group stage still at work on the old members is cancelled.
+            pgsc_reason := 'cancelled: the group formed again (member ' || NEW.{key}::text
+                || ' reached (' || NEW.{step} || ', ' || NEW.{status} || ') after it formed)';
+            {reform_group}
+        END IF;
+    ELSIF pgsc_verdict = 'failed' AND pgsc_group_status IS DISTINCT FROM 'failed' THEN
+        SELECT CASE WHEN pgsc_policy = 'fail_fast'
+                    THEN 'fan-in FAIL_FAST: member ' || m.{key}::text || ' failed at '
+                         || m.{step} || coalesce(': ' || last.error, '')
+                    ELSE 'fan-in SETTLED: every member failed (' || pgsc_members
+                         || '), the last was ' || m.{key}::text || ' at ' || m.{step}
+                         || coalesce(': ' || last.error, '') END
+        INTO pgsc_reason
+        FROM {table} m
+        LEFT JOIN LATERAL (
+            SELECT r.error FROM pgstagechain.runs r
+            WHERE r.pipeline = {pipeline_name} AND r.row_key = m.{key}::text
+              AND r.stage = m.{step}
+            ORDER BY r.id DESC LIMIT 1
+        ) last ON true
+        WHERE m.{group} = NEW.{group} AND m.{status} = {failed}
+        ORDER BY m.{key} = NEW.{key} DESC, m.{key}
+        LIMIT 1;
+        {reform_group}
+        UPDATE pgstagechain.groups SET step = pgsc_group_stage, status = 'failed'
+        WHERE group_key = NEW.{group}::text AND pipeline = {pipeline_name};
+        IF NOT FOUND THEN
+            INSERT INTO pgstagechain.groups (pipeline, group_key, step, status)
+            VALUES ({pipeline_name}, NEW.{group}::text, pgsc_group_stage, 'failed');
+        END IF;
+        -- the reason, where failures and history look: a failed run of the group stage
+        INSERT INTO pgstagechain.runs (pipeline, stage, row_key, group_key, attempt, state,
+                                       worker_id, lease_until, finished_at, error)
+        SELECT {pipeline_name}, pgsc_group_stage, NEW.{group}::text, NEW.{group}::text,
+               1 + coalesce(max(r.attempt), 0), 'failed', 'pgstagechain-fan-in',
+               clock_timestamp(), clock_timestamp(), pgsc_reason
+        FROM pgstagechain.runs r
+        WHERE r.pipeline = {pipeline_name} AND r.row_key = NEW.{group}::text
+          AND r.stage = pgsc_group_stage;
     END IF;
 END IF;
 
+-- fragment: reform_group
+-- Close the group's live run (its completion then finds it gone and is rolled back with its
+-- writes) and drop a pending retry, as a cancel does, then put the group back at (fan-in
+-- step, done): its stages run again from the first.
+UPDATE pgstagechain.runs r SET state = 'cancelled', finished_at = clock_timestamp(),
+                               error = pgsc_reason
+WHERE r.pipeline = {pipeline_name} AND r.row_key = NEW.{group}::text
+  AND r.stage = ANY({group_stage_names}) AND r.state = 'running';
+UPDATE pgstagechain.runs r SET retry_at = NULL, error = concat_ws(E'\n', r.error, pgsc_reason)
+WHERE r.pipeline = {pipeline_name} AND r.row_key = NEW.{group}::text
+  AND r.stage = ANY({group_stage_names}) AND r.retry_at IS NOT NULL;
+UPDATE pgstagechain.groups SET step = pgsc_fan_in, status = 'done',
+                               updated_at = clock_timestamp()
+WHERE group_key = NEW.{group}::text AND pipeline = {pipeline_name}
+  AND (step, status) IS DISTINCT FROM (pgsc_fan_in, 'done');
+
 -- name: create_trigger
 -- WHEN is checked without calling the function: the many updates that claim a row (status
--- running) cost no trigger call at all.
+-- running) cost no trigger call at all. Failures wake it only when a fan-in policy acts on
+-- them.
 CREATE TRIGGER {trigger} AFTER INSERT OR UPDATE OF {step}, {status} ON {table}
-FOR EACH ROW WHEN (NEW.{status} = {done}) EXECUTE FUNCTION {function}()
+FOR EACH ROW WHEN (NEW.{status} = ANY({wake_statuses})) EXECUTE FUNCTION {function}()
 
 -- name: drop_trigger
 DROP TRIGGER IF EXISTS {trigger} ON {table}

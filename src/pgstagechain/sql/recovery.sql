@@ -61,14 +61,15 @@ FROM (SELECT * FROM pgstagechain.groups g
 
 -- name: form_groups
 -- Deep recovery (on demand, not index-bounded): groups whose members all reached a fan-in
--- step while no trigger was there to notice.
+-- step while no trigger was there to notice (and as many as they declare, if they do).
 INSERT INTO pgstagechain.groups (pipeline, group_key, step, status)
-SELECT %(pipeline)s, t.{group}::text, t.{step}, 'done' FROM {table} t
-WHERE t.{step} = ANY(%(fan_in_steps)s::text[]) AND t.{status} = %(done)s
-  AND t.{group} IS NOT NULL
-GROUP BY t.{group}, t.{step}
+SELECT %(pipeline)s, m.{group}::text, m.{step}, 'done' FROM {table} m
+WHERE m.{step} = ANY(%(fan_in_steps)s::text[]) AND m.{status} = %(done)s
+  AND m.{group} IS NOT NULL
+GROUP BY m.{group}, m.{step}
 HAVING NOT EXISTS (
-    SELECT 1 FROM {table} m WHERE m.{group} = t.{group}
-      AND (m.{step} IS DISTINCT FROM t.{step} OR m.{status} IS DISTINCT FROM %(done)s))
+    SELECT 1 FROM {table} x WHERE x.{group} = m.{group}
+      AND (x.{step} IS DISTINCT FROM m.{step} OR x.{status} IS DISTINCT FROM %(done)s))
+  AND count(*) >= coalesce({expected_size}, 0)
 ON CONFLICT DO NOTHING
 RETURNING group_key
