@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from ._connect import access_problem, connect, redact
+from ._sql import Statements, plain
 from .errors import ConfigurationError, DatabaseAccessError
 
 logger = logging.getLogger("pgstagechain.listener")
@@ -110,7 +111,8 @@ class Listener:
         conn = await connect(self.conninfo, autocommit=True, application_name=APPLICATION_NAME)
         async with conn:
             for channel in self.channels:
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                names: dict[str, sql.Composable] = {"channel_name": sql.Identifier(channel)}
+                await conn.execute(Statements(names).text("listen"))
             self.backend_pid = conn.info.backend_pid
             self.stats.connects += 1
             self.connected.set()
@@ -126,7 +128,7 @@ class Listener:
                         logger.exception("notification handler failed on %s", note.channel)
                 try:
                     with anyio.fail_after(self.probe_timeout):
-                        await conn.execute("SELECT 1")
+                        await conn.execute(plain("liveness"))
                 except TimeoutError:
                     self.stats.probes_failed += 1
                     raise

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from tests.unit.test_sql import AWKWARD, STATEMENTS, awkward_pipeline
+from tests.unit.test_sql import AWKWARD, STATEMENTS, USE_NAMES, awkward_pipeline
 
 
 def create_awkward_table(dsn: str) -> None:
@@ -57,7 +57,7 @@ async def test_postgresql_accepts_every_statement_for_awkward_names(pgstagechain
     create_awkward_table(pgstagechain_dsn)
     await migrate(pgstagechain_dsn, pipeline)
     async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as conn:
-        rendered = await statements_for(conn, pipeline)
+        rendered = (await statements_for(conn, pipeline)).with_names(**USE_NAMES)
         prepared = 0
         for name in STATEMENTS:
             text = rendered.text(name)

@@ -8,6 +8,7 @@ import string
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 from pgstagechain import Pipeline
 from pgstagechain._sql import Statements, configured_names, parse, plain, templates
@@ -42,10 +43,18 @@ def awkward_pipeline(*, group: bool = True) -> Pipeline:
     return pipeline
 
 
+#: names given where a statement is used rather than by the pipeline
+USE_NAMES = {
+    "database": sql.Identifier("test db"),
+    "template": sql.Identifier("a template"),
+    "channel_name": sql.Identifier("pgstagechain_odd"),
+}
+
+
 def statements(*, group: bool = True) -> Statements:
     return Statements(
         configured_names(awkward_pipeline(group=group), "bigint", "text" if group else None)
-    )
+    ).with_names(**USE_NAMES)
 
 
 STATEMENTS = sorted(name for name, t in templates().items() if not t.fragment)

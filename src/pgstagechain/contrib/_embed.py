@@ -17,6 +17,7 @@ import anyio.abc
 from .. import ConfigurationError, DatabaseAccessError, PgStageChainError, Pipeline, Worker
 from .. import migrate as install
 from .._connect import DB_ERRORS, access_problem, connect, default_dsn, redact
+from .._sql import plain
 from ..http import aclose_client
 
 logger = logging.getLogger("pgstagechain.contrib")
@@ -219,7 +220,7 @@ async def run_elected_workers(
             logger.info("this process runs the pgstagechain workers (%s)", lock)
             while not leaving.is_set():
                 await pause()
-                await conn.execute("SELECT 1")  # still holding the lock?
+                await conn.execute(plain("liveness"))  # still holding the lock?
         workers.clear()
 
     async def campaign(*, task_status: anyio.abc.TaskStatus[None]) -> None:
@@ -237,9 +238,7 @@ async def run_elected_workers(
                     conninfo, autocommit=True, application_name="pgstagechain-election"
                 ) as conn:
                     while not leaving.is_set():
-                        cur = await conn.execute(
-                            "SELECT pg_try_advisory_lock(hashtext(%s))", (lock,)
-                        )
+                        cur = await conn.execute(plain("try_session_lock"), {"lock": lock})
                         found = await cur.fetchone()
                         if found and found[0]:
                             await lead(conn, announce)

@@ -36,3 +36,14 @@ SELECT 1 FROM pgstagechain.migrations WHERE version = %(version)s
 
 -- name: record_migration
 INSERT INTO pgstagechain.migrations (version, name) VALUES (%(version)s, %(name)s)
+
+-- name: liveness
+-- the cheapest statement: is the connection (and the server) still there?
+SELECT 1
+
+-- name: listen
+LISTEN {channel_name}
+
+-- name: try_session_lock
+-- one process of many takes a job (the embedded workers of N web processes)
+SELECT pg_try_advisory_lock(hashtext(%(lock)s))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 from collections.abc import Iterator
+from typing import LiteralString
 
 import attrs
 import psycopg
@@ -12,6 +13,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .._sql import Statements
 from ._cluster import TemporaryCluster
 
 ENV_DSN = "PGSTAGECHAIN_TEST_DSN"
@@ -35,19 +37,22 @@ class TestServer:
     def create_database(self, prefix: str = "test") -> str:
         name = f"{prefix}_{os.getpid()}_{next(self.counter)}"
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
-            conn.execute(
-                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                    sql.Identifier(name), sql.Identifier(TEMPLATE)
-                )
-            )
+            conn.execute(_database("drop_database", name))
+            conn.execute(_database("create_database_from_template", name))
         return name
 
     def drop_database(self, name: str) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+            conn.execute(_database("drop_database", name))
+
+
+def _database(statement: str, name: str) -> LiteralString:
+    """A statement of ``testing.sql`` for database ``name`` (cloned from the template)."""
+    names: dict[str, sql.Composable] = {
+        "database": sql.Identifier(name),
+        "template": sql.Identifier(TEMPLATE),
+    }
+    return Statements(names).text(statement)
 
 
 def _prepare_template(dsn: str) -> None:
@@ -56,10 +61,8 @@ def _prepare_template(dsn: str) -> None:
     from .._install import migrate
 
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(TEMPLATE))
-        )
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
+        conn.execute(_database("drop_database", TEMPLATE))
+        conn.execute(_database("create_database", TEMPLATE))
     anyio.run(migrate, make_conninfo(dsn, dbname=TEMPLATE))
 
 
