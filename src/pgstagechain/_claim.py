@@ -18,7 +18,7 @@ from psycopg import AsyncConnection, Connection
 from ._catalog import statements_for
 from ._context import Claim, FailedMember
 from ._pipeline import Pipeline
-from ._sql import Statements
+from ._sql import Statements, pipeline_params
 from ._stage import Stage
 from .errors import ConfigurationError, LeaseLostError
 
@@ -56,13 +56,8 @@ class Claimer:
     def __init__(self, pipeline: Pipeline, statements: Statements) -> None:
         self.pipeline = pipeline
         self.statements = statements
-        spec = pipeline.table
         self._base = {
-            "pipeline": pipeline.name,
-            "done": spec.statuses.done,
-            "running": spec.statuses.running,
-            "failed": spec.statuses.failed,
-            "channel": pipeline.channel,
+            **pipeline_params(pipeline),
             "row_stages": [s.name for s in pipeline if not s.group],
             "group_stages": [s.name for s in pipeline if s.group],
             "deep": False,

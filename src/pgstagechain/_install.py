@@ -18,7 +18,7 @@ from ._catalog import statements_for
 from ._connect import connect
 from ._migrations import migrate_schema, require_schema
 from ._pipeline import Pipeline
-from ._sql import Statements, object_names, owned_names, plain
+from ._sql import Statements, object_names, owned_names, pipeline_params, plain
 from ._stage import FanIn
 from .errors import ExistingRowsError, NotInstalledError
 
@@ -86,15 +86,11 @@ async def _finished_at(
     waiting: dict[str, int] = {}
     for step in steps:
         name = "count_done_groups" if pipeline.is_group_step(step) else "count_done_rows"
-        cur = await conn.execute(q.text(name), {**_params(pipeline), "step": step})
+        cur = await conn.execute(q.text(name), {**pipeline_params(pipeline), "step": step})
         row = await cur.fetchone()
         if row and row[0]:
             waiting[step] = int(row[0])
     return waiting
-
-
-def _params(pipeline: Pipeline) -> dict[str, Any]:
-    return {"pipeline": pipeline.name, "done": pipeline.table.statuses.done}
 
 
 async def _skip_new_stages(
@@ -105,7 +101,9 @@ async def _skip_new_stages(
     for step in waiting:
         target = skip_target(pipeline, step)
         name = "skip_groups" if pipeline.is_group_step(step) else "skip_rows"
-        await conn.execute(q.text(name), {**_params(pipeline), "step": step, "target": target})
+        await conn.execute(
+            q.text(name), {**pipeline_params(pipeline), "step": step, "target": target}
+        )
         logger.warning(
             "pipeline %s: %d row(s) finished at %r before its new stages existed were moved "
             "to (%s, %s) without running them",
@@ -151,7 +149,7 @@ async def install(
 
     async with conn.transaction():
         await conn.execute(plain("install_lock"), {"lock": f"pgstagechain.install.{pipeline.name}"})
-        cur = await conn.execute(plain("installed_config"), _params(pipeline))
+        cur = await conn.execute(plain("installed_config"), pipeline_params(pipeline))
         installed = await cur.fetchone()
         if installed is not None:
             steps = newly_followed(installed[0], pipeline)
@@ -192,7 +190,7 @@ async def require_installed(conn: AsyncConnection[Any], pipeline: Pipeline) -> N
     """Raise :class:`NotInstalledError` unless the database matches this pipeline's graph."""
     await require_schema(conn)
     cur = await conn.cursor(row_factory=dict_row).execute(
-        plain("installed_config"), _params(pipeline)
+        plain("installed_config"), pipeline_params(pipeline)
     )
     row = await cur.fetchone()
     if row is None:
@@ -209,7 +207,7 @@ async def require_installed(conn: AsyncConnection[Any], pipeline: Pipeline) -> N
 async def uninstall(conn: AsyncConnection[Any], pipeline: Pipeline, *, purge: bool = False) -> None:
     """Remove what :func:`install` created; with ``purge`` also the pipeline's run history."""
     async with conn.transaction():
-        cur = await conn.execute(plain("installed_objects"), _params(pipeline))
+        cur = await conn.execute(plain("installed_objects"), pipeline_params(pipeline))
         row = await cur.fetchone()
         if row is None:
             return
@@ -223,10 +221,10 @@ async def uninstall(conn: AsyncConnection[Any], pipeline: Pipeline, *, purge: bo
         for role in ("trigger", "function", "state_index", "group_index"):
             if role in row[0]:
                 await conn.execute(q.text(f"drop_{role}"))
-        await conn.execute(plain("forget_install"), _params(pipeline))
+        await conn.execute(plain("forget_install"), pipeline_params(pipeline))
         if purge:
-            await conn.execute(plain("purge_runs"), _params(pipeline))
-            await conn.execute(plain("purge_groups"), _params(pipeline))
+            await conn.execute(plain("purge_runs"), pipeline_params(pipeline))
+            await conn.execute(plain("purge_groups"), pipeline_params(pipeline))
 
 
 async def migrate(

@@ -16,6 +16,7 @@ from psycopg import AsyncConnection
 from ._catalog import inspect_table, statements_for
 from ._install import require_installed
 from ._pipeline import Pipeline
+from ._sql import pipeline_params
 from ._stage import Stage
 from .errors import ConfigurationError
 
@@ -66,15 +67,7 @@ def _selection(
 
 
 def _params(pipeline: Pipeline, stages: list[Stage], key: str | None) -> dict[str, Any]:
-    statuses = pipeline.table.statuses
-    return {
-        "pipeline": pipeline.name,
-        "done": statuses.done,
-        "running": statuses.running,
-        "failed": statuses.failed,
-        "stages": [s.name for s in stages],
-        "key": key,
-    }
+    return {**pipeline_params(pipeline), "stages": [s.name for s in stages], "key": key}
 
 
 async def retry(

@@ -16,7 +16,7 @@ import functools
 import re
 import string
 from importlib import resources
-from typing import TYPE_CHECKING, LiteralString
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import attrs
 from psycopg import sql
@@ -181,6 +181,18 @@ def configured_names(
             sql.Identifier(spec.group_size_column)
         )
     return names
+
+
+def pipeline_params(pipeline: Pipeline) -> dict[str, Any]:
+    """The parameters every statement of a pipeline may use: its name, channel, statuses."""
+    statuses = pipeline.table.statuses
+    return {
+        "pipeline": pipeline.name,
+        "channel": pipeline.channel,
+        "done": statuses.done,
+        "running": statuses.running,
+        "failed": statuses.failed,
+    }
 
 
 class Statements:

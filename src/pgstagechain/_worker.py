@@ -35,7 +35,7 @@ from ._pipeline import Pipeline
 from ._recovery import WorkerScan
 from ._runs import LiveRuns, WorkerStats
 from ._stage import Stage
-from .errors import ConfigurationError, DatabaseAccessError, StartupTimeoutError
+from .errors import ConfigurationError, DatabaseAccessError, StartupTimeoutError, found_in
 
 logger = logging.getLogger("pgstagechain.worker")
 
@@ -197,13 +197,10 @@ class Worker:
         except BaseExceptionGroup as group:
             # A refusal for good, from whichever task met it first, ends the worker as
             # itself: callers catch DatabaseAccessError, not a task group's wrapper.
-            fatal, _ = group.split(DatabaseAccessError)
+            fatal = found_in(group, (DatabaseAccessError,))
             if fatal is None:
                 raise
-            first: BaseException = fatal
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            raise first from None
+            raise fatal from None
 
     async def _serve_started(self, *, until_idle: bool) -> None:
         claimer = self._claimer_()

@@ -39,7 +39,7 @@ from ._listener import APPLICATION_NAME
 from ._migrations import require_schema
 from ._pipeline import Pipeline
 from ._repair import CANCEL_REASON, CancelReport, cancel, retry
-from ._sql import plain
+from ._sql import pipeline_params, plain
 from ._stage import Stage
 
 __all__ = [
@@ -207,23 +207,13 @@ def _downstream(pipeline: Pipeline, stage: Stage) -> list[str]:
     return found
 
 
-def _statuses(pipeline: Pipeline) -> dict[str, Any]:
-    statuses = pipeline.table.statuses
-    return {
-        "pipeline": pipeline.name,
-        "done": statuses.done,
-        "running": statuses.running,
-        "failed": statuses.failed,
-    }
-
-
 async def status(
     conn: AsyncConnection[Any], pipeline: Pipeline, *, window: float = STATUS_WINDOW
 ) -> PipelineStatus:
     """Every stage's counts, oldest waiting age and runs of the last ``window`` seconds."""
     await require_schema(conn)
     q = await statements_for(conn, pipeline)
-    params = {**_statuses(pipeline), "window": window}
+    params = {**pipeline_params(pipeline), "window": window}
     stages = stage_order(pipeline)
     row_stages = [s for s in stages if not s.group]
     cur = conn.cursor(row_factory=dict_row)
@@ -308,7 +298,7 @@ async def failures(
     await cur.execute(
         q.text("failures"),
         {
-            **_statuses(pipeline),
+            **pipeline_params(pipeline),
             "row_stages": [s.name for s in pipeline if not s.group],
             "groups": None if groups is None else [str(g) for g in groups],
             "limit": limit,

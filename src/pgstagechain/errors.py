@@ -18,6 +18,19 @@ derive from :class:`ValueError` so callers can catch what they already know::
 from __future__ import annotations
 
 
+def found_in(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``exc`` if it is one of ``kinds``, else the first such error inside it (task groups
+    wrap the errors of their tasks), else None."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = found_in(inner, kinds)
+            if found is not None:
+                return found
+    return None
+
+
 class PgStageChainError(Exception):
     """Root of every pgstagechain error."""
 

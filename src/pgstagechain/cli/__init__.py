@@ -29,6 +29,7 @@ import psycopg
 from .. import PgStageChainError
 from .._connect import ENV_DSN, redact
 from .._logging import JsonFormatter
+from ..errors import found_in
 from . import _operate, _run
 from ._common import (
     EXIT_ERROR,
@@ -142,14 +143,7 @@ def _where(args: argparse.Namespace) -> str:
 
 def _known_error(exc: BaseException) -> BaseException | None:
     """The library or database error behind ``exc``, looking inside task-group wrappers."""
-    if isinstance(exc, (PgStageChainError, OSError, psycopg.Error)):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _known_error(inner)
-            if found is not None:
-                return found
-    return None
+    return found_in(exc, (PgStageChainError, OSError, psycopg.Error))
 
 
 if __name__ == "__main__":

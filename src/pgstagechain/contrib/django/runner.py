@@ -10,7 +10,7 @@ from django.core.management.base import CommandError  # type: ignore[import-unty
 from django.db import connections  # type: ignore[import-untyped]
 
 from ... import Worker, WorkerStats
-from ...errors import NotInstalledError, PgStageChainError
+from ...errors import NotInstalledError, PgStageChainError, found_in
 from .conf import conninfo
 from .conf import pipelines as configured_pipelines
 from .conf import worker_options as configured_options
@@ -45,14 +45,8 @@ def command_error(exc: BaseException) -> CommandError | None:
 
 
 def _library_error(exc: BaseException) -> PgStageChainError | None:
-    if isinstance(exc, PgStageChainError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _library_error(inner)
-            if found is not None:
-                return found
-    return None
+    found = found_in(exc, (PgStageChainError,))
+    return found if isinstance(found, PgStageChainError) else None
 
 
 def run_until_idle(
