@@ -34,6 +34,7 @@ from ._pipeline import Pipeline
 from ._repair import CANCEL_REASON, CancelReport, cancel, retry
 from ._sql import plain
 from ._stage import Stage
+from .errors import ConfigurationError
 
 __all__ = [
     "CANCEL_REASON",
@@ -44,6 +45,7 @@ __all__ = [
     "PipelineStatus",
     "RecentRuns",
     "RunRecord",
+    "StageMinute",
     "StageStatus",
     "WorkerPresence",
     "cancel",
@@ -54,6 +56,7 @@ __all__ = [
     "runs",
     "stage_order",
     "status",
+    "throughput",
     "workers",
 ]
 
@@ -155,6 +158,18 @@ class Failure:
     stage: str
     error: str | None
     finished_at: dt.datetime | None
+    #: the attempt of that latest run (None: no run recorded, e.g. set failed from outside)
+    attempt: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class StageMinute:
+    """Runs of one stage that finished within one minute: succeeded, or failed/expired."""
+
+    stage: str
+    minute: dt.datetime
+    succeeded: int
+    failed: int
 
 
 @attrs.frozen(kw_only=True)
@@ -276,25 +291,45 @@ async def failures(
     pipeline: Pipeline,
     *,
     groups: Sequence[str] | None = None,
+    stage: str | None = None,
     limit: int = 100,
 ) -> list[Failure]:
-    """Rows and groups at a failed stage, the most recent first, each with its error.
+    """Rows and groups at a failed stage, the most recent first, each with its error and
+    the attempt it failed at.
 
-    ``groups`` keeps only the rows of those groups (and those groups themselves).
+    ``groups`` keeps only the rows of those groups (and those groups themselves);
+    ``stage`` only those failed at that stage.
     """
+    if stage is not None and stage not in pipeline:
+        raise ConfigurationError(f"pipeline {pipeline.name!r} has no stage {stage!r}")
     await require_schema(conn)
     q = await statements_for(conn, pipeline)
+    chosen = [s for s in pipeline if stage is None or s.name == stage]
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         q.text("failures"),
         {
             **_statuses(pipeline),
-            "row_stages": [s.name for s in pipeline if not s.group],
+            "row_stages": [s.name for s in chosen if not s.group],
+            "group_stages": [s.name for s in chosen if s.group],
             "groups": None if groups is None else [str(g) for g in groups],
             "limit": limit,
         },
     )
     return [Failure(**r) for r in await cur.fetchall()]
+
+
+async def throughput(
+    conn: AsyncConnection[Any], pipeline: Pipeline, *, minutes: int = 15
+) -> list[StageMinute]:
+    """Finished runs per stage and minute, over the last ``minutes`` whole minutes and the
+    current one, oldest first; minutes with no run are left out."""
+    if not isinstance(minutes, int) or not 1 <= minutes <= 1440:
+        raise ConfigurationError(f"minutes must be an integer from 1 to 1440, got {minutes!r}")
+    await require_schema(conn)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(plain("throughput"), {"pipeline": pipeline.name, "minutes": minutes})
+    return [StageMinute(**r) for r in await cur.fetchall()]
 
 
 async def workers(conn: AsyncConnection[Any], pipeline: Pipeline) -> list[WorkerPresence]:

@@ -53,31 +53,45 @@ GROUP BY stage
 
 -- name: failures
 -- Rows and groups that stopped at a failed stage, each with the error of its latest run
--- there; the most recent first. `groups` (NULL: all) keeps those of the given groups.
+-- there; the most recent first. `groups` (NULL: all) keeps those of the given groups;
+-- `row_stages` and `group_stages` name the stages to look at.
 SELECT * FROM (
     SELECT 'row' AS level, t.{key}::text AS key, {group_expr} AS group_key, t.{step} AS stage,
-           last.error, last.finished_at
+           last.error, last.finished_at, last.attempt
     FROM {table} t
     LEFT JOIN LATERAL (
-        SELECT r.error, r.finished_at FROM pgstagechain.runs r
+        SELECT r.error, r.finished_at, r.attempt FROM pgstagechain.runs r
         WHERE r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text AND r.stage = t.{step}
         ORDER BY r.id DESC LIMIT 1
     ) last ON true
     WHERE t.{status} = %(failed)s AND t.{step} = ANY(%(row_stages)s::text[])
       AND (%(groups)s::text[] IS NULL OR {group_expr} = ANY(%(groups)s::text[]))
     UNION ALL
-    SELECT 'group', g.group_key, g.group_key, g.step, last.error, last.finished_at
+    SELECT 'group', g.group_key, g.group_key, g.step, last.error, last.finished_at, last.attempt
     FROM pgstagechain.groups g
     LEFT JOIN LATERAL (
-        SELECT r.error, r.finished_at FROM pgstagechain.runs r
+        SELECT r.error, r.finished_at, r.attempt FROM pgstagechain.runs r
         WHERE r.pipeline = g.pipeline AND r.row_key = g.group_key AND r.stage = g.step
         ORDER BY r.id DESC LIMIT 1
     ) last ON true
     WHERE g.pipeline = %(pipeline)s AND g.status = 'failed'
+      AND g.step = ANY(%(group_stages)s::text[])
       AND (%(groups)s::text[] IS NULL OR g.group_key = ANY(%(groups)s::text[]))
 ) failed
 ORDER BY finished_at DESC NULLS LAST, level, key
 LIMIT %(limit)s
+
+-- name: throughput
+-- Runs of each stage that finished in each of the last `minutes` whole minutes (and the
+-- current one), succeeded or not; by the block-range index on finished_at.
+SELECT stage, date_trunc('minute', finished_at) AS minute,
+       count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE state IN ('failed', 'expired')) AS failed
+FROM pgstagechain.runs
+WHERE pipeline = %(pipeline)s AND finished_at IS NOT NULL
+  AND finished_at >= date_trunc('minute', clock_timestamp()) - %(minutes)s * interval '1 minute'
+GROUP BY 1, 2
+ORDER BY 2, 1
 
 -- name: live_workers
 -- Which workers hold runs of the pipeline now, and since when.
