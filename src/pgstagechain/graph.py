@@ -298,8 +298,9 @@ def to_svg(
                 'rx="4" ry="4"/>'
             )
         kind_label = {"start": "start step", "row": "row stage", "group": "group stage (fan-in)"}
-        out.append(f'<text class="name" x="12" y="22">{escape(node.name)}</text>')
-        out.append(f'<text class="kind" x="12" y="38">{kind_label[node.kind]}</text>')
+        left = 24 if node.kind == "start" else 12
+        out.append(f'<text class="name" x="{left}" y="22">{escape(node.name)}</text>')
+        out.append(f'<text class="kind" x="{left}" y="38">{kind_label[node.kind]}</text>')
         if live is not None and node.kind != "start":
             shown = figures or Live()
             out.append(

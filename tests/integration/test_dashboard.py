@@ -1,0 +1,246 @@
+"""The web dashboard in a real headless Chromium, against a real database and a real
+worker process: live counts, failures, retry (allowed and refused), hostile text."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from pgstagechain.dashboard import WRITE_HEADER, dashboard_app
+from tests.apps import hostile_app
+from tests.apps.cli_app import pipeline
+from tests.apps.seed import add_jobs, create_tables
+from tests.helpers import uvicorn_serving, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+TOKEN = "dashboard-test-token-0123456789"
+BAD_KEY = 101  # its image is unreadable: it fails at overlay for good
+HOSTILE_KEYS = ["<script>window.__pwned = 1</script>", '"><img src=x onerror="window.__pwned=2">']
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)"),
+]
+
+
+def install(dsn: str, app: str) -> None:
+    """``pgstagechain migrate``: the schema and the pipeline's trigger."""
+    subprocess.run(
+        [sys.executable, "-m", "pgstagechain", "--dsn", dsn, "migrate", app],
+        cwd=ROOT,
+        env=dict(os.environ),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture
+def browser() -> Iterator[Any]:
+    playwright_api = pytest.importorskip("playwright.sync_api")
+    with playwright_api.sync_playwright() as p:
+        found = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            yield found
+        finally:
+            found.close()
+
+
+@pytest.fixture
+def seeded(pgstagechain_dsn: str) -> str:
+    """Two jobs of three variants waiting at (img_gen, done); variant 101 is bad."""
+    create_tables(pgstagechain_dsn)
+    install(pgstagechain_dsn, "tests.apps.cli_app:pipeline")
+    add_jobs(pgstagechain_dsn, jobs=2, variants=3, release=False)
+    with psycopg.connect(pgstagechain_dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE jobs_variants SET img_asset_id = %s WHERE job_variants_id = %s",
+            ('bad<img src=x onerror="window.__pwned=3">', BAD_KEY),
+        )
+        conn.execute("UPDATE jobs_variants SET status = 'done'")
+    return pgstagechain_dsn
+
+
+@pytest.fixture
+def worker_process(seeded: str) -> Iterator[Any]:
+    """Start a real worker process on demand; stop it at the end."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(app: str = "tests.apps.cli_app:pipeline") -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pgstagechain", "--dsn", seeded, "worker", app],
+            cwd=ROOT,
+            env=dict(os.environ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def position(dsn: str, key: int) -> tuple[str, str]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT current_step, status FROM jobs_variants WHERE job_variants_id = %s", (key,)
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1]
+
+
+def overlay_runs(dsn: str, key: int) -> list[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT state FROM pgstagechain.runs WHERE row_key = %s AND stage = 'overlay'"
+            " ORDER BY id",
+            (str(key),),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def open_page(browser: Any, url: str, stage: str = "vlm_analyze") -> tuple[Any, list[str]]:
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_selector(f'#graph g.node[data-stage="{stage}"]')
+    return page, errors
+
+
+def stage_field(page: Any, stage: str, field: str) -> str:
+    return str(
+        page.text_content(f'#graph g.node[data-stage="{stage}"] [data-field="{field}"]') or ""
+    )
+
+
+def wait_text(page: Any, stage: str, field: str, wanted: str) -> None:
+    wait_for(lambda: stage_field(page, stage, field) == wanted, f"{stage} {field} = {wanted}")
+
+
+def test_live_counts_failure_and_retry_with_writes_on(
+    browser: Any, seeded: str, worker_process: Any
+) -> None:
+    app = dashboard_app(pipeline, seeded, writes=True, token=TOKEN, cache_seconds=0)
+    with uvicorn_serving(app) as (url, _):
+        page, errors = open_page(browser, f"{url}/#token={TOKEN}")
+        wait_text(page, "vlm_analyze", "waiting", "6")
+        assert stage_field(page, "overlay", "failed") == "0"
+
+        worker_process()
+        wait_text(page, "vlm_analyze", "waiting", "0")
+        wait_text(page, "overlay", "failed", "1")
+        row = page.wait_for_selector(f'#failures tbody tr[data-key="{BAD_KEY}"]')
+        assert "unreadable image" in (row.text_content() or "")
+        # the hostile asset name in the error is text, not markup
+        assert 'onerror="window.__pwned=3"' in (row.text_content() or "")
+        assert page.query_selector("#failures img") is None
+        assert page.evaluate("window.__pwned") is None
+
+        # fix the image and retry from the page: the row runs overlay again and goes on
+        with psycopg.connect(seeded, autocommit=True) as conn:
+            conn.execute(
+                "UPDATE jobs_variants SET img_asset_id = 'fixed' WHERE job_variants_id = %s",
+                (BAD_KEY,),
+            )
+        row.query_selector('button[data-action="retry"]').click()
+        wait_for(lambda: position(seeded, BAD_KEY) == ("iou_eval", "done"), "the retried row")
+        assert overlay_runs(seeded, BAD_KEY)[-1] == "succeeded"
+        wait_text(page, "overlay", "failed", "0")
+        assert errors == []
+
+
+def test_retry_is_refused_when_writes_are_off_or_the_token_is_missing(
+    browser: Any, seeded: str, worker_process: Any
+) -> None:
+    worker_process()
+    wait_for(lambda: position(seeded, BAD_KEY) == ("overlay", "failed"), "the failure")
+    runs_before = overlay_runs(seeded, BAD_KEY)
+
+    read_only = dashboard_app(pipeline, seeded, cache_seconds=0)
+    with uvicorn_serving(read_only) as (url, _):
+        page, errors = open_page(browser, url)
+        row = page.wait_for_selector(f'#failures tbody tr[data-key="{BAD_KEY}"]')
+        assert not row.query_selector('button[data-action="retry"]').is_visible()
+        status = page.evaluate(
+            """async ([header, key]) => (await fetch("api/retry", {method: "POST",
+                headers: {"Content-Type": "application/json", [header]: "1"},
+                body: JSON.stringify({key})})).status""",
+            [WRITE_HEADER, str(BAD_KEY)],
+        )
+        assert status == 403
+        assert httpx.get(f"{url}/api/retry").status_code == 405  # GET never writes
+        assert [e for e in errors if "status of 403" not in e] == []  # only the refusal
+
+    writable = dashboard_app(pipeline, seeded, writes=True, token=TOKEN, cache_seconds=0)
+    with uvicorn_serving(writable) as (url, _):
+        page, errors = open_page(browser, url)  # no token given to the page
+        row = page.wait_for_selector(f'#failures tbody tr[data-key="{BAD_KEY}"]')
+        with page.expect_response(lambda r: r.url.endswith("/api/retry")) as answer:
+            row.query_selector('button[data-action="retry"]').click()
+        assert answer.value.status == 401
+        page.wait_for_selector("#toast.show.bad")
+        body = {"key": str(BAD_KEY)}
+        good = {WRITE_HEADER: "1", "Authorization": f"Bearer {TOKEN}"}
+        # cross-site: another origin, a form post, no custom header
+        assert httpx.post(f"{url}/api/retry", json=body, headers={**good, "Origin": "http://evil.example"}).status_code == 403
+        assert httpx.post(f"{url}/api/retry", data=body, headers=good).status_code == 415
+        assert httpx.post(f"{url}/api/retry", json=body, headers={"Authorization": good["Authorization"]}).status_code == 403
+        assert httpx.post(f"{url}/api/retry", json=body, headers={WRITE_HEADER: "1", "Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
+        assert [e for e in errors if "status of 401" not in e] == []  # only the refusal
+
+    assert position(seeded, BAD_KEY) == ("overlay", "failed")
+    assert overlay_runs(seeded, BAD_KEY) == runs_before
+
+
+def test_hostile_keys_render_as_text(browser: Any, pgstagechain_dsn: str, worker_process: Any) -> None:
+    hostile_app.create_table(pgstagechain_dsn)
+    install(pgstagechain_dsn, "tests.apps.hostile_app:pipeline")
+    with psycopg.connect(pgstagechain_dsn, autocommit=True) as conn:
+        for key in HOSTILE_KEYS:
+            conn.execute("INSERT INTO notes (name) VALUES (%s)", (key,))
+    worker_process("tests.apps.hostile_app:pipeline")
+    app = dashboard_app(hostile_app.pipeline, pgstagechain_dsn, cache_seconds=0)
+    with uvicorn_serving(app) as (url, _):
+        page, errors = open_page(browser, url, "read_note")
+        wait_for(lambda: len(page.query_selector_all("#failures tbody tr")) == 2, "both failures")
+        keys = [c.text_content() for c in page.query_selector_all("#failures td.key")]
+        assert sorted(keys) == sorted(HOSTILE_KEYS)
+        errors_shown = [c.text_content() for c in page.query_selector_all("#failures td.error")]
+        assert all(any(f"cannot read {k}" in e for e in errors_shown) for k in HOSTILE_KEYS)
+        page.fill("#history-key", HOSTILE_KEYS[1])
+        page.click("#history-form button")
+        page.wait_for_selector("#history .position")
+        assert HOSTILE_KEYS[1] in (page.text_content("#history .position") or "")
+        assert page.query_selector("#failures img, #history img, body > script:not([src])") is None
+        assert page.evaluate("window.__pwned") is None
+        assert errors == []
