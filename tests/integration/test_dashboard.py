@@ -244,3 +244,45 @@ def test_hostile_keys_render_as_text(browser: Any, pgstagechain_dsn: str, worker
         assert page.query_selector("#failures img, #history img, body > script:not([src])") is None
         assert page.evaluate("window.__pwned") is None
         assert errors == []
+
+
+def test_mounted_in_fastapi_behind_the_apps_own_auth(seeded: str, worker_process: Any) -> None:
+    from fastapi import Depends, FastAPI
+
+    from pgstagechain.contrib.fastapi import dashboard_router
+    from tests.apps.web_app import TOKEN as ADMIN_TOKEN
+    from tests.apps.web_app import require_admin
+
+    worker_process()
+    wait_for(lambda: position(seeded, BAD_KEY) == ("overlay", "failed"), "the failure")
+    runs_before = len(overlay_runs(seeded, BAD_KEY))
+    app = FastAPI()
+    app.include_router(
+        dashboard_router(
+            pipeline,
+            seeded,
+            dependencies=[Depends(require_admin)],
+            writes=True,
+            write_dependencies=[Depends(require_admin)],
+        ),
+        prefix="/ops/dashboard",
+    )
+    admin_auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with uvicorn_serving(app) as (url, _):
+        base = f"{url}/ops/dashboard"
+        assert httpx.get(f"{base}/").status_code == 401
+        page = httpx.get(f"{base}/", headers=admin_auth)
+        assert page.status_code == 200 and "static/dashboard.js" in page.text
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        snapshot = httpx.get(f"{base}/api/snapshot", headers=admin_auth).json()
+        assert {s["name"]: s["failed"] for s in snapshot["stages"]}["overlay"] == 1
+        write = {**admin_auth, WRITE_HEADER: "1"}
+        cross = httpx.post(
+            f"{base}/api/retry", json={"key": BAD_KEY}, headers={**write, "Origin": "http://evil.example"}
+        )
+        assert cross.status_code == 403
+        assert position(seeded, BAD_KEY) == ("overlay", "failed")
+        done = httpx.post(f"{base}/api/retry", json={"key": BAD_KEY}, headers=write)
+        assert done.status_code == 200 and done.json()["keys"] == [str(BAD_KEY)]
+    # the image is still bad: overlay runs once more and fails again
+    wait_for(lambda: len(overlay_runs(seeded, BAD_KEY)) > runs_before, "the retried run")

@@ -80,6 +80,11 @@ class DashboardApp:
                     return
         if scope["type"] != "http":
             return
+        if scope.get("path", "/") == scope.get("root_path", "") and scope["method"] == "GET":
+            # mounted at /prefix and asked for /prefix: the page's relative links need the slash
+            here = scope.get("root_path", "") + "/"
+            await send_response(send, Response(status=307, body=b"", headers=(("location", here),)))
+            return
         body = await read_body(receive)
         if body is None:
             await send_response(send, Response(status=413, body=b'{"error": "body too large"}'))
