@@ -259,8 +259,8 @@ def to_svg(
         f"data-pipeline={quoteattr(pipeline.name)}>",
         f"<title>{escape(f'pipeline {pipeline.name}')}</title>",
         "" if inline else f"<style>{SVG_STYLE}</style>",
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" '
-        'markerHeight="7" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="9" '
+        'markerHeight="9" markerUnits="userSpaceOnUse" orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" '
         'fill="#5f6368"/></marker></defs>',
     ]
     for node, _, _ in placed:
@@ -308,7 +308,7 @@ def to_svg(
                 f'waiting <tspan data-field="waiting">{shown.waiting}</tspan> · '
                 f'running <tspan data-field="running">{shown.running}</tspan> · '
                 f'failed <tspan data-field="failed"'
-                f'{" class=" + quoteattr("failed") if shown.failed else ""}>'
+                f"{' class=' + quoteattr('failed') if shown.failed else ''}>"
                 f"{shown.failed}</tspan></text>"
             )
             age = shown.oldest_waiting_seconds
@@ -323,9 +323,7 @@ def to_svg(
     return "\n".join(out) + "\n"
 
 
-def render(
-    pipeline: Pipeline, fmt: str, live: Mapping[str, Live] | None = None
-) -> str:
+def render(pipeline: Pipeline, fmt: str, live: Mapping[str, Live] | None = None) -> str:
     """The drawing in format ``fmt`` (one of :data:`FORMATS`)."""
     if fmt == "mermaid":
         return to_mermaid(pipeline, live)
@@ -334,4 +332,3 @@ def render(
     if fmt == "svg":
         return to_svg(pipeline, live)
     raise ValueError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-

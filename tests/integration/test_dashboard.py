@@ -23,7 +23,9 @@ from tests.apps.seed import add_jobs, create_tables
 from tests.helpers import uvicorn_serving, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+)
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -212,17 +214,36 @@ def test_retry_is_refused_when_writes_are_off_or_the_token_is_missing(
         body = {"key": str(BAD_KEY)}
         good = {WRITE_HEADER: "1", "Authorization": f"Bearer {TOKEN}"}
         # cross-site: another origin, a form post, no custom header
-        assert httpx.post(f"{url}/api/retry", json=body, headers={**good, "Origin": "http://evil.example"}).status_code == 403
+        assert (
+            httpx.post(
+                f"{url}/api/retry", json=body, headers={**good, "Origin": "http://evil.example"}
+            ).status_code
+            == 403
+        )
         assert httpx.post(f"{url}/api/retry", data=body, headers=good).status_code == 415
-        assert httpx.post(f"{url}/api/retry", json=body, headers={"Authorization": good["Authorization"]}).status_code == 403
-        assert httpx.post(f"{url}/api/retry", json=body, headers={WRITE_HEADER: "1", "Authorization": "Bearer wrong-token-wrong-token"}).status_code == 401
+        assert (
+            httpx.post(
+                f"{url}/api/retry", json=body, headers={"Authorization": good["Authorization"]}
+            ).status_code
+            == 403
+        )
+        assert (
+            httpx.post(
+                f"{url}/api/retry",
+                json=body,
+                headers={WRITE_HEADER: "1", "Authorization": "Bearer wrong-token-wrong-token"},
+            ).status_code
+            == 401
+        )
         assert [e for e in errors if "status of 401" not in e] == []  # only the refusal
 
     assert position(seeded, BAD_KEY) == ("overlay", "failed")
     assert overlay_runs(seeded, BAD_KEY) == runs_before
 
 
-def test_hostile_keys_render_as_text(browser: Any, pgstagechain_dsn: str, worker_process: Any) -> None:
+def test_hostile_keys_render_as_text(
+    browser: Any, pgstagechain_dsn: str, worker_process: Any
+) -> None:
     hostile_app.create_table(pgstagechain_dsn)
     install(pgstagechain_dsn, "tests.apps.hostile_app:pipeline")
     with psycopg.connect(pgstagechain_dsn, autocommit=True) as conn:
@@ -278,7 +299,9 @@ def test_mounted_in_fastapi_behind_the_apps_own_auth(seeded: str, worker_process
         assert {s["name"]: s["failed"] for s in snapshot["stages"]}["overlay"] == 1
         write = {**admin_auth, WRITE_HEADER: "1"}
         cross = httpx.post(
-            f"{base}/api/retry", json={"key": BAD_KEY}, headers={**write, "Origin": "http://evil.example"}
+            f"{base}/api/retry",
+            json={"key": BAD_KEY},
+            headers={**write, "Origin": "http://evil.example"},
         )
         assert cross.status_code == 403
         assert position(seeded, BAD_KEY) == ("overlay", "failed")

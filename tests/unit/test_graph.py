@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import xml.etree.ElementTree as ET
 
@@ -42,9 +43,11 @@ def test_dot_parses_with_every_stage_and_marks_group_stages(seed: Pipeline) -> N
     for name in ROW_STAGES:
         assert nodes[name].get("peripheries") is None
         assert nodes[name].get("class") == "row"
-    edges = {(e.get_source().strip('"'), e.get_destination().strip('"')) for e in parsed.get_edges()}
+    edges = {
+        (e.get_source().strip('"'), e.get_destination().strip('"')) for e in parsed.get_edges()
+    }
     chain = ["img_gen", *ROW_STAGES, *GROUP_STAGES]
-    assert edges == set(zip(chain, chain[1:], strict=False))
+    assert edges == set(itertools.pairwise(chain))
 
 
 def test_mermaid_has_a_node_line_per_stage_and_an_edge_per_link(seed: Pipeline) -> None:

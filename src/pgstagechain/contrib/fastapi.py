@@ -41,8 +41,8 @@ from ._status import STATUS_WINDOW, ManualRun, key_type, parse_key, pipeline_sta
 
 __all__ = [
     "ENV_DSN",
-    "dashboard_router",
     "ENV_ENABLED",
+    "dashboard_router",
     "run_elected_workers",
     "run_workers",
     "status_router",

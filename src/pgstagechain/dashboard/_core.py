@@ -275,7 +275,9 @@ class Dashboard:
             or scheme.lower() != "bearer"
             or not hmac.compare_digest(secret.strip().encode(), self.token.encode())
         ):
-            raise Refused(401, "a write needs the dashboard token", (("www-authenticate", "Bearer"),))
+            raise Refused(
+                401, "a write needs the dashboard token", (("www-authenticate", "Bearer"),)
+            )
 
     async def act(self, action: str, body: bytes) -> dict[str, Any]:
         try:
