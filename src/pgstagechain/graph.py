@@ -79,11 +79,18 @@ def chains(pipeline: Pipeline) -> list[list[Node]]:
     return found
 
 
+def _fan_in(pipeline: Pipeline, node: Node) -> bool:
+    """The link where rows gather into their group: a row step into a group stage."""
+    return (
+        node.kind == "group" and node.after is not None and not pipeline.is_group_step(node.after)
+    )
+
+
 def _nodes(pipeline: Pipeline) -> list[Node]:
     return [node for chain in chains(pipeline) for node in chain]
 
 
-def live_counts(status: admin.PipelineStatus) -> dict[str, Live]:
+def live_counts(status: admin.PipelineStatus | admin.PipelineLive) -> dict[str, Live]:
     """Each stage's :class:`Live` figures from a status read (reads only the fields it
     names, so figures added to the status later change nothing here)."""
     minutes = max(status.window_seconds / 60.0, 1e-9)
@@ -117,7 +124,7 @@ def _mermaid_text(text: str) -> str:
 
 def to_mermaid(pipeline: Pipeline, live: Mapping[str, Live] | None = None) -> str:
     """A Mermaid ``flowchart``: start steps as stadiums, row stages as boxes, group stages
-    as subroutine boxes of class ``group``; the arrow into a group stage is thick."""
+    as subroutine boxes of class ``group``; the fan-in arrow (rows into their group) is thick."""
     lines = ["flowchart LR"]
     ids = {node.name: f"n{i}" for i, node in enumerate(_nodes(pipeline))}
     for node in _nodes(pipeline):
@@ -135,7 +142,7 @@ def to_mermaid(pipeline: Pipeline, live: Mapping[str, Live] | None = None) -> st
     for node in _nodes(pipeline):
         if node.after is None or node.after not in ids:
             continue
-        arrow = "==>|per group|" if node.kind == "group" else "-->"
+        arrow = "==>|fan-in per group|" if _fan_in(pipeline, node) else "-->"
         lines.append(f"    {ids[node.after]} {arrow} {ids[node.name]}")
     lines += [
         "    classDef start fill:#f1f3f4,stroke:#5f6368,stroke-dasharray:4 3",
@@ -154,7 +161,7 @@ def _dot_string(text: str) -> str:
 
 def to_dot(pipeline: Pipeline, live: Mapping[str, Live] | None = None) -> str:
     """A Graphviz ``digraph``: start steps dashed ovals, row stages boxes, group stages
-    double-bordered boxes (``peripheries=2``) reached by a bold arrow."""
+    double-bordered boxes (``peripheries=2``); the fan-in arrow is bold."""
     style = {
         "start": 'shape=oval, style=dashed, color="#5f6368"',
         "row": 'shape=box, style="rounded,filled", fillcolor="#e8f0fe", color="#1a73e8"',
@@ -176,7 +183,7 @@ def to_dot(pipeline: Pipeline, live: Mapping[str, Live] | None = None) -> str:
         )
     for node in _nodes(pipeline):
         if node.after is not None:
-            extra = ' [style=bold, label="per group"]' if node.kind == "group" else ""
+            extra = ' [style=bold, label="fan-in per group"]' if _fan_in(pipeline, node) else ""
             lines.append(f"    {_dot_string(node.after)} -> {_dot_string(node.name)}{extra};")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -274,7 +281,7 @@ def to_svg(
             path = f"M{sx},{y1 + height / 2} L{ex},{y2 + height / 2}"
         else:
             path = f"M{x1 + WIDTH / 2},{y1 + height} L{x2 + WIDTH / 2},{y2 - 2}"
-        kind = "edge fan-in" if node.kind == "group" else "edge"
+        kind = "edge fan-in" if _fan_in(pipeline, node) else "edge"
         out.append(
             f'<path class="{kind}" d="{path}" data-from={quoteattr(node.after)} '
             f"data-to={quoteattr(node.name)}/>"

@@ -54,7 +54,7 @@ def test_mermaid_has_a_node_line_per_stage_and_an_edge_per_link(seed: Pipeline) 
     lines = graph.to_mermaid(seed).splitlines()
     assert lines[0] == "flowchart LR"
     node = re.compile(r'^    (n\d+)(\(\[|\[\[|\[)"([^"]*)"(\]\)|\]\]|\]):::(start|row|group)$')
-    edge = re.compile(r"^    (n\d+) (-->|==>\|per group\|) (n\d+)$")
+    edge = re.compile(r"^    (n\d+) (-->|==>\|fan-in per group\|) (n\d+)$")
     nodes = {m[1]: m for line in lines if (m := node.match(line))}
     edges = [m for line in lines if (m := edge.match(line))]
     by_name = {m[3].split("<br/>")[0]: m for m in nodes.values()}
@@ -64,7 +64,7 @@ def test_mermaid_has_a_node_line_per_stage_and_an_edge_per_link(seed: Pipeline) 
     for name in ROW_STAGES:
         assert by_name[name][2] == "[" and by_name[name][5] == "row"
     assert len(edges) == 10 and all(e[1] in nodes and e[3] in nodes for e in edges)
-    assert [e[2] for e in edges].count("==>|per group|") == 2
+    assert [e[2] for e in edges].count("==>|fan-in per group|") == 1  # iou_eval into its group
     assert sum(1 for line in lines if line.startswith("    classDef ")) == 3
     # every line is a header, a node, an edge or a class definition
     assert len(lines) == 1 + len(nodes) + len(edges) + 3
@@ -82,7 +82,10 @@ def test_svg_is_well_formed_with_one_node_per_stage(seed: Pipeline) -> None:
         assert len(groups[name].findall(f"{SVG}rect")) == 1
     paths = [p for p in root.iter(f"{SVG}path") if "edge" in (p.get("class") or "")]
     assert len(paths) == 10
-    assert sum(1 for p in paths if p.get("class") == "edge fan-in") == 2
+    fan_in = [p for p in paths if p.get("class") == "edge fan-in"]
+    assert [(p.get("data-from"), p.get("data-to")) for p in fan_in] == [
+        ("iou_eval", GROUP_STAGES[0])
+    ]
     style = root.find(f"{SVG}style")
     assert style is not None and ".node.group rect" in (style.text or "")
 

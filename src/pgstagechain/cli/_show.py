@@ -23,9 +23,9 @@ def _graph(args: argparse.Namespace) -> int:
     live = None
     if args.live:
 
-        async def read() -> admin.PipelineStatus:
+        async def read() -> admin.PipelineLive:
             async with await connect(dsn(args), autocommit=True) as conn:
-                return await admin.status(conn, pipeline, window=LIVE_WINDOW)
+                return await admin.live(conn, pipeline, window=LIVE_WINDOW)
 
         live = graph.live_counts(anyio.run(read))
     drawing = graph.render(pipeline, args.format, live)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, StrictInt, StrictStr
 
 from .. import ConfigurationError, Pipeline, Worker
 from .._connect import ENV_DSN, conninfo_with_defaults, default_dsn
-from ..dashboard import Dashboard
+from ..dashboard import SECURITY_HEADERS, Dashboard
 from ..dashboard import Request as DashboardRequest
 from ._embed import Pipelines, as_pipelines, run_elected_workers, run_workers
 from ._status import STATUS_WINDOW, ManualRun, key_type, parse_key, pipeline_status, run_stage
@@ -437,6 +437,4 @@ def dashboard_router(
 
 
 def _dashboard_headers(extra: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    from ..dashboard._core import SECURITY_HEADERS
-
     return [*SECURITY_HEADERS, *extra]

@@ -18,10 +18,11 @@ from typing import Any
 
 from .. import ConfigurationError, Pipeline
 from ._asgi import DashboardApp
-from ._core import ENV_TOKEN, WRITE_HEADER, Dashboard, Request, Response
+from ._core import ENV_TOKEN, SECURITY_HEADERS, WRITE_HEADER, Dashboard, Request, Response
 
 __all__ = [
     "ENV_TOKEN",
+    "SECURITY_HEADERS",
     "WRITE_HEADER",
     "Dashboard",
     "DashboardApp",

@@ -179,7 +179,7 @@ class Dashboard:
 
     async def read(self, conn: AsyncConnection[Any], stage: str | None) -> dict[str, Any]:
         """One refresh: a fixed round of statements, whatever the number of rows or stages."""
-        status = await admin.status(conn, self.pipeline, window=self.window)
+        status = await admin.live(conn, self.pipeline, window=self.window)
         minutes = await admin.throughput(conn, self.pipeline, minutes=self.minutes)
         failed = await admin.failures(conn, self.pipeline, stage=stage, limit=50)
         present = await admin.workers(conn, self.pipeline)

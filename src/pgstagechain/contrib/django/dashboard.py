@@ -23,8 +23,7 @@ from django.http import HttpRequest, HttpResponse  # type: ignore[import-untyped
 from django.urls import re_path  # type: ignore[import-untyped]
 from django.views.decorators.csrf import csrf_exempt  # type: ignore[import-untyped]
 
-from ...dashboard import Dashboard, Request
-from ...dashboard._core import SECURITY_HEADERS
+from ...dashboard import SECURITY_HEADERS, Dashboard, Request
 from .conf import conninfo, pipelines
 
 _boards: dict[str, Dashboard] = {}

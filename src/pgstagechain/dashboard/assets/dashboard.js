@@ -110,8 +110,9 @@ function showStages(stages) {
     tr.dataset.stage = stage.name;
     tr.append(el("td", stage.name), el("td", stage.level), el("td", stage.waiting, "num"),
       el("td", stage.running + (stage.retrying ? " (" + stage.retrying + " retrying)" : ""), "num"),
-      el("td", stage.done, "num"), el("td", stage.failed, stage.failed ? "num failed" : "num"),
-      el("td", seconds(stage.oldest_waiting_seconds), "num"), el("td", rate(stage.per_minute), "num"));
+      el("td", stage.failed, stage.failed ? "num failed" : "num"),
+      el("td", seconds(stage.oldest_waiting_seconds), "num"), el("td", rate(stage.per_minute), "num"),
+      el("td", seconds(stage.runs.p50_seconds), "num"), el("td", seconds(stage.runs.p95_seconds), "num"));
     const actions = el("td", null, "write-only");
     actions.append(actionButton("retry failed", "retry", { stage: stage.name }),
       actionButton("cancel running", "cancel", { stage: stage.name }));
