@@ -20,7 +20,7 @@ from pgstagechain.dashboard import WRITE_HEADER, dashboard_app
 from tests.apps import hostile_app
 from tests.apps.cli_app import pipeline
 from tests.apps.seed import add_jobs, create_tables
-from tests.helpers import uvicorn_serving, wait_for
+from tests.helpers import free_port, uvicorn_serving, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or (
@@ -309,3 +309,60 @@ def test_mounted_in_fastapi_behind_the_apps_own_auth(seeded: str, worker_process
         assert done.status_code == 200 and done.json()["keys"] == [str(BAD_KEY)]
     # the image is still bad: overlay runs once more and fails again
     wait_for(lambda: len(overlay_runs(seeded, BAD_KEY)) > runs_before, "the retried run")
+
+
+def test_included_in_a_django_project(seeded: str, worker_process: Any) -> None:
+    pytest.importorskip("django")
+    from tests.apps.django_dashboard import TOKEN as DJANGO_TOKEN
+
+    worker_process()
+    wait_for(lambda: position(seeded, BAD_KEY) == ("overlay", "failed"), "the failure")
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "tests.apps.django_dashboard:application",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env={
+            **os.environ,
+            "PGSTAGECHAIN_DSN": seeded,
+            "DJANGO_SETTINGS_MODULE": "tests.apps.django_dashboard",
+        },
+    )
+    base = f"http://127.0.0.1:{port}/ops/dashboard"
+    try:
+        wait_for(lambda: _answers(f"{base}/"), "the Django server")
+        page = httpx.get(f"{base}/")
+        assert page.status_code == 200 and "static/dashboard.js" in page.text
+        assert (
+            httpx.get(f"{base}/static/dashboard.js")
+            .headers["content-type"]
+            .startswith("text/javascript")
+        )
+        snapshot = httpx.get(f"{base}/api/snapshot").json()
+        assert {s["name"]: s["failed"] for s in snapshot["stages"]}["overlay"] == 1
+        assert any(f["key"] == str(BAD_KEY) for f in snapshot["failures"])
+        body = {"key": BAD_KEY}
+        no_token = httpx.post(f"{base}/api/retry", json=body, headers={WRITE_HEADER: "1"})
+        assert no_token.status_code == 401
+        assert position(seeded, BAD_KEY) == ("overlay", "failed")
+        good = {WRITE_HEADER: "1", "Authorization": f"Bearer {DJANGO_TOKEN}"}
+        done = httpx.post(f"{base}/api/retry", json=body, headers=good)
+        assert done.status_code == 200 and done.json()["keys"] == [str(BAD_KEY)]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code < 500
+    except httpx.TransportError:
+        return False
