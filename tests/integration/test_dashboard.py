@@ -366,3 +366,73 @@ def _answers(url: str) -> bool:
         return httpx.get(url).status_code < 500
     except httpx.TransportError:
         return False
+
+
+def test_the_dashboard_command_serves_the_page(seeded: str) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PGSTAGECHAIN_DASHBOARD_TOKEN"}
+    refused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pgstagechain",
+            "dashboard",
+            "tests.apps.cli_app:pipeline",
+            "--dsn",
+            seeded,
+            "--writes",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "PGSTAGECHAIN_DASHBOARD_TOKEN" in refused.stderr
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pgstagechain",
+            "dashboard",
+            "tests.apps.cli_app:pipeline",
+            "--dsn",
+            seeded,
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        assert f"http://127.0.0.1:{port}/" in server.stdout.readline()
+        wait_for(lambda: _answers(f"http://127.0.0.1:{port}/"), "the dashboard command")
+        config = httpx.get(f"http://127.0.0.1:{port}/api/config").json()
+        assert config["writes"] is False
+        assert [s["name"] for s in config["stages"]][:2] == ["vlm_analyze", "yolo_detect"]
+        snapshot = httpx.get(f"http://127.0.0.1:{port}/api/snapshot").json()
+        assert {s["name"]: s["waiting"] for s in snapshot["stages"]}["vlm_analyze"] == 6
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def test_the_refresh_benchmark_runs_at_a_tiny_size() -> None:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/dashboard_refresh.py", "--rows", "5000", "--times", "2"],
+        cwd=ROOT,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    assert "refresh (one round, " in done.stdout
+    assert "runs_finished" in done.stdout  # the plans are printed, the ledger by its index
