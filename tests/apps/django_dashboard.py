@@ -1,7 +1,9 @@
 """A one-file Django project that includes the dashboard's URLconf, served under uvicorn:
 ``DJANGO_SETTINGS_MODULE=tests.apps.django_dashboard uvicorn tests.apps.django_dashboard:application``.
 
-The database is ``PGSTAGECHAIN_DSN``; the pipeline is the seed's (``tests.apps.cli_app``).
+The database is ``PGSTAGECHAIN_DSN``, the write token ``PGSTAGECHAIN_DASHBOARD_TOKEN``; the
+pipeline is the seed's (``tests.apps.cli_app``). Importing it configures Django: keep it
+out of the test process.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import os
 from django.urls import include, path
 from psycopg.conninfo import conninfo_to_dict
 
-TOKEN = "django-dashboard-token-0123456789"
+TOKEN = os.environ.get("PGSTAGECHAIN_DASHBOARD_TOKEN", "")
 _params = conninfo_to_dict(os.environ.get("PGSTAGECHAIN_DSN", ""))
 
 SECRET_KEY = "tests-only"

@@ -313,7 +313,6 @@ def test_mounted_in_fastapi_behind_the_apps_own_auth(seeded: str, worker_process
 
 def test_included_in_a_django_project(seeded: str, worker_process: Any) -> None:
     pytest.importorskip("django")
-    from tests.apps.django_dashboard import TOKEN as DJANGO_TOKEN
 
     worker_process()
     wait_for(lambda: position(seeded, BAD_KEY) == ("overlay", "failed"), "the failure")
@@ -334,6 +333,7 @@ def test_included_in_a_django_project(seeded: str, worker_process: Any) -> None:
             **os.environ,
             "PGSTAGECHAIN_DSN": seeded,
             "DJANGO_SETTINGS_MODULE": "tests.apps.django_dashboard",
+            "PGSTAGECHAIN_DASHBOARD_TOKEN": TOKEN,
         },
     )
     base = f"http://127.0.0.1:{port}/ops/dashboard"
@@ -353,7 +353,7 @@ def test_included_in_a_django_project(seeded: str, worker_process: Any) -> None:
         no_token = httpx.post(f"{base}/api/retry", json=body, headers={WRITE_HEADER: "1"})
         assert no_token.status_code == 401
         assert position(seeded, BAD_KEY) == ("overlay", "failed")
-        good = {WRITE_HEADER: "1", "Authorization": f"Bearer {DJANGO_TOKEN}"}
+        good = {WRITE_HEADER: "1", "Authorization": f"Bearer {TOKEN}"}
         done = httpx.post(f"{base}/api/retry", json=body, headers=good)
         assert done.status_code == 200 and done.json()["keys"] == [str(BAD_KEY)]
     finally:
