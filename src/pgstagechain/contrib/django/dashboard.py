@@ -10,7 +10,8 @@ Settings, in ``PGSTAGECHAIN_DASHBOARD`` (a dict): ``pipeline`` (a name from
 ``staff_only`` (default True: reading needs a logged-in staff user too), and any option of
 :class:`pgstagechain.dashboard.Dashboard`. A write is authorised for a staff user of the
 site or a request carrying the token; it is refused cross-site either way (the dashboard
-checks JSON, its own header and the Origin instead of Django's CSRF cookie).
+checks JSON, its own header and the Origin instead of Django's CSRF cookie). Serve the
+project under ASGI: the view is async and its pool lives in the server's event loop.
 """
 
 from __future__ import annotations
