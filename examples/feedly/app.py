@@ -1,7 +1,7 @@
 """Feedly, end to end: product images in, Instagram posts out, driven by PostgreSQL.
 
 ``python -m examples.feedly [--dsn URL] [--jobs N] [--variants M] [--workers W]
-[--images DIR] [--out DIR]``
+[--images DIR] [--out DIR] [--dashboard]``
 
 1. Without a database URL (``--dsn``, ``FEEDLY_DSN`` or ``PGSTAGECHAIN_DSN``) an embedded
    PostgreSQL starts from the ``pgserver`` wheel, with its data in ``./.pgdata/feedly``;
@@ -582,7 +582,10 @@ async def run(args: argparse.Namespace, dsn: str, console: Console, t0: float) -
         f"[bold]Feedly[/]: {args.jobs} job(s) x {args.variants} variant(s), "
         f"{args.workers} worker(s) {kind}, database {redact(dsn)}"
     )
-    async with await AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with (
+        await AsyncConnection.connect(dsn, autocommit=True) as conn,
+        serving_dashboard(args, dsn, console),
+    ):
         async with workers.running():
             await workers.wait_listening(conn)
             t_ready = time.monotonic()
@@ -634,6 +637,39 @@ async def run(args: argparse.Namespace, dsn: str, console: Console, t0: float) -
     return 0
 
 
+@contextlib.asynccontextmanager
+async def serving_dashboard(
+    args: argparse.Namespace, dsn: str, console: Console
+) -> AsyncIterator[None]:
+    """With ``--dashboard``: the web dashboard, in this event loop, while the demo runs.
+    Retry and cancel are on, for whoever has the token printed in the URL."""
+    if not args.dashboard:
+        yield
+        return
+    import secrets
+
+    import uvicorn
+
+    from pgstagechain.dashboard import dashboard_app
+
+    token = secrets.token_urlsafe(24)
+    app = dashboard_app(pipeline, dsn, writes=True, token=token)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=args.dashboard_port, log_level="warning")
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+            await anyio.sleep(0.05)
+        console.print(
+            f"dashboard: [link]http://127.0.0.1:{args.dashboard_port}/#token={token}[/link]"
+        )
+        try:
+            yield
+        finally:
+            server.should_exit = True
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m examples.feedly", description=__doc__.split("\n\n")[0]
@@ -669,6 +705,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FEEDLY_COPY_ON_IMAGE") or "en",
         help="language of the ad copy drawn on the feed image: en (default) or ko, the "
         "Korean copy (the caption is Korean either way); $FEEDLY_COPY_ON_IMAGE",
+    )
+    ap.add_argument(
+        "--dashboard",
+        action="store_true",
+        help="serve the web dashboard while the demo runs (its URL is printed)",
+    )
+    ap.add_argument(
+        "--dashboard-port", type=int, default=8765, help="port of --dashboard (default 8765)"
     )
     ap.add_argument(
         "--keep",

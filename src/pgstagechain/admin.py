@@ -41,6 +41,7 @@ from ._pipeline import Pipeline
 from ._repair import CANCEL_REASON, CancelReport, cancel, retry
 from ._sql import pipeline_params, plain
 from ._stage import Stage
+from .errors import ConfigurationError
 
 __all__ = [
     "CANCEL_REASON",
@@ -49,9 +50,12 @@ __all__ = [
     "Failure",
     "GroupIssue",
     "History",
+    "PipelineLive",
     "PipelineStatus",
     "RecentRuns",
     "RunRecord",
+    "StageLive",
+    "StageMinute",
     "StageStatus",
     "WorkerPresence",
     "cancel",
@@ -59,10 +63,12 @@ __all__ = [
     "group_issues",
     "history",
     "listeners",
+    "live",
     "retry",
     "runs",
     "stage_order",
     "status",
+    "throughput",
     "workers",
 ]
 
@@ -161,6 +167,55 @@ class PipelineStatus:
 
 
 @attrs.frozen(kw_only=True)
+class StageLive:
+    """A stage's figures of :class:`StageStatus` but ``done`` (see :func:`live`)."""
+
+    stage: str
+    after: str
+    group: bool
+    waiting: int
+    running: int
+    retrying: int
+    failed: int
+    oldest_waiting: dt.timedelta | None
+    runs: RecentRuns
+    #: see :attr:`StageStatus.stalled` and :attr:`StageStatus.partial`
+    stalled: int = 0
+    partial: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        age = self.oldest_waiting
+        return {
+            "name": self.stage,
+            "after": self.after,
+            "level": "group" if self.group else "row",
+            "waiting": self.waiting,
+            "running": self.running,
+            "retrying": self.retrying,
+            "failed": self.failed,
+            "stalled": self.stalled,
+            "partial": self.partial,
+            "oldest_waiting_seconds": None if age is None else age.total_seconds(),
+            "runs": attrs.asdict(self.runs),
+        }
+
+
+@attrs.frozen(kw_only=True)
+class PipelineLive:
+    """Every stage's :class:`StageLive`, in chain order."""
+
+    pipeline: str
+    window_seconds: float
+    stages: tuple[StageLive, ...]
+
+    def __getitem__(self, stage: str) -> StageLive:
+        for each in self.stages:
+            if each.stage == stage:
+                return each
+        raise KeyError(stage)
+
+
+@attrs.frozen(kw_only=True)
 class Failure:
     """A row or group stopped at a failed stage, with the error of its latest run there."""
 
@@ -170,6 +225,18 @@ class Failure:
     stage: str
     error: str | None
     finished_at: dt.datetime | None
+    #: the attempt of that latest run (None: no run recorded, e.g. set failed from outside)
+    attempt: int | None = None
+
+
+@attrs.frozen(kw_only=True)
+class StageMinute:
+    """Runs of one stage that finished within one minute: succeeded, or failed/expired."""
+
+    stage: str
+    minute: dt.datetime
+    succeeded: int
+    failed: int
 
 
 @attrs.frozen(kw_only=True)
@@ -207,22 +274,42 @@ def _downstream(pipeline: Pipeline, stage: Stage) -> list[str]:
     return found
 
 
-async def status(
-    conn: AsyncConnection[Any], pipeline: Pipeline, *, window: float = STATUS_WINDOW
-) -> PipelineStatus:
-    """Every stage's counts, oldest waiting age and runs of the last ``window`` seconds."""
+async def _figures(
+    conn: AsyncConnection[Any], pipeline: Pipeline, *, window: float, count_done: bool
+) -> list[dict[str, Any]]:
+    """Each stage's figures as :class:`StageStatus` fields; without ``count_done`` only
+    the rows and groups that wait, run or failed are counted (not ``done``), each
+    (step, status) pair by its own index range: the cost then follows the backlog, not
+    the number of finished rows."""
     await require_schema(conn)
     q = await statements_for(conn, pipeline)
     params = {**pipeline_params(pipeline), "window": window}
     stages = stage_order(pipeline)
     row_stages = [s for s in stages if not s.group]
+    group_stages = [s for s in stages if s.group]
     cur = conn.cursor(row_factory=dict_row)
 
-    steps = sorted({s.name for s in row_stages} | {s.after for s in row_stages})
-    await cur.execute(q.text("row_counts"), {**params, "steps": steps})
     level = {params["done"]: "done", params["running"]: "running", params["failed"]: "failed"}
-    rows = {(r["step"], level.get(r["status"], "")): r["n"] for r in await cur.fetchall()}
-    await cur.execute(q.text("group_counts"), params)
+    if count_done:
+        steps = sorted({s.name for s in row_stages} | {s.after for s in row_stages})
+        await cur.execute(q.text("row_counts"), {**params, "steps": steps})
+        counted_rows = await cur.fetchall()
+        await cur.execute(q.text("group_counts"), params)
+    else:
+        pairs = _live_pairs(row_stages, params)
+        await cur.execute(
+            q.text("row_live_counts"), {**params, "steps": pairs[0], "statuses": pairs[1]}
+        )
+        counted_rows = await cur.fetchall()
+        await cur.execute(
+            q.text("group_live_counts"),
+            {
+                **params,
+                "afters": [s.after for s in group_stages],
+                "stages": [s.name for s in group_stages],
+            },
+        )
+    rows = {(r["step"], level.get(r["status"], "")): r["n"] for r in counted_rows}
     groups: dict[tuple[str, str], int] = {}
     group_oldest: dict[str, dt.datetime] = {}
     for r in await cur.fetchall():
@@ -250,34 +337,72 @@ async def status(
     assert now_row is not None
     now: dt.datetime = now_row[0]
 
-    found: list[StageStatus] = []
+    found: list[dict[str, Any]] = []
     for each in stages:
         counts = groups if each.group else rows
         oldest_at = (group_oldest if each.group else row_oldest).get(each.after)
-        later = _downstream(pipeline, each)
-        found.append(
-            StageStatus(
-                stage=each.name,
-                after=each.after,
-                group=each.group,
-                waiting=counts.get((each.after, "done"), 0),
-                running=counts.get((each.name, "running"), 0),
-                retrying=retrying.get(each.name, 0),
-                done=counts.get((each.name, "done"), 0)
-                + sum(n for (step, _), n in counts.items() if step in later),
-                failed=counts.get((each.name, "failed"), 0),
-                oldest_waiting=(now - oldest_at) if oldest_at is not None else None,
-                runs=recent.get(each.name, RecentRuns()),
-                stalled=held.get((each.name, "stalled"), 0),
-                partial=held.get((each.name, "partial"), 0),
+        figures: dict[str, Any] = {
+            "stage": each.name,
+            "after": each.after,
+            "group": each.group,
+            "waiting": counts.get((each.after, "done"), 0),
+            "running": counts.get((each.name, "running"), 0),
+            "retrying": retrying.get(each.name, 0),
+            "failed": counts.get((each.name, "failed"), 0),
+            "oldest_waiting": (now - oldest_at) if oldest_at is not None else None,
+            "runs": recent.get(each.name, RecentRuns()),
+            "stalled": held.get((each.name, "stalled"), 0),
+            "partial": held.get((each.name, "partial"), 0),
+        }
+        if count_done:
+            later = _downstream(pipeline, each)
+            figures["done"] = counts.get((each.name, "done"), 0) + sum(
+                n for (step, _), n in counts.items() if step in later
             )
-        )
+        found.append(figures)
+    return found
+
+
+def _live_pairs(stages: Sequence[Stage], values: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """The (step, status) pairs that hold the stages' waiting, running and failed rows."""
+    steps: list[str] = []
+    statuses: list[str] = []
+    for each in stages:
+        for step, state in (
+            (each.after, values["done"]),
+            (each.name, values["running"]),
+            (each.name, values["failed"]),
+        ):
+            steps.append(step)
+            statuses.append(state)
+    return steps, statuses
+
+
+async def status(
+    conn: AsyncConnection[Any], pipeline: Pipeline, *, window: float = STATUS_WINDOW
+) -> PipelineStatus:
+    """Every stage's counts, oldest waiting age and runs of the last ``window`` seconds."""
+    found = await _figures(conn, pipeline, window=window, count_done=True)
     spec = pipeline.table
     return PipelineStatus(
         pipeline=pipeline.name,
         table=f"{spec.schema}.{spec.table}",
         window_seconds=window,
-        stages=tuple(found),
+        stages=tuple(StageStatus(**f) for f in found),
+    )
+
+
+async def live(
+    conn: AsyncConnection[Any], pipeline: Pipeline, *, window: float = STATUS_WINDOW
+) -> PipelineLive:
+    """:func:`status` without the ``done`` figures, for a screen refreshed every few
+    seconds: the same definitions, at a cost that follows the rows waiting, running or
+    failed rather than every row the pipeline ever finished."""
+    found = await _figures(conn, pipeline, window=window, count_done=False)
+    return PipelineLive(
+        pipeline=pipeline.name,
+        window_seconds=window,
+        stages=tuple(StageLive(**f) for f in found),
     )
 
 
@@ -286,20 +411,27 @@ async def failures(
     pipeline: Pipeline,
     *,
     groups: Sequence[str] | None = None,
+    stage: str | None = None,
     limit: int = 100,
 ) -> list[Failure]:
-    """Rows and groups at a failed stage, the most recent first, each with its error.
+    """Rows and groups at a failed stage, the most recent first, each with its error and
+    the attempt it failed at.
 
-    ``groups`` keeps only the rows of those groups (and those groups themselves).
+    ``groups`` keeps only the rows of those groups (and those groups themselves);
+    ``stage`` only those failed at that stage.
     """
+    if stage is not None and stage not in pipeline:
+        raise ConfigurationError(f"pipeline {pipeline.name!r} has no stage {stage!r}")
     await require_schema(conn)
     q = await statements_for(conn, pipeline)
+    chosen = [s for s in pipeline if stage is None or s.name == stage]
     cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         q.text("failures"),
         {
             **pipeline_params(pipeline),
-            "row_stages": [s.name for s in pipeline if not s.group],
+            "row_stages": [s.name for s in chosen if not s.group],
+            "group_stages": [s.name for s in chosen if s.group],
             "groups": None if groups is None else [str(g) for g in groups],
             "limit": limit,
         },
@@ -307,11 +439,32 @@ async def failures(
     return [Failure(**r) for r in await cur.fetchall()]
 
 
+async def throughput(
+    conn: AsyncConnection[Any], pipeline: Pipeline, *, minutes: int = 15
+) -> list[StageMinute]:
+    """Finished runs per stage and minute, over the last ``minutes`` whole minutes and the
+    current one, oldest first; minutes with no run are left out."""
+    if not isinstance(minutes, int) or not 1 <= minutes <= 1440:
+        raise ConfigurationError(f"minutes must be an integer from 1 to 1440, got {minutes!r}")
+    await require_schema(conn)
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(plain("throughput"), {"pipeline": pipeline.name, "minutes": minutes})
+    return [StageMinute(**r) for r in await cur.fetchall()]
+
+
 async def workers(conn: AsyncConnection[Any], pipeline: Pipeline) -> list[WorkerPresence]:
     """The workers that hold live runs of the pipeline, by worker id."""
     await require_schema(conn)
+    q = await statements_for(conn, pipeline)
     cur = conn.cursor(row_factory=dict_row)
-    await cur.execute(plain("live_workers"), {"pipeline": pipeline.name})
+    await cur.execute(
+        q.text("live_workers"),
+        {
+            **pipeline_params(pipeline),
+            "row_stages": [s.name for s in pipeline if not s.group],
+            "group_stages": [s.name for s in pipeline if s.group],
+        },
+    )
     return [WorkerPresence(**{**r, "stages": tuple(r["stages"])}) for r in await cur.fetchall()]
 
 

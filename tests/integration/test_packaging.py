@@ -68,6 +68,8 @@ def test_built_wheel_installs_and_runs_in_a_fresh_venv(
     for name in MIGRATIONS:
         assert f"pgstagechain/sql/migrations/{name}" in in_wheel
     assert "pgstagechain/py.typed" in in_wheel
+    for asset in ("index.html", "dashboard.js", "dashboard.css"):  # the dashboard works offline
+        assert f"pgstagechain/dashboard/assets/{asset}" in in_wheel
     assert any(n.endswith("entry_points.txt") for n in in_wheel)
     with tarfile.open(sdist) as archive:
         in_sdist = {n.split("/", 1)[1] for n in archive.getnames() if "/" in n}

@@ -27,19 +27,22 @@ from typing import Any
 
 import anyio
 import psycopg
-from fastapi import APIRouter, Depends, HTTPException, Request, params
+from fastapi import APIRouter, Depends, HTTPException, Request, Response, params
 from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from pydantic import BaseModel, StrictInt, StrictStr
 
 from .. import ConfigurationError, Pipeline, Worker
 from .._connect import ENV_DSN, conninfo_with_defaults, default_dsn
+from ..dashboard import SECURITY_HEADERS, Dashboard
+from ..dashboard import Request as DashboardRequest
 from ._embed import Pipelines, as_pipelines, run_elected_workers, run_workers
 from ._status import STATUS_WINDOW, ManualRun, key_type, parse_key, pipeline_status, run_stage
 
 __all__ = [
     "ENV_DSN",
     "ENV_ENABLED",
+    "dashboard_router",
     "run_elected_workers",
     "run_workers",
     "status_router",
@@ -363,3 +366,75 @@ def _worker_info(worker: Worker, *, details: bool) -> dict[str, Any]:
     if details:
         info["worker_id"] = worker.worker_id
     return info
+
+
+def dashboard_router(
+    pipeline: Pipeline,
+    dsn: str | None = None,
+    *,
+    dependencies: Sequence[params.Depends] | None = None,
+    writes: bool = False,
+    write_dependencies: Sequence[params.Depends] | None = None,
+    token: str | None = None,
+    **options: Any,
+) -> APIRouter:
+    """The web dashboard of ``pipeline`` as routes, mount with ``prefix="/dashboard"``.
+
+    :param dependencies: run before every route (reads too): your authentication.
+    :param writes: enable retry and cancel; a write then needs ``write_dependencies``
+        (your own check that the caller may change things) or the ``token``, and is
+        refused cross-site whatever the dependencies say.
+    :param options: passed to :class:`pgstagechain.dashboard.Dashboard` (``window``,
+        ``minutes``, ``pool_size``, ``cache_seconds``, ``wait``).
+    """
+    if writes and not (write_dependencies or token):
+        raise ConfigurationError(
+            "dashboard_router(writes=True) lets callers retry and cancel: pass "
+            "write_dependencies=[Depends(...)] that authorises them, or a token"
+        )
+    board = Dashboard(pipeline, dsn, writes=writes, token=token, **options)
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await board.close()
+
+    router = APIRouter(
+        tags=["pgstagechain"], dependencies=list(dependencies or []), lifespan=lifespan
+    )
+
+    async def answer(request: Request, path: str, *, authorized: bool) -> Response:
+        found = await board.handle(
+            DashboardRequest(
+                method=request.method,
+                path=path,
+                query=dict(request.query_params),
+                headers={k.lower(): v for k, v in request.headers.items()},
+                body=await request.body() if request.method == "POST" else b"",
+                authorized=authorized,
+            )
+        )
+        return Response(
+            found.body,
+            status_code=found.status,
+            media_type=found.content_type,
+            headers=dict(_dashboard_headers(found.headers)),
+        )
+
+    @router.api_route("/{path:path}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def read(request: Request, path: str) -> Response:
+        return await answer(request, path, authorized=False)
+
+    @router.post(
+        "/{path:path}", dependencies=list(write_dependencies or []), include_in_schema=False
+    )
+    async def write(request: Request, path: str) -> Response:
+        return await answer(request, path, authorized=bool(write_dependencies))
+
+    return router
+
+
+def _dashboard_headers(extra: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [*SECURITY_HEADERS, *extra]

@@ -17,6 +17,24 @@ FROM pgstagechain.groups
 WHERE pipeline = %(pipeline)s
 GROUP BY 1, 2
 
+-- name: row_live_counts
+-- Rows at the given (step, status) pairs only, each pair counted on its own range of the
+-- state index: the cost follows the rows waiting, running or failed, not the finished ones.
+SELECT p.step, p.status,
+       (SELECT count(*) FROM {table} t WHERE t.{step} = p.step AND t.{status} = p.status) AS n
+FROM (SELECT DISTINCT * FROM unnest(%(steps)s::text[], %(statuses)s::text[])) AS p(step, status)
+
+-- name: group_live_counts
+-- Groups waiting for (`done` at a step in `afters`), running or failed at a group stage, by
+-- the state index; planned with the values at hand, so the finished groups are never read.
+SELECT g.step, g.status, count(*) AS n,
+       min(g.updated_at) FILTER (WHERE g.status = 'done') AS oldest_done
+FROM pgstagechain.groups g
+WHERE g.pipeline = %(pipeline)s
+  AND ((g.status = 'done' AND g.step = ANY(%(afters)s::text[]))
+       OR (g.status IN ('running', 'failed') AND g.step = ANY(%(stages)s::text[])))
+GROUP BY 1, 2
+
 -- name: row_oldest_waiting
 -- When did the oldest waiting row reach (after, done)? Its latest run of the previous
 -- stage finished then; start steps are set from outside and leave no trace here.
@@ -33,6 +51,8 @@ FROM unnest(%(afters)s::text[]) AS w(after)
 
 -- name: recent_runs
 -- Runs of each stage that finished within the window: how they ended, and how long they took.
+-- statement_timestamp(), not clock_timestamp(): a stable bound is one the block-range
+-- index on finished_at can use (a volatile one reads the whole ledger).
 SELECT stage,
        count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
        count(*) FILTER (WHERE state = 'failed') AS failed,
@@ -42,7 +62,7 @@ SELECT stage,
        percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at)) AS p95
 FROM pgstagechain.runs
 WHERE pipeline = %(pipeline)s AND finished_at IS NOT NULL
-  AND finished_at > clock_timestamp() - %(window)s * interval '1 second'
+  AND finished_at > statement_timestamp() - %(window)s * interval '1 second'
   AND stage = ANY(%(stages)s::text[])
 GROUP BY stage
 
@@ -53,40 +73,66 @@ GROUP BY stage
 
 -- name: failures
 -- Rows and groups that stopped at a failed stage, each with the error of its latest run
--- there; the most recent first. `groups` (NULL: all) keeps those of the given groups.
+-- there; the most recent first. `groups` (NULL: all) keeps those of the given groups;
+-- `row_stages` and `group_stages` name the stages to look at.
 SELECT * FROM (
     SELECT 'row' AS level, t.{key}::text AS key, {group_expr} AS group_key, t.{step} AS stage,
-           last.error, last.finished_at
+           last.error, last.finished_at, last.attempt
     FROM {table} t
     LEFT JOIN LATERAL (
-        SELECT r.error, r.finished_at FROM pgstagechain.runs r
+        SELECT r.error, r.finished_at, r.attempt FROM pgstagechain.runs r
         WHERE r.pipeline = %(pipeline)s AND r.row_key = t.{key}::text AND r.stage = t.{step}
         ORDER BY r.id DESC LIMIT 1
     ) last ON true
     WHERE t.{status} = %(failed)s AND t.{step} = ANY(%(row_stages)s::text[])
       AND (%(groups)s::text[] IS NULL OR {group_expr} = ANY(%(groups)s::text[]))
     UNION ALL
-    SELECT 'group', g.group_key, g.group_key, g.step, last.error, last.finished_at
+    SELECT 'group', g.group_key, g.group_key, g.step, last.error, last.finished_at, last.attempt
     FROM pgstagechain.groups g
     LEFT JOIN LATERAL (
-        SELECT r.error, r.finished_at FROM pgstagechain.runs r
+        SELECT r.error, r.finished_at, r.attempt FROM pgstagechain.runs r
         WHERE r.pipeline = g.pipeline AND r.row_key = g.group_key AND r.stage = g.step
         ORDER BY r.id DESC LIMIT 1
     ) last ON true
     WHERE g.pipeline = %(pipeline)s AND g.status = 'failed'
+      AND g.step = ANY(%(group_stages)s::text[])
       AND (%(groups)s::text[] IS NULL OR g.group_key = ANY(%(groups)s::text[]))
 ) failed
 ORDER BY finished_at DESC NULLS LAST, level, key
 LIMIT %(limit)s
 
--- name: live_workers
--- Which workers hold runs of the pipeline now, and since when.
-SELECT worker_id, count(*) AS running, array_agg(DISTINCT stage ORDER BY stage) AS stages,
-       min(started_at) AS oldest_started, max(lease_until) AS lease_until
+-- name: throughput
+-- Runs of each stage that finished in each of the last `minutes` whole minutes (and the
+-- current one), succeeded or not; by the block-range index on finished_at (hence the
+-- stable statement_timestamp()).
+SELECT stage, date_trunc('minute', finished_at) AS minute,
+       count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE state IN ('failed', 'expired')) AS failed
 FROM pgstagechain.runs
-WHERE pipeline = %(pipeline)s AND state = 'running'
-GROUP BY worker_id
-ORDER BY worker_id
+WHERE pipeline = %(pipeline)s AND finished_at IS NOT NULL
+  AND finished_at >= date_trunc('minute', statement_timestamp()) - %(minutes)s * interval '1 minute'
+GROUP BY 1, 2
+ORDER BY 2, 1
+
+-- name: live_workers
+-- Which workers hold runs of the pipeline now, and since when. The live runs are found
+-- through their rows (groups) at (stage, running), as the lease expiry finds them: the
+-- cost follows the rows being worked on, not the size of the ledger.
+SELECT r.worker_id, count(*) AS running, array_agg(DISTINCT r.stage ORDER BY r.stage) AS stages,
+       min(r.started_at) AS oldest_started, max(r.lease_until) AS lease_until
+FROM (
+    SELECT t.{key}::text AS key, t.{step} AS stage FROM {table} t
+    WHERE t.{step} = ANY(%(row_stages)s::text[]) AND t.{status} = %(running)s
+    UNION ALL
+    SELECT g.group_key, g.step FROM pgstagechain.groups g
+    WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(group_stages)s::text[])
+      AND g.status = 'running'
+) live
+JOIN pgstagechain.runs r
+  ON r.pipeline = %(pipeline)s AND r.row_key = live.key AND r.stage = live.stage
+WHERE r.state = 'running'
+GROUP BY r.worker_id
+ORDER BY r.worker_id
 
 -- name: listeners
 -- Worker connections listening on this database, by the name they connect with.
