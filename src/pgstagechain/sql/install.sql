@@ -30,7 +30,10 @@ BEGIN
     IF {landed_on_done} THEN
         {announce_row}
     END IF;
-    IF NEW.{group} IS NOT NULL AND {moved} THEN
+    -- cheap tests first: most rows land on steps no group waits for
+    IF NEW.{group} IS NOT NULL AND {moved}
+            AND ((NEW.{status} = {done} AND NEW.{step} = ANY({fan_in_steps}))
+                 OR (NEW.{status} = {failed} AND NEW.{step} = ANY({member_steps}))) THEN
         {form_group}
     END IF;
     RETURN NULL;
