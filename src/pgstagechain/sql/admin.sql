@@ -271,7 +271,13 @@ SELECT h.group_key, h.failed_members, g.step AS group_step, g.status AS group_st
        (SELECT count(*) FROM {table} m WHERE m.{group} = h.group_key::{group_type}) AS members,
        last.error AS group_error
 FROM hit h
-LEFT JOIN pgstagechain.groups g ON g.group_key = h.group_key AND g.pipeline = %(pipeline)s
+-- each group by its key: a lookup per group (LIMIT keeps the planner from turning it into
+-- a join, which read every group of the pipeline)
+LEFT JOIN LATERAL (
+    SELECT g.step, g.status FROM pgstagechain.groups g
+    WHERE g.group_key = h.group_key AND g.pipeline = %(pipeline)s
+    LIMIT 1
+) g ON true
 LEFT JOIN LATERAL (
     SELECT r.error FROM pgstagechain.runs r
     WHERE r.pipeline = %(pipeline)s AND r.row_key = h.group_key AND r.stage = g.step
