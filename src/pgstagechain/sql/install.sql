@@ -24,7 +24,7 @@ DECLARE
     pgsc_failed bigint;
     pgsc_expected bigint;
     pgsc_verdict text;      -- 'formed', 'failed' or NULL (not yet)
-    pgsc_group_status text;
+    pgsc_at int;            -- the member step's place in the arrays below
     pgsc_reason text;
 BEGIN
     IF {landed_on_done} THEN
@@ -63,10 +63,11 @@ END IF;
 -- apply the group stage's policy: the group forms (its row appears at (fan-in step, done),
 -- whose own trigger wakes the group stage), fails with a recorded reason, or waits. A
 -- declared group size keeps it waiting until that many members exist.
-SELECT p.fan_in, p.group_stage, p.policy INTO pgsc_fan_in, pgsc_group_stage, pgsc_policy
-FROM unnest({member_steps}, {member_fan_ins}, {member_group_stages}, {member_policies})
-     AS p(step, fan_in, group_stage, policy)
-WHERE p.step = NEW.{step};
+-- (array lookups, not a query: this runs for every member landing on its fan-in step)
+pgsc_at := array_position({member_steps}, NEW.{step}::text);
+pgsc_fan_in := ({member_fan_ins})[pgsc_at];
+pgsc_group_stage := ({member_group_stages})[pgsc_at];
+pgsc_policy := ({member_policies})[pgsc_at];
 IF pgsc_fan_in IS NOT NULL AND (
         (NEW.{status} = {done} AND NEW.{step} = pgsc_fan_in)
         OR (NEW.{status} = {failed} AND pgsc_policy <> 'all_done')) THEN
@@ -86,21 +87,21 @@ IF pgsc_fan_in IS NOT NULL AND (
     ELSIF pgsc_policy = 'settled' AND pgsc_done + pgsc_failed = pgsc_members THEN
         pgsc_verdict := CASE WHEN pgsc_done > 0 THEN 'formed' ELSE 'failed' END;
     END IF;
-    SELECT g.status INTO pgsc_group_status FROM pgstagechain.groups g
-    WHERE g.group_key = NEW.{group}::text AND g.pipeline = {pipeline_name};
     IF pgsc_verdict = 'formed' THEN
-        IF pgsc_group_status IS NULL THEN
-            INSERT INTO pgstagechain.groups (pipeline, group_key, step, status)
-            VALUES ({pipeline_name}, NEW.{group}::text, pgsc_fan_in, 'done')
-            ON CONFLICT DO NOTHING;
-        ELSE
+        INSERT INTO pgstagechain.groups (pipeline, group_key, step, status)
+        VALUES ({pipeline_name}, NEW.{group}::text, pgsc_fan_in, 'done')
+        ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
             -- It formed before and a member changed since (a retry, a re-run): it forms
             -- again, once; a group stage still at work on the old members is cancelled.
             pgsc_reason := 'cancelled: the group formed again (member ' || NEW.{key}::text
                 || ' reached (' || NEW.{step} || ', ' || NEW.{status} || ') after it formed)';
             {reform_group}
         END IF;
-    ELSIF pgsc_verdict = 'failed' AND pgsc_group_status IS DISTINCT FROM 'failed' THEN
+    ELSIF pgsc_verdict = 'failed' AND (
+            SELECT g.status FROM pgstagechain.groups g
+            WHERE g.group_key = NEW.{group}::text AND g.pipeline = {pipeline_name})
+            IS DISTINCT FROM 'failed' THEN
         SELECT CASE WHEN pgsc_policy = 'fail_fast'
                     THEN 'fan-in FAIL_FAST: member ' || m.{key}::text || ' failed at '
                          || m.{step} || coalesce(': ' || last.error, '')
