@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import AsyncConnectionPool
 
 from .errors import ConfigurationError
 
@@ -103,3 +104,37 @@ def _reason(text: str) -> str:
     line = re.sub(r"^connection failed:\s*", "", line)
     line = re.sub(r"^connection to server .*? failed:\s*", "", line)
     return re.sub(r"^FATAL:\s*", "", line).strip() or text
+
+
+class ReadPool:
+    """A small pool for reads that answer people (a status page, a dashboard): opened on
+    first use and bounded, so that a crowd of requests waits a little, then is refused
+    (:class:`psycopg_pool.PoolTimeout`, :class:`psycopg_pool.TooManyRequests`), rather than
+    taking every connection the server has."""
+
+    def __init__(self, dsn: str | None, *, size: int, wait: float, name: str) -> None:
+        self.dsn = dsn
+        self.size = size
+        self.wait = wait
+        self.name = name
+        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+
+    async def get(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
+        if self._pool is None:
+            self._pool = AsyncConnectionPool(
+                conninfo_with_defaults(default_dsn(self.dsn), self.name),
+                min_size=1,
+                max_size=self.size,
+                open=False,
+                timeout=self.wait,
+                max_waiting=self.size * 4,
+                kwargs={"autocommit": True},
+                name=self.name,
+            )
+            await self._pool.open(wait=False)
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None

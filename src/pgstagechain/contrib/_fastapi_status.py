@@ -17,7 +17,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 from pydantic import BaseModel, StrictInt, StrictStr
 
 from .. import ConfigurationError, Pipeline, Worker
-from .._connect import conninfo_with_defaults, default_dsn
+from .._connect import ReadPool, default_dsn
 from ._embed import Pipelines, as_pipelines
 from ._status import STATUS_WINDOW, ManualRun, key_type, parse_key, pipeline_status, run_stage
 
@@ -51,30 +51,16 @@ class _Statuses:
         self.pool_size = pool_size
         self.cache_seconds = cache_seconds
         self.wait = wait
-        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._reads = ReadPool(dsn, size=pool_size, wait=wait, name="pgstagechain-status")
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._locks: dict[str, anyio.Lock] = {}
         self.writes = anyio.CapacityLimiter(pool_size)
 
     async def pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
-        if self._pool is None:
-            self._pool = AsyncConnectionPool(
-                conninfo_with_defaults(default_dsn(self.dsn), "pgstagechain-status"),
-                min_size=1,
-                max_size=self.pool_size,
-                open=False,
-                timeout=self.wait,
-                max_waiting=self.pool_size * 4,
-                kwargs={"autocommit": True},
-                name="pgstagechain-status",
-            )
-            await self._pool.open(wait=False)
-        return self._pool
+        return await self._reads.get()
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._reads.close()
 
     async def status(self, name: str) -> dict[str, Any]:
         """The pipeline's status, at most ``cache_seconds`` old; 503 when not to be had

@@ -33,7 +33,7 @@ from psycopg import AsyncConnection
 from psycopg_pool import AsyncConnectionPool, PoolTimeout, TooManyRequests
 
 from .. import ConfigurationError, Pipeline, admin, graph
-from .._connect import conninfo_with_defaults, default_dsn
+from .._connect import ReadPool
 from .._sql import plain
 
 logger = logging.getLogger("pgstagechain.dashboard")
@@ -148,7 +148,7 @@ class Dashboard:
         self.pool_size = pool_size
         self.cache_seconds = cache_seconds
         self.wait = wait
-        self._pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None
+        self._reads = ReadPool(dsn, size=pool_size, wait=wait, name="pgstagechain-dashboard")
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}
         self._lock = anyio.Lock()
         self._svg = graph.to_svg(pipeline, {s.name: graph.Live() for s in pipeline}, inline=True)
@@ -156,24 +156,10 @@ class Dashboard:
     # -- connections -----------------------------------------------------------------------------
 
     async def pool(self) -> AsyncConnectionPool[AsyncConnection[Any]]:
-        if self._pool is None:
-            self._pool = AsyncConnectionPool(
-                conninfo_with_defaults(default_dsn(self.dsn), "pgstagechain-dashboard"),
-                min_size=1,
-                max_size=self.pool_size,
-                open=False,
-                timeout=self.wait,
-                max_waiting=self.pool_size * 4,
-                kwargs={"autocommit": True},
-                name="pgstagechain-dashboard",
-            )
-            await self._pool.open(wait=False)
-        return self._pool
+        return await self._reads.get()
 
     async def close(self) -> None:
-        if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+        await self._reads.close()
 
     # -- reads -----------------------------------------------------------------------------------
 
