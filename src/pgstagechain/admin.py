@@ -101,8 +101,9 @@ class RecentRuns:
 
 
 @attrs.frozen(kw_only=True)
-class StageStatus:
-    """Where the rows (or groups) of one stage are: see the module docstring."""
+class StageLive:
+    """Where the rows (or groups) of one stage are, but for ``done`` (see :func:`live` and
+    the module docstring)."""
 
     stage: str
     after: str
@@ -110,7 +111,6 @@ class StageStatus:
     waiting: int
     running: int
     retrying: int
-    done: int
     failed: int
     #: how long the oldest waiting row has waited (None: none waits, or it was set from outside)
     oldest_waiting: dt.timedelta | None
@@ -120,13 +120,8 @@ class StageStatus:
     stalled: int = 0
     partial: int = 0
 
-    @property
-    def total(self) -> int:
-        """Rows (or groups) that reached this stage or are waiting for it."""
-        return self.waiting + self.running + self.done + self.failed
-
     def to_json(self) -> dict[str, Any]:
-        """The form the CLI's ``--json`` and the FastAPI router show."""
+        """The form the dashboard shows."""
         age = self.oldest_waiting
         return {
             "name": self.stage,
@@ -135,14 +130,28 @@ class StageStatus:
             "waiting": self.waiting,
             "running": self.running,
             "retrying": self.retrying,
-            "done": self.done,
             "failed": self.failed,
-            "total": self.total,
-            "oldest_waiting_seconds": None if age is None else age.total_seconds(),
-            "runs": attrs.asdict(self.runs),
             "stalled": self.stalled,
             "partial": self.partial,
+            "oldest_waiting_seconds": None if age is None else age.total_seconds(),
+            "runs": attrs.asdict(self.runs),
         }
+
+
+@attrs.frozen(kw_only=True)
+class StageStatus(StageLive):
+    """Where the rows (or groups) of one stage are: see the module docstring."""
+
+    done: int
+
+    @property
+    def total(self) -> int:
+        """Rows (or groups) that reached this stage or are waiting for it."""
+        return self.waiting + self.running + self.done + self.failed
+
+    def to_json(self) -> dict[str, Any]:
+        """The form the CLI's ``--json`` and the FastAPI router show."""
+        return {**super().to_json(), "done": self.done, "total": self.total}
 
 
 @attrs.frozen(kw_only=True)
@@ -171,40 +180,6 @@ class PipelineStatus:
             "table": self.table,
             "window_seconds": self.window_seconds,
             "stages": [s.to_json() for s in self.stages],
-        }
-
-
-@attrs.frozen(kw_only=True)
-class StageLive:
-    """A stage's figures of :class:`StageStatus` but ``done`` (see :func:`live`)."""
-
-    stage: str
-    after: str
-    group: bool
-    waiting: int
-    running: int
-    retrying: int
-    failed: int
-    oldest_waiting: dt.timedelta | None
-    runs: RecentRuns
-    #: see :attr:`StageStatus.stalled` and :attr:`StageStatus.partial`
-    stalled: int = 0
-    partial: int = 0
-
-    def to_json(self) -> dict[str, Any]:
-        age = self.oldest_waiting
-        return {
-            "name": self.stage,
-            "after": self.after,
-            "level": "group" if self.group else "row",
-            "waiting": self.waiting,
-            "running": self.running,
-            "retrying": self.retrying,
-            "failed": self.failed,
-            "stalled": self.stalled,
-            "partial": self.partial,
-            "oldest_waiting_seconds": None if age is None else age.total_seconds(),
-            "runs": attrs.asdict(self.runs),
         }
 
 
