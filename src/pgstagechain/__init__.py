@@ -19,7 +19,9 @@ from ._context import FailedMember as FailedMember
 from ._context import StageContext as StageContext
 from ._events import MalformedNotification as MalformedNotification
 from ._gc import tune_gc as tune_gc
+from ._graph_change import GraphPlan as GraphPlan
 from ._install import migrate as migrate
+from ._install import plan_migration as plan_migration
 from ._install import uninstall as uninstall
 from ._listener import Backoff as Backoff
 from ._listener import Listener as Listener
@@ -36,6 +38,7 @@ from ._worker import Worker as Worker
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DatabaseAccessError as DatabaseAccessError
 from .errors import ExistingRowsError as ExistingRowsError
+from .errors import GraphChangeError as GraphChangeError
 from .errors import LeaseLostError as LeaseLostError
 from .errors import NotInstalledError as NotInstalledError
 from .errors import PermanentError as PermanentError
@@ -54,6 +57,8 @@ __all__ = [
     "ExistingRowsError",
     "FailedMember",
     "FanIn",
+    "GraphChangeError",
+    "GraphPlan",
     "LeaseLostError",
     "Listener",
     "MalformedNotification",
@@ -78,6 +83,7 @@ __all__ = [
     "complete_sync",
     "fail",
     "migrate",
+    "plan_migration",
     "redact",
     "stage",
     "tune_gc",

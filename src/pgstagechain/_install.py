@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any, LiteralString
 
 from psycopg import AsyncConnection, sql
@@ -16,11 +17,12 @@ from psycopg.rows import dict_row
 
 from ._catalog import statements_for
 from ._connect import connect
-from ._migrations import migrate_schema, require_schema
+from ._graph_change import GraphPlan, apply_plan, policy_of, read_plan
+from ._migrations import applied_version, migrate_schema, require_schema
 from ._pipeline import Pipeline
 from ._sql import Statements, object_names, owned_names, pipeline_params, plain
 from ._stage import FanIn
-from .errors import ExistingRowsError, NotInstalledError
+from .errors import ConfigurationError, ExistingRowsError, GraphChangeError, NotInstalledError
 
 logger = logging.getLogger("pgstagechain.install")
 
@@ -46,7 +48,9 @@ def fingerprint(pipeline: Pipeline) -> dict[str, Any]:
     if spec.group_size_column:
         config["group_size"] = spec.group_size_column
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    return {**config, "digest": digest}
+    # recorded for `migrate --plan` to compare, outside the digest: workers apply their own
+    # code's policies, so a change of policy needs no migrate
+    return {**config, "digest": digest, "policies": policy_of(pipeline)}
 
 
 def trigger_function_sql(statements: Statements, pipeline: Pipeline) -> LiteralString:
@@ -116,7 +120,11 @@ async def _skip_new_stages(
 
 
 async def install(
-    conn: AsyncConnection[Any], pipeline: Pipeline, *, backfill: bool | None = None
+    conn: AsyncConnection[Any],
+    pipeline: Pipeline,
+    *,
+    backfill: bool | None = None,
+    maps: Mapping[str, str] | None = None,
 ) -> None:
     """Create or update the pipeline's trigger and indexes; safe to run again and again.
 
@@ -124,6 +132,12 @@ async def install(
     already finished there would all run it: ``backfill`` says whether they should
     (True) or should be moved past it without running it (False); left at None, such
     rows make it raise :class:`~pgstagechain.errors.ExistingRowsError` before any change.
+
+    When the stage graph changed, rows and groups at steps the new graph no longer has
+    must be mapped to one it has (``maps``: old step to new step), and no live run may be
+    left at a stage whose place changed; otherwise it raises
+    :class:`~pgstagechain.errors.GraphChangeError` before any change. The plan is logged
+    before it is carried out, in the transaction that installs the new trigger.
     """
     pipeline.validate()
     await require_schema(conn)
@@ -151,6 +165,11 @@ async def install(
         await conn.execute(plain("install_lock"), {"lock": f"pgstagechain.install.{pipeline.name}"})
         cur = await conn.execute(plain("installed_config"), pipeline_params(pipeline))
         installed = await cur.fetchone()
+        change = await read_plan(conn, q, pipeline, installed[0] if installed else None, maps or {})
+        if change.refusals():
+            raise GraphChangeError(change)
+        if change.changed:
+            logger.warning("%s", "\n".join(change.lines()))
         if installed is not None:
             steps = newly_followed(installed[0], pipeline)
             waiting = await _finished_at(conn, q, pipeline, steps)
@@ -168,6 +187,7 @@ async def install(
         await conn.execute(trigger_function_sql(q, pipeline))
         await conn.execute(q.text("drop_trigger"))
         await conn.execute(q.text("create_trigger"))
+        await apply_plan(conn, q, pipeline, change)
         await conn.execute(
             plain("record_install"),
             {
@@ -227,19 +247,60 @@ async def uninstall(conn: AsyncConnection[Any], pipeline: Pipeline, *, purge: bo
             await conn.execute(plain("purge_groups"), pipeline_params(pipeline))
 
 
+def _one_pipeline_for(maps: Mapping[str, str] | None, pipelines: tuple[Pipeline, ...]) -> None:
+    if maps and len(pipelines) != 1:
+        raise ConfigurationError(
+            f"maps name steps of one pipeline: migrate one pipeline at a time with them "
+            f"(got {len(pipelines)})"
+        )
+
+
 async def migrate(
-    target: str | AsyncConnection[Any], *pipelines: Pipeline, backfill: bool | None = None
+    target: str | AsyncConnection[Any],
+    *pipelines: Pipeline,
+    backfill: bool | None = None,
+    maps: Mapping[str, str] | None = None,
 ) -> list[int]:
     """Bring the library schema up to date and install (or update) each pipeline.
 
     ``target`` is a connection string or an open connection. Returns the schema
     versions that were applied (empty when already current). ``backfill``: see
-    :func:`install` (what a stage added after the last one does to rows already there).
+    :func:`install` (what a stage added after the last one does to rows already there);
+    ``maps``: see :func:`install` (where rows at steps a changed graph no longer has go;
+    one pipeline at a time). :func:`plan_migration` says what it would do first.
     """
+    _one_pipeline_for(maps, pipelines)
     if isinstance(target, AsyncConnection):
         applied = await migrate_schema(target)
         for pipeline in pipelines:
-            await install(target, pipeline, backfill=backfill)
+            await install(target, pipeline, backfill=backfill, maps=maps)
         return applied
     async with await connect(target, autocommit=True) as conn:
-        return await migrate(conn, *pipelines, backfill=backfill)
+        return await migrate(conn, *pipelines, backfill=backfill, maps=maps)
+
+
+async def plan_migration(
+    target: str | AsyncConnection[Any],
+    *pipelines: Pipeline,
+    maps: Mapping[str, str] | None = None,
+) -> list[GraphPlan]:
+    """What :func:`migrate` would do to each pipeline's rows in flight, changing nothing:
+    the graph diff, the rows and groups at each step it touches and their fate, what would
+    make it refuse (``plan.refusals()``). ``plan.lines()`` says it in words."""
+    _one_pipeline_for(maps, pipelines)
+    if not isinstance(target, AsyncConnection):
+        async with await connect(target, autocommit=True) as conn:
+            return await plan_migration(conn, *pipelines, maps=maps)
+    plans = []
+    installed_schema = await applied_version(target) > 0
+    for pipeline in pipelines:
+        pipeline.validate()
+        async with target.transaction(force_rollback=True):
+            config = None
+            if installed_schema:
+                cur = await target.execute(plain("installed_config"), pipeline_params(pipeline))
+                row = await cur.fetchone()
+                config = row[0] if row else None
+            q = await statements_for(target, pipeline)
+            plans.append(await read_plan(target, q, pipeline, config, maps or {}))
+    return plans

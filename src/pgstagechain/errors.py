@@ -7,7 +7,8 @@ derive from :class:`ValueError` so callers can catch what they already know::
     ├── ConfigurationError (ValueError)
     │   ├── StageDeclarationError   a stage graph that cannot run
     │   ├── SchemaMismatchError     a table or column that does not exist
-    │   └── ExistingRowsError       a new stage would run on rows already there: choose
+    │   ├── ExistingRowsError       a new stage would run on rows already there: choose
+    │   └── GraphChangeError        a graph change would strand rows, or old workers are at work
     ├── NotInstalledError           the database side is missing or too old
     ├── DatabaseAccessError         the server refuses us: login, database, role or privilege
     ├── StartupTimeoutError (TimeoutError)  the database stayed unreachable at start-up
@@ -16,6 +17,8 @@ derive from :class:`ValueError` so callers can catch what they already know::
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def found_in(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
@@ -69,6 +72,19 @@ class ExistingRowsError(ConfigurationError):
         )
         self.pipeline = pipeline
         self.waiting = waiting
+
+
+class GraphChangeError(ConfigurationError):
+    """``migrate`` would strand rows at steps the new graph has no place for (map them with
+    ``maps`` / ``--map OLD=NEW``), or workers still run stages whose place changes.
+
+    Raised before anything changes; ``plan`` is the whole plan (``plan.lines()``).
+    """
+
+    def __init__(self, plan: Any) -> None:
+        reasons = "; ".join(plan.refusals())
+        super().__init__(f"pipeline {plan.pipeline!r}: migrate refused, nothing changed: {reasons}")
+        self.plan = plan
 
 
 class NotInstalledError(PgStageChainError):

@@ -33,6 +33,8 @@ INTENDED = {
     "admin",
     # installing
     "migrate",
+    "plan_migration",
+    "GraphPlan",
     "uninstall",
     # helpers
     "redact",
@@ -49,6 +51,7 @@ INTENDED = {
     "DatabaseAccessError",
     "StartupTimeoutError",
     "ExistingRowsError",
+    "GraphChangeError",
 }
 
 

@@ -84,6 +84,7 @@ def test_a_policy_or_a_group_size_changes_the_fingerprint_and_nothing_else_does(
         "start",
         "stages",
         "digest",
+        "policies",  # recorded beside the graph, outside the digest
     }
     assert fingerprint(fan_in_app.settled)["fan_in"] == {"ad_copy_gen_kor": "settled"}
     assert fingerprint(fan_in_app.sized)["group_size"] == "variant_count"

@@ -5,21 +5,53 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 from functools import partial
 from typing import Any
 
 import anyio
 
-from .. import RecoveryScanner, Worker, migrate, tune_gc, uninstall
+from .. import (
+    GraphChangeError,
+    RecoveryScanner,
+    Worker,
+    migrate,
+    plan_migration,
+    tune_gc,
+    uninstall,
+)
 from .._connect import connect
-from ._common import dsn, load_pipeline, worker_default
+from .._migrations import LATEST, applied_version
+from ._common import UsageError, dsn, load_pipeline, worker_default
 
 logger = logging.getLogger("pgstagechain.cli")
 
 
+def _maps(given: list[str]) -> dict[str, str]:
+    """``--map OLD=NEW`` options as a dict, each OLD once."""
+    found: dict[str, str] = {}
+    for each in given:
+        old, sep, new = each.partition("=")
+        if not sep or not old or not new:
+            raise UsageError(f"--map takes OLD=NEW (a step of each graph), got {each!r}")
+        if old in found:
+            raise UsageError(f"--map {old}=... is given twice")
+        found[old] = new
+    return found
+
+
 def _migrate(args: argparse.Namespace) -> int:
     pipelines = [load_pipeline(spec) for spec in args.pipelines]
-    applied = anyio.run(partial(migrate, backfill=args.backfill), dsn(args), *pipelines)
+    maps = _maps(args.map)
+    if args.plan:
+        return _plan(args, pipelines, maps)
+    try:  # a change of graph is logged (stderr) before it is made, in its transaction
+        applied = anyio.run(
+            partial(migrate, backfill=args.backfill, maps=maps), dsn(args), *pipelines
+        )
+    except GraphChangeError as exc:
+        print("\n".join(exc.plan.lines()), file=sys.stderr)
+        raise
     print(
         f"schema: {'applied migration(s) ' + ', '.join(map(str, applied)) if applied else 'up to date'}"
     )
@@ -27,6 +59,25 @@ def _migrate(args: argparse.Namespace) -> int:
         print(
             f"pipeline {pipeline.name}: trigger installed on {pipeline.table.schema}.{pipeline.table.table}"
         )
+    return 0
+
+
+def _plan(args: argparse.Namespace, pipelines: list[Any], maps: dict[str, str]) -> int:
+    """``migrate --plan``: what migrate would do, changing nothing."""
+
+    async def read() -> tuple[int, list[Any]]:
+        async with await connect(dsn(args), autocommit=True) as conn:
+            return await applied_version(conn), await plan_migration(conn, *pipelines, maps=maps)
+
+    version, plans = anyio.run(read)
+    if version < LATEST:
+        print(
+            f"schema: would apply migration(s) {', '.join(map(str, range(version + 1, LATEST + 1)))}"
+        )
+    else:
+        print("schema: up to date")
+    for found in plans:
+        print("\n".join(found.lines()))
     return 0
 
 
@@ -127,6 +178,19 @@ def register(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         help="a stage added after the last one: run it on rows already finished there "
         "(--backfill) or only on rows that get there from now on (--no-backfill)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="say what a changed stage graph does to rows in flight, and change nothing",
+    )
+    p.add_argument(
+        "--map",
+        action="append",
+        default=[],
+        metavar="OLD=NEW",
+        help="rows and groups at step OLD, which the new graph no longer has, go to step NEW "
+        "(repeatable; one pipeline at a time)",
     )
     p.set_defaults(run=_migrate)
 
