@@ -248,6 +248,19 @@ def _fate(
     )
 
 
+def stale_stages(config: Mapping[str, Any], pipeline: Pipeline, served: Iterable[str]) -> list[str]:
+    """The stages a running worker serves whose place in the installed graph (``config``)
+    is not the one its code gives them: the step they follow, the stage after them, their
+    level. Claiming or finishing them by its own graph would go against the installed one."""
+    installed, mine = Graph.installed(config), Graph.of(pipeline)
+    return [
+        s
+        for s in served
+        if (installed.after(s), installed.next(s), installed.level(s))
+        != (mine.after(s), mine.next(s), mine.level(s))
+    ]
+
+
 def policy_of(pipeline: Pipeline) -> dict[str, dict[str, Any]]:
     """Each stage's retry policy and time-out, recorded beside the graph (outside the digest:
     workers apply their own code's policy, and a change needs no migrate)."""

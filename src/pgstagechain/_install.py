@@ -206,6 +206,13 @@ async def _exists(conn: AsyncConnection[Any], schema: str, name: str) -> bool:
     return bool(row and row[0])
 
 
+async def installed_config(conn: AsyncConnection[Any], pipeline: Pipeline) -> dict[str, Any] | None:
+    """What the last ``migrate`` recorded for the pipeline (None: not installed)."""
+    cur = await conn.execute(plain("installed_config"), pipeline_params(pipeline))
+    row = await cur.fetchone()
+    return dict(row[0]) if row else None
+
+
 async def require_installed(conn: AsyncConnection[Any], pipeline: Pipeline) -> None:
     """Raise :class:`NotInstalledError` unless the database matches this pipeline's graph."""
     await require_schema(conn)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
@@ -28,12 +28,14 @@ from psycopg import AsyncConnection
 
 from ._claim import Claimer, claimer_for
 from ._connect import connect, conninfo_with_defaults
+from ._graph_change import stale_stages
 from ._hints import Hints
-from ._install import require_installed
+from ._install import fingerprint, installed_config, require_installed
 from ._links import DB_ERRORS, Link
 from ._pipeline import Pipeline
 from ._runs import WorkerStats
 from ._stage import Stage
+from .errors import NotInstalledError
 
 logger = logging.getLogger("pgstagechain.recovery")
 
@@ -119,6 +121,7 @@ class WorkerScan:
         stats: WorkerStats,
         *,
         interval: float,
+        retire: Callable[[NotInstalledError], None] = lambda error: None,
     ) -> None:
         self.claimer = claimer
         self.control = control
@@ -127,6 +130,9 @@ class WorkerScan:
         self.stats = stats
         self.interval = interval
         self._asked = anyio.Event()
+        self._retire = retire
+        self._digest = fingerprint(claimer.pipeline)["digest"]
+        self._graph_seen: str | None = None
 
     def now(self) -> None:
         """Scan at once (the listener just (re)connected: notifications may be lost)."""
@@ -146,6 +152,7 @@ class WorkerScan:
     async def scan(self) -> float | None:
         """Find work a notification did not announce; return seconds to the next retry."""
         self.stats.scans += 1
+        await self._check_graph(await self.control.get())
         found = await probe(await self.control.get(), self.claimer, self.served)
         self.stats.rescued += found.rescued
         self.stats.repaired += found.repaired
@@ -161,6 +168,34 @@ class WorkerScan:
                 self.hints.retries_due()
         self.hints.wake()
         return wait
+
+    async def _check_graph(self, conn: AsyncConnection[Any]) -> None:
+        """A ``migrate`` that changed the graph while this worker ran: when a stage it
+        serves has another place now, claiming it by this worker's graph would go against
+        the installed one, so the worker retires (drains and ends); otherwise it says so
+        once and goes on."""
+        config = await installed_config(conn, self.claimer.pipeline)
+        digest = config.get("digest") if config else None
+        if config is None or digest in (self._digest, self._graph_seen):
+            return
+        self._graph_seen = digest
+        pipeline = self.claimer.pipeline
+        stale = stale_stages(config, pipeline, [s.name for s in self.served])
+        if stale:
+            self._retire(
+                NotInstalledError(
+                    f"pipeline {pipeline.name!r} was migrated to another stage graph while "
+                    f"this worker ran, and stage(s) {', '.join(stale)} it serves have another "
+                    "place there: it stops claiming and ends; run workers with the new code"
+                )
+            )
+        else:
+            logger.warning(
+                "pipeline %s was migrated to another stage graph; the stages this worker "
+                "serves (%s) keep their place there, so it goes on",
+                pipeline.name,
+                ", ".join(s.name for s in self.served),
+            )
 
 
 class RecoveryScanner:

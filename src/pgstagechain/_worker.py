@@ -35,7 +35,13 @@ from ._pipeline import Pipeline
 from ._recovery import WorkerScan
 from ._runs import LiveRuns, WorkerStats
 from ._stage import Stage
-from .errors import ConfigurationError, DatabaseAccessError, StartupTimeoutError, found_in
+from .errors import (
+    ConfigurationError,
+    DatabaseAccessError,
+    NotInstalledError,
+    StartupTimeoutError,
+    found_in,
+)
 
 logger = logging.getLogger("pgstagechain.worker")
 
@@ -118,6 +124,7 @@ class Worker:
         self.listener: Listener | None = None
 
         self._stopping = False
+        self._retired: NotInstalledError | None = None
         self._started = anyio.Event()
         self._wake = Wake()
         self._hints = Hints(
@@ -157,6 +164,12 @@ class Worker:
         self._stopping = True
         self._wake.set()
 
+    def _retire(self, error: NotInstalledError) -> None:
+        """The installed graph moved a stage this worker serves: drain, then end with ``error``."""
+        logger.error("%s", error)
+        self._retired = error
+        self.stop()
+
     async def wait_started(self) -> None:
         """Wait until the worker is connected (and listening, unless poll-only)."""
         await self._started.wait()
@@ -185,6 +198,7 @@ class Worker:
 
     async def _serve(self, *, until_idle: bool) -> None:
         self._stopping = False
+        self._retired = None
         try:
             self._claimer = await start_up(
                 self._control,
@@ -194,6 +208,8 @@ class Worker:
                 stats=self.stats,
             )
             await self._serve_started(until_idle=until_idle)
+            if self._retired is not None:
+                raise self._retired
         except BaseExceptionGroup as group:
             # A refusal for good, from whichever task met it first, ends the worker as
             # itself: callers catch DatabaseAccessError, not a task group's wrapper.
@@ -233,6 +249,7 @@ class Worker:
                     self._hints,
                     self.stats,
                     interval=self.scan_interval,
+                    retire=self._retire,
                 )
                 maintenance.start_soon(self._scanner.run)
                 if self.listen:

@@ -19,8 +19,8 @@ import pytest
 from pgstagechain import (
     GraphChangeError,
     LeaseLostError,
+    NotInstalledError,
     Pipeline,
-    Retry,
     Worker,
     claim,
     complete,
@@ -106,7 +106,9 @@ async def positions_for_removal(dsn: str) -> Any:
 
 
 async def _lease_over(dsn: str, run_id: int) -> bool:
-    return bool(sql(dsn, "SELECT lease_until < now() FROM pgstagechain.runs WHERE id = %s", [run_id])[0][0])
+    return bool(
+        sql(dsn, "SELECT lease_until < now() FROM pgstagechain.runs WHERE id = %s", [run_id])[0][0]
+    )
 
 
 def steps(dsn: str) -> dict[int, tuple[str, str]]:
@@ -240,7 +242,9 @@ async def test_a_rename_with_a_map_keeps_the_results_under_the_new_name(
         2: {"stage": "b2", "key": 2},
         3: {"stage": "b2", "key": 3},
     }
-    assert sql(pgstagechain_dsn, "SELECT count(*) FROM pgstagechain.runs WHERE stage = 'b'") == [(0,)]
+    assert sql(pgstagechain_dsn, "SELECT count(*) FROM pgstagechain.runs WHERE stage = 'b'") == [
+        (0,)
+    ]
 
 
 @pytest.mark.anyio
@@ -268,24 +272,50 @@ async def test_a_pipeline_installed_by_the_previous_version_still_migrates(
 
 
 @pytest.mark.anyio
-async def test_an_old_worker_leaves_rows_at_steps_it_does_not_know(pgstagechain_dsn: str) -> None:
+async def test_an_old_worker_leaves_new_steps_alone_and_retires_when_its_stages_move(
+    pgstagechain_dsn: str,
+) -> None:
     sql(pgstagechain_dsn, TABLE)
     await migrate(pgstagechain_dsn, before)
-    old = Worker(chain("a", "c"), pgstagechain_dsn, scan_interval=0.1, worker_id="old")
-    async with serving(old):
+    old = Worker(chain("a", "c"), pgstagechain_dsn, scan_interval=3, worker_id="old")
+    ended: list[NotInstalledError] = []
+
+    async def run_old() -> None:
+        try:
+            await old.run()
+        except NotInstalledError as exc:
+            ended.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_old)
+        await old.wait_started()
         await migrate(pgstagechain_dsn, after)
-        # a row at the new step b: announced by the new trigger, found by no old scan
-        heard, scans = old.stats.notifications, old.stats.scans
+        # a row at the new step b: announced by the new trigger, not for this worker
+        heard = old.stats.notifications
         sql(pgstagechain_dsn, "INSERT INTO parcels (id, step) VALUES (1, 'b')")
-        await wait_until(
-            lambda: _holds(old.stats.notifications > heard and old.stats.scans >= scans + 3),
-            "the announcement and three more scans",
-        )
-        assert steps(pgstagechain_dsn) == {1: ("b", "done")}
-        assert old.stats.claimed == 0 and old.stats.malformed == 0
+        await wait_until(lambda: _holds(old.stats.notifications > heard), "the announcement")
+        # and its next scan sees that a and c moved: it stops claiming and ends
+        await wait_until(lambda: _holds(bool(ended)), "the old worker to retire")
+    assert "stage(s) a, c it serves have another place" in str(ended[0])
+    assert old.stats.claimed == 0 and old.stats.malformed == 0
+    assert steps(pgstagechain_dsn) == {1: ("b", "done")}
     assert sql(pgstagechain_dsn, "SELECT count(*) FROM pgstagechain.runs") == [(0,)]
     await Worker(after, pgstagechain_dsn, scan_interval=0.2).run_until_idle()
     assert steps(pgstagechain_dsn) == {1: ("c", "done")}
+
+
+@pytest.mark.anyio
+async def test_an_old_worker_whose_stages_keep_their_place_goes_on(pgstagechain_dsn: str) -> None:
+    sql(pgstagechain_dsn, TABLE)
+    await migrate(pgstagechain_dsn, chain("a", "c", "d"))
+    old = Worker(chain("a", "c", "d"), pgstagechain_dsn, stages=["d"], scan_interval=0.1)
+    async with serving(old):
+        await migrate(pgstagechain_dsn, chain("a", "b", "c", "d"))
+        scans = old.stats.scans
+        await wait_until(lambda: _holds(old.stats.scans >= scans + 3), "three more scans")
+        sql(pgstagechain_dsn, "INSERT INTO parcels (id, step) VALUES (1, 'c')")
+        await wait_until(lambda: _holds(steps(pgstagechain_dsn) == {1: ("d", "done")}), "d to run")
+    assert old.stats.succeeded == 1
 
 
 async def _holds(value: bool) -> bool:
@@ -373,13 +403,20 @@ def test_a_stage_added_in_the_middle_runs_for_the_rows_that_had_not_passed_it(
         assert done.returncode == 0, done.stderr
         new = [start_worker(dsn, "after", f"new-{n}", "--concurrency", "4") for n in range(2)]
         try:
-            wait_for(lambda: sql(dsn, "SELECT count(*) >= %s FROM parcels", [len(at_migrate) + 60])[0][0], "more rows")
+            wait_for(
+                lambda: sql(dsn, "SELECT count(*) >= %s FROM parcels", [len(at_migrate) + 60])[0][
+                    0
+                ],
+                "more rows",
+            )
             feeder.done.set()
             feeder.join(timeout=30)
             total = feeder.inserted
             wait_for(
                 lambda: sql(
-                    dsn, "SELECT count(*) = %s FROM parcels WHERE (step, status) = ('c', 'done')", [total]
+                    dsn,
+                    "SELECT count(*) = %s FROM parcels WHERE (step, status) = ('c', 'done')",
+                    [total],
                 )[0][0],
                 "every row to finish c",
                 within=240,

@@ -21,11 +21,14 @@ from pgstagechain._graph_change import (
     policy_of,
     positions_to_count,
     rerun_from,
+    stale_stages,
 )
 from pgstagechain._install import fingerprint
 
 
-def pipeline(*chain: str, group: tuple[str, ...] = (), retry: dict[str, int] | None = None) -> Pipeline:
+def pipeline(
+    *chain: str, group: tuple[str, ...] = (), retry: dict[str, int] | None = None
+) -> Pipeline:
     """A pipeline whose stages follow each other in ``chain`` from the start step ``new``;
     stages named in ``group`` are group stages."""
     made = Pipeline("p", table="t", start="new", group_column="job" if group else None)
@@ -66,7 +69,10 @@ def test_a_stage_added_in_the_middle() -> None:
 
 def test_a_removed_stage_strands_its_rows_unless_mapped() -> None:
     old, new = graph("a", "b", "c"), graph("a", "c")
-    assert diff_lines(old, new) == ["removed stage b (was after a)", "moved stage c: after a (was b)"]
+    assert diff_lines(old, new) == [
+        "removed stage b (was after a)",
+        "moved stage c: after a (was b)",
+    ]
     assert positions_to_count(old, new) == {ROW: ["a", "b"], GROUP: []}
     counts = {(ROW, "b", "done"): 4, (ROW, "b", "running"): 2, (ROW, "b", "failed"): 1}
     stranded = fates(old, new, counts, {})
@@ -177,3 +183,12 @@ def test_policy_changes_are_noted_and_older_installs_say_they_did_not_record_the
         fingerprint(pipeline("a", retry={"a": 3}))["digest"]
         == fingerprint(pipeline("a", retry={"a": 5}))["digest"]
     )
+
+
+def test_a_running_worker_is_stale_only_for_the_stages_whose_place_changed() -> None:
+    installed = fingerprint(pipeline("a", "b", "c", "d"))
+    mine = pipeline("a", "c", "d")
+    # a's next stage and c's step before it differ; d keeps its place
+    assert stale_stages(installed, mine, ["a", "c", "d"]) == ["a", "c"]
+    assert stale_stages(installed, mine, ["d"]) == []
+    assert stale_stages(fingerprint(mine), mine, ["a", "c", "d"]) == []
