@@ -299,6 +299,8 @@ class GraphPlan:
     busy: tuple[tuple[str, str, int], ...] = ()
     maps: Mapping[str, str] = attrs.field(factory=dict)
     notes: tuple[str, ...] = ()
+    #: installed stages whose place changes: their workers stop before migrate
+    moved: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -333,6 +335,11 @@ class GraphPlan:
         found += [f"  {fate.line()}" for fate in self.fates] or [
             "  no rows or groups in flight at the steps it changes"
         ]
+        if self.moved:
+            found.append(
+                f"  before migrating, stop the workers that serve {', '.join(self.moved)} "
+                "(their place changes; workers of other stages can stay)"
+            )
         found += [f"  {note}" for note in self.notes]
         refused = self.refusals()
         if refused:
@@ -365,6 +372,7 @@ def plan(
         tuple(sorted(live)),
         checked,
         notes,
+        tuple(sorted({stage for _level, stage in changed_stages(old, new)})),
     )
 
 

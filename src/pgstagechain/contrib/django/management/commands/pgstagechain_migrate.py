@@ -13,7 +13,7 @@ from django.core.management.base import (  # type: ignore[import-untyped]
     CommandParser,
 )
 
-from ..... import ExistingRowsError, migrate
+from ..... import ExistingRowsError, GraphChangeError, migrate
 from ... import conf
 
 
@@ -39,6 +39,8 @@ class Command(BaseCommand):  # type: ignore[misc]
             applied = anyio.run(install, conf.conninfo(options["database"]), *pipelines)
         except ExistingRowsError as exc:
             raise CommandError(str(exc)) from None
+        except GraphChangeError as exc:  # the whole plan, then why it was refused
+            raise CommandError("\n".join([*exc.plan.lines(), str(exc)])) from None
         if applied:
             self.stdout.write(f"schema: applied migration(s) {', '.join(map(str, applied))}")
         else:
