@@ -191,8 +191,8 @@ class WorkerScan:
             )
         else:
             logger.warning(
-                "pipeline %s was migrated to another stage graph; the stages this worker "
-                "serves (%s) keep their place there, so it goes on",
+                "pipeline %s was migrated since this worker started; the stages it serves "
+                "(%s) keep their place in the installed graph, so it goes on",
                 pipeline.name,
                 ", ".join(s.name for s in self.served),
             )

@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from pgstagechain import (
+    ConfigurationError,
     GraphChangeError,
     LeaseLostError,
     NotInstalledError,
@@ -62,7 +63,7 @@ def cli(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-async def walk(dsn: str, pipeline: Pipeline, key: int, *stages: str) -> None:
+async def walk(dsn: str, pipeline: Pipeline, key: Any, *stages: str) -> None:
     """Run ``stages`` of row ``key`` by hand, one after the other."""
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         for name in stages:
@@ -450,3 +451,81 @@ def test_a_stage_added_in_the_middle_runs_for_the_rows_that_had_not_passed_it(
     assert set(ran["b"].values()) == {1}  # once each
     assert sql(dsn, "SELECT count(*) FROM parcels") == [(total,)]  # none lost
     assert sql(dsn, "SELECT count(*) FROM pgstagechain.runs WHERE state = 'running'") == [(0,)]
+
+
+# -- groups ---------------------------------------------------------------------------------
+
+JOBS = """
+CREATE TABLE variants (
+    id bigint PRIMARY KEY,
+    job text NOT NULL,
+    step text NOT NULL DEFAULT 'new',
+    status text NOT NULL DEFAULT 'done'
+)
+"""
+
+
+def jobs(*group_stages: str) -> Pipeline:
+    """Rows run ``a``, then their job runs ``group_stages`` one after the other."""
+    made = Pipeline(
+        "variants", table="variants", step_column="step", group_column="job", start="new"
+    )
+    made.stage(after="new", name="a")(lambda ctx: None)
+    after = "a"
+    for name in group_stages:
+        made.stage(after=after, name=name, group=True)(lambda ctx, name=name: {"stage": name})
+        after = name
+    return made
+
+
+@pytest.mark.anyio
+async def test_groups_at_a_removed_group_stage_are_refused_then_mapped(
+    pgstagechain_dsn: str,
+) -> None:
+    dsn, old, new = pgstagechain_dsn, jobs("g", "h", "k"), jobs("g", "k")
+    sql(dsn, JOBS)
+    await migrate(dsn, old)
+    sql(dsn, "INSERT INTO variants (id, job) VALUES (1, 'j1'), (2, 'j1'), (3, 'j2'), (4, 'j2')")
+    for key in range(1, 5):
+        await walk(dsn, old, key, "a")  # both jobs form at (a, done)
+    await walk(dsn, old, "j1", "g", "h")  # j1 at (h, done): waits for k
+    await walk(dsn, old, "j2", "g")
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        claimed = await claim(conn, old, "h", "j2")
+        assert claimed is not None
+        await fail(conn, old, claimed, "boom", retry_in=3600)  # j2 at (h, running)
+        await conn.commit()
+    was = everything_of_groups(dsn)
+    with pytest.raises(GraphChangeError) as caught:
+        await migrate(dsn, new)
+    assert [r.split(":")[0] for r in caught.value.plan.refusals()] == [
+        "1 groups at (h, done)",
+        "1 groups at (h, running)",
+    ]
+    with pytest.raises(ConfigurationError, match="'a' is not a group step"):
+        await migrate(dsn, new, maps={"h": "a"})
+    assert everything_of_groups(dsn) == was
+    await migrate(dsn, new, maps={"h": "g"})
+    assert sql(dsn, "SELECT group_key, step, status FROM pgstagechain.groups ORDER BY 1") == [
+        ("j1", "g", "done"),  # finished h: k runs next
+        ("j2", "a", "done"),  # was running h: g runs again, then k
+    ]
+    await Worker(new, dsn, scan_interval=0.2).run_until_idle()
+    assert sql(dsn, "SELECT group_key, step, status FROM pgstagechain.groups ORDER BY 1") == [
+        ("j1", "k", "done"),
+        ("j2", "k", "done"),
+    ]
+    assert sql(
+        dsn,
+        "SELECT row_key, stage, count(*) FROM pgstagechain.runs WHERE state = 'succeeded'"
+        " AND stage IN ('g', 'k') GROUP BY 1, 2 ORDER BY 1, 2",
+    ) == [("j1", "g", 1), ("j1", "k", 1), ("j2", "g", 2), ("j2", "k", 1)]
+
+
+def everything_of_groups(dsn: str) -> tuple[Any, ...]:
+    return (
+        sql(dsn, "SELECT * FROM variants ORDER BY id"),
+        sql(dsn, "SELECT * FROM pgstagechain.runs ORDER BY id"),
+        sql(dsn, "SELECT * FROM pgstagechain.groups ORDER BY group_key"),
+        sql(dsn, "SELECT config FROM pgstagechain.pipelines"),
+    )
