@@ -303,11 +303,7 @@ async def plan_migration(
     for pipeline in pipelines:
         pipeline.validate()
         async with target.transaction(force_rollback=True):
-            config = None
-            if installed_schema:
-                cur = await target.execute(plain("installed_config"), pipeline_params(pipeline))
-                row = await cur.fetchone()
-                config = row[0] if row else None
+            config = await installed_config(target, pipeline) if installed_schema else None
             q = await statements_for(target, pipeline)
             plans.append(await read_plan(target, q, pipeline, config, maps or {}))
     return plans
