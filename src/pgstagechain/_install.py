@@ -17,7 +17,7 @@ from psycopg.rows import dict_row
 
 from ._catalog import statements_for
 from ._connect import connect
-from ._graph_change import GraphPlan, apply_plan, policy_of, read_plan
+from ._graph_change import Graph, GraphPlan, apply_plan, diff_lines, policy_of, read_plan
 from ._migrations import applied_version, migrate_schema, require_schema
 from ._pipeline import Pipeline
 from ._sql import Statements, object_names, owned_names, pipeline_params, plain
@@ -225,6 +225,14 @@ async def require_installed(conn: AsyncConnection[Any], pipeline: Pipeline) -> N
             f"pipeline {pipeline.name!r} is not installed: run `pgstagechain migrate APP:PIPELINE`"
         )
     if row["config"].get("digest") != fingerprint(pipeline)["digest"]:
+        installed, mine = Graph.installed(row["config"]), Graph.of(pipeline)
+        if installed != mine:
+            raise NotInstalledError(
+                f"pipeline {pipeline.name!r} changed since it was installed: its stage graph "
+                f"differs ({'; '.join(diff_lines(installed, mine))}): run `pgstagechain "
+                "migrate APP:PIPELINE --plan` to see what that does to the rows in flight, "
+                "then `migrate`"
+            )
         raise NotInstalledError(
             f"pipeline {pipeline.name!r} changed since it was installed (stages, table, "
             "columns or fan-in): run `pgstagechain migrate APP:PIPELINE` to update the trigger"

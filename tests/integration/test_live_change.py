@@ -273,6 +273,21 @@ async def test_a_pipeline_installed_by_the_previous_version_still_migrates(
 
 
 @pytest.mark.anyio
+async def test_a_worker_refuses_to_start_on_another_graph_and_says_how_it_differs(
+    pgstagechain_dsn: str,
+) -> None:
+    sql(pgstagechain_dsn, TABLE)
+    await migrate(pgstagechain_dsn, before)
+    with pytest.raises(NotInstalledError) as caught:
+        await Worker(after, pgstagechain_dsn).run_until_idle()
+    assert str(caught.value) == (
+        "pipeline 'parcels' changed since it was installed: its stage graph differs (added "
+        "stage b (after a); moved stage c: after b (was a)): run `pgstagechain migrate "
+        "APP:PIPELINE --plan` to see what that does to the rows in flight, then `migrate`"
+    )
+
+
+@pytest.mark.anyio
 async def test_an_old_worker_leaves_new_steps_alone_and_retires_when_its_stages_move(
     pgstagechain_dsn: str,
 ) -> None:
