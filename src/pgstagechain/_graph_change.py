@@ -64,6 +64,20 @@ class Graph:
     def next(self, step: str) -> str | None:
         return next((name for name, a, _group in self.stages if a == step), None)
 
+    def upstream(self, step: str) -> list[str]:
+        """The steps before ``step`` in its chain, from the start step on."""
+        found: list[str] = []
+        while (step := self.after(step) or "") and step not in found:
+            found.insert(0, step)
+        return found
+
+    def downstream(self, step: str) -> list[str]:
+        """The stages after ``step`` in its chain, in order."""
+        found: list[str] = []
+        while (step := self.next(step) or "") and step not in found:
+            found.append(step)
+        return found
+
     def is_stage(self, step: str) -> bool:
         return any(name == step for name, _after, _group in self.stages)
 
@@ -197,38 +211,55 @@ def fates(
     return found
 
 
+def _kept(old: Graph, new: Graph, level: str, step: str, status: str) -> tuple[str, bool] | None:
+    """Rows at a step both graphs have, whose next stage changed."""
+    before, following = old.next(step), new.next(step)
+    if status == "failed":
+        return None  # a retry runs the same stage again, whatever follows it
+    if before is not None and before in new.steps(level) and before not in new.downstream(step):
+        # re-ordered: the stage they wait for now runs before this step, so they would pass
+        # it by; no map says where such a row goes, it has to finish under the installed graph
+        waiting = "they wait for" if status == "done" else f"when {step} finishes they wait for"
+        return (
+            f"would skip {before}: {waiting} it, and it now runs before {step}; let them "
+            "finish under the installed graph before migrating (or move them by hand)",
+            True,
+        )
+    if status == "running":
+        return f"when {step} finishes they run {following or 'nothing more'} (was {before})", False
+    if following is None:
+        return f"nothing follows {step} any more ({before} did): they are finished", False
+    again = following in old.upstream(step)
+    if before is None:
+        return (
+            f"{following} now follows {step}, the installed graph's last step"
+            f"{' (they ran it before)' if again else ''}: migrate asks --backfill (they run "
+            "it) or --no-backfill (they are moved past it)",
+            False,
+        )
+    if again:
+        return f"will run {following} again (they ran it before {step}; was {before})", False
+    fresh = "the new stage " if not old.is_stage(following) else ""
+    return f"will next run {fresh}{following} (was {before})", False
+
+
 def _fate(
     old: Graph, new: Graph, level: str, step: str, status: str, maps: Mapping[str, str]
 ) -> tuple[str, bool] | None:
     if status != "done" and not old.is_stage(step):
         return None  # a start step's other statuses are the user's own, not the pipeline's
     if step in new.steps(level):  # kept, with another stage after it
-        before, following = old.next(step), new.next(step)
-        if status == "failed":
-            return None  # a retry runs the same stage again, whatever follows it
-        if status == "running":
-            return (
-                f"when {step} finishes they run {following or 'nothing more'} (was {before})",
-                False,
-            )
-        if following is None:
-            return f"nothing follows {step} any more ({before} did): they are finished", False
-        if before is None:
-            return (
-                f"{following} now follows {step}, the installed graph's last step: migrate "
-                "asks --backfill (they run it) or --no-backfill (they are moved past it)",
-                False,
-            )
-        fresh = "the new stage " if not old.is_stage(following) else ""
-        return f"will next run {fresh}{following} (was {before})", False
+        return _kept(old, new, level, step, status)
     target = maps.get(step)
     if target is None:
         if status == "done" and old.next(step) is None:
             return "finished; the step is gone and nothing ran after it: left as they are", False
         waits = {"done": f"wait for {old.next(step)}", "running": "are being run"}
+        kept = [s for s in old.upstream(step) if s in new.steps(level)]
+        example = f", e.g. --map {step}={kept[-1]}, the step it followed" if kept else ""
         return (
             f"would be stranded: they {waits.get(status, 'failed there')} and the new graph "
-            f"has no step {step}: map them (--map {step}=STEP)",
+            f"has no step {step}: map them (--map {step}=STEP{example})",
             True,
         )
     if status == "done":

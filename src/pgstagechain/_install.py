@@ -62,15 +62,15 @@ def trigger_function_sql(statements: Statements, pipeline: Pipeline) -> LiteralS
 
 
 def newly_followed(old: dict[str, Any], pipeline: Pipeline) -> list[str]:
-    """Steps that were the last of the installed graph and now have a stage after them."""
+    """Steps that were the last of the installed graph and now have a stage after them: a
+    new one, or one moved there (rows that finished there would run it again)."""
     old_stages = {name for name, _after, _group in old.get("stages", [])}
     followed = {after for _name, after, _group in old.get("stages", [])}
-    found = []
-    for step in sorted((old_stages | set(old.get("start", []))) - followed):
-        following = pipeline.next_stage(step)
-        if following is not None and following.name not in old_stages:
-            found.append(step)
-    return found
+    return [
+        step
+        for step in sorted((old_stages | set(old.get("start", []))) - followed)
+        if pipeline.next_stage(step) is not None
+    ]
 
 
 def skip_target(pipeline: Pipeline, step: str) -> str:

@@ -65,7 +65,7 @@ class ExistingRowsError(ConfigurationError):
     def __init__(self, pipeline: str, waiting: dict[str, int]) -> None:
         listed = ", ".join(f"{count} at {step!r}" for step, count in waiting.items())
         super().__init__(
-            f"pipeline {pipeline!r} has new stage(s) after a step that was the last one, and "
+            f"pipeline {pipeline!r} has stage(s) after a step that was the last one, and "
             f"rows (or groups) already finished there would run them: {listed}. Choose: "
             "backfill=True (`--backfill`) runs the new stages on them, backfill=False "
             "(`--no-backfill`) only on rows that get there from now on"

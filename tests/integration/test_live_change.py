@@ -18,6 +18,7 @@ import pytest
 
 from pgstagechain import (
     ConfigurationError,
+    ExistingRowsError,
     GraphChangeError,
     LeaseLostError,
     NotInstalledError,
@@ -182,6 +183,28 @@ async def test_a_map_moves_the_rows_of_a_removed_stage_and_they_go_on(
         " GROUP BY 1 HAVING count(*) > 1 ORDER BY 1",
     )
     assert ran_a_again == [("3", 2), ("4", 2), ("5", 2)]
+
+
+@pytest.mark.anyio
+async def test_reordering_with_rows_between_the_stages_is_refused(pgstagechain_dsn: str) -> None:
+    sql(pgstagechain_dsn, TABLE)
+    await migrate(pgstagechain_dsn, three)
+    sql(pgstagechain_dsn, "INSERT INTO parcels (id) VALUES (1), (2)")
+    await walk(pgstagechain_dsn, three, 1, "a", "b")  # waits for c
+    await walk(pgstagechain_dsn, three, 2, "a", "b", "c")  # finished
+    was = everything(pgstagechain_dsn)
+    with pytest.raises(GraphChangeError) as caught:
+        await migrate(pgstagechain_dsn, chain("a", "c", "b"))
+    (why,) = caught.value.plan.refusals()
+    assert why.startswith("1 rows at (b, done): would skip c")
+    assert everything(pgstagechain_dsn) == was
+    # once that row has finished, the same change asks about the finished rows, which would
+    # run b again, and goes through
+    await walk(pgstagechain_dsn, three, 1, "c")
+    with pytest.raises(ExistingRowsError, match="2 at 'c'"):
+        await migrate(pgstagechain_dsn, chain("a", "c", "b"))
+    await migrate(pgstagechain_dsn, chain("a", "c", "b"), backfill=False)
+    assert steps(pgstagechain_dsn) == {1: ("b", "done"), 2: ("b", "done")}
 
 
 @pytest.mark.anyio

@@ -192,3 +192,32 @@ def test_a_running_worker_is_stale_only_for_the_stages_whose_place_changed() -> 
     assert stale_stages(installed, mine, ["a", "c", "d"]) == ["a", "c"]
     assert stale_stages(installed, mine, ["d"]) == []
     assert stale_stages(fingerprint(mine), mine, ["a", "c", "d"]) == []
+
+
+def test_a_reordering_refuses_rows_that_would_skip_a_stage_and_says_what_reruns() -> None:
+    old, new = graph("a", "b", "c"), graph("a", "c", "b")
+    assert diff_lines(old, new) == [
+        "moved stage b: after c (was a)",
+        "moved stage c: after a (was b)",
+    ]
+    counts = {
+        (ROW, "a", "done"): 1,
+        (ROW, "b", "done"): 2,
+        (ROW, "b", "running"): 3,
+        (ROW, "c", "done"): 4,
+    }
+    said = {(f.step, f.status): f for f in fates(old, new, counts, {})}
+    assert said["a", "done"].what == "will next run c (was b)"
+    assert said["b", "done"].stranded and said["b", "running"].stranded
+    assert said["b", "done"].what.startswith(
+        "would skip c: they wait for it, and it now runs before b"
+    )
+    assert not said["c", "done"].stranded
+    assert said["c", "done"].what.startswith(
+        "b now follows c, the installed graph's last step (they ran it before): migrate asks"
+    )
+
+
+def test_a_stranded_step_gets_an_example_map() -> None:
+    (line,) = fates(graph("a", "b", "c"), graph("a", "c"), {(ROW, "b", "done"): 1}, {})
+    assert line.what.endswith("(--map b=STEP, e.g. --map b=a, the step it followed)")
