@@ -234,13 +234,25 @@ def _kept(old: Graph, new: Graph, level: str, step: str, status: str) -> tuple[s
         return (
             f"{following} now follows {step}, the installed graph's last step"
             f"{' (they ran it before)' if again else ''}: migrate asks --backfill (they run "
-            "it) or --no-backfill (they are moved past it)",
+            f"it{_forming(old, new, level, step)}) or --no-backfill (they are moved past it)",
             False,
         )
     if again:
         return f"will run {following} again (they ran it before {step}; was {before})", False
     fresh = "the new stage " if not old.is_stage(following) else ""
-    return f"will next run {fresh}{following} (was {before})", False
+    return (
+        f"will next run {fresh}{following} (was {before}){_forming(old, new, level, step)}",
+        False,
+    )
+
+
+def _forming(old: Graph, new: Graph, level: str, step: str) -> str:
+    """Rows already at a step a group stage now follows (and none did): the trigger forms a
+    group when a member lands there, so those already there need the deep scan."""
+    following, before = new.next(step), old.next(step)
+    if level == ROW and following in new.steps(GROUP) and before not in old.steps(GROUP):
+        return "; groups whose members are all there form with `pgstagechain recover --deep`"
+    return ""
 
 
 def _fate(

@@ -221,3 +221,18 @@ def test_a_reordering_refuses_rows_that_would_skip_a_stage_and_says_what_reruns(
 def test_a_stranded_step_gets_an_example_map() -> None:
     (line,) = fates(graph("a", "b", "c"), graph("a", "c"), {(ROW, "b", "done"): 1}, {})
     assert line.what.endswith("(--map b=STEP, e.g. --map b=a, the step it followed)")
+
+
+def test_rows_at_a_step_a_new_group_stage_follows_are_told_how_their_groups_form() -> None:
+    (appended,) = fates(
+        graph("a", "c"), graph("a", "c", "g", group=("g",)), {(ROW, "c", "done"): 3}, {}
+    )
+    assert "form with `pgstagechain recover --deep`" in appended.what
+    # a group stage put before another: the groups were formed already
+    (inserted,) = fates(
+        graph("a", "g", group=("g",)),
+        graph("a", "f", "g", group=("f", "g")),
+        {(ROW, "a", "done"): 3},
+        {},
+    )
+    assert inserted.what == "will next run the new stage f (was g)"
