@@ -77,6 +77,21 @@ def wait_for(
     return found
 
 
+def wait_listening(dsn: str, workers: int) -> None:
+    """Block until ``workers`` workers hold their listener connection: a worker stopped
+    while Python is still importing it dies of the signal instead of draining."""
+
+    def listening() -> bool:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'pgstagechain-listener'"
+            ).fetchone()
+        return row is not None and row[0] >= workers
+
+    wait_for(listening, f"{workers} workers to listen")
+
+
 @asynccontextmanager
 async def serving(worker: Worker) -> AsyncIterator[Worker]:
     """Run ``worker`` in the background; stop it (and wait for its drain) on exit."""

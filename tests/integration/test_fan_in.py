@@ -25,7 +25,7 @@ from pgstagechain import admin, migrate
 from tests.apps import fan_in_app
 from tests.apps.fan_in_app import GROUP_STAGES, create_tables
 from tests.apps.seed import add_jobs
-from tests.helpers import query, value, wait_until
+from tests.helpers import query, value, wait_listening, wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -62,6 +62,7 @@ def workers(dsn: str, name: str) -> Iterator[list[subprocess.Popen[bytes]]]:
         for n in range(WORKERS)
     ]
     try:
+        wait_listening(dsn, WORKERS)
         yield procs
     finally:
         for proc in procs:

@@ -10,6 +10,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from .. import (
     GraphChangeError,
@@ -107,7 +108,26 @@ def _recover(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StoppedWhileStarting(Exception):
+    """SIGTERM arrived before the worker listened for it: nothing is held yet."""
+
+
+def _stop_while_starting(signum: int, frame: object) -> None:
+    raise _StoppedWhileStarting
+
+
 def _worker(args: argparse.Namespace) -> int:
+    # Loading the app and connecting can take seconds; a process manager's SIGTERM in that
+    # window is an ordinary stop, not a crash. The worker's own receiver replaces this.
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    try:
+        return _run_worker(args)
+    except _StoppedWhileStarting:
+        logger.warning("SIGTERM: stopped before it started")
+        return 0
+
+
+def _run_worker(args: argparse.Namespace) -> int:
     pipeline = load_pipeline(args.pipeline)
     metrics = None
     if args.metrics_port is not None:
@@ -138,7 +158,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_signals, worker, tg.cancel_scope)
+            await tg.start(_signals, worker, tg.cancel_scope)
             if metrics is not None:
                 tg.start_soon(metrics.watch, worker, args.metrics_interval)
             await worker.run()
@@ -149,9 +169,15 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _signals(worker: Worker, scope: anyio.CancelScope) -> None:
+async def _signals(
+    worker: Worker,
+    scope: anyio.CancelScope,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
     """SIGTERM or a first SIGINT drain gracefully; a second SIGINT stops at once."""
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        task_status.started()
         stopping = False
         async for signum in received:
             if stopping and signum == signal.SIGINT:
