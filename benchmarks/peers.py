@@ -269,8 +269,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=400, help="jobs in flight per worker")
     p.add_argument("--batch-size", type=int, default=200, help="claims/completions per batch")
     p.add_argument("--pool-size", type=int, default=10, help="connections for handlers")
-    p.add_argument("--light-chains", type=int, default=40, help="chains of the light-load phase")
-    p.add_argument("--light-rate", type=float, default=20.0, help="chains released per second")
+    p.add_argument("--light-chains", type=int, default=30, help="chains of the light-load phase")
+    p.add_argument(
+        "--light-rate",
+        type=float,
+        default=2.0,
+        help="chains released per second (far below the slowest system's capacity)",
+    )
     p.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     p.add_argument("--timeout", type=float, default=600.0, help="per burst, seconds")
     p.add_argument(
