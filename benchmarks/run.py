@@ -222,6 +222,11 @@ class Bench:
             conn.execute("ANALYZE bench_variants")
         return job_ids
 
+    def finish_target(self, rows: int) -> int:
+        """What :meth:`done_count` reads once ``rows`` rows are through: groups, or rows
+        when the pipeline has no group stage."""
+        return max(1, -(-rows // self.args.group_size)) if self.groups else rows
+
     def expected_transitions(self, rows: int) -> int:
         jobs = max(1, -(-rows // self.args.group_size))
         return rows * len(self.rows) + jobs * len(self.groups)
@@ -414,7 +419,7 @@ class Bench:
                 ).fetchone()
                 assert row is not None
                 t0_server = float(row[0])
-                finished = self.wait_done(conn, len(job_ids), self.args.burst_timeout)
+                finished = self.wait_done(conn, self.finish_target(rows), self.args.burst_timeout)
                 cpu1 = self.cpu_snapshot(workers)
                 row = conn.execute(
                     "SELECT count(*), extract(epoch FROM max(finished_at))::float8"
@@ -495,7 +500,7 @@ class Bench:
                         (job,),
                     )
                     released[str(job)] = (time.time(), sent)
-                finished = self.wait_done(conn, len(job_ids), self.args.burst_timeout)
+                finished = self.wait_done(conn, self.finish_target(rows), self.args.burst_timeout)
                 cpu1 = self.cpu_snapshot(workers)
                 row = conn.execute(
                     "SELECT count(*) FROM pgstagechain.runs WHERE pipeline = 'bench'"
@@ -510,7 +515,8 @@ class Bench:
             "rate_rows_per_s": rate,
             "rows": rows,
             "transitions": transitions,
-            "completed": finished,
+            "expected_transitions": self.expected_transitions(rows),
+            "completed": finished and transitions >= self.expected_transitions(rows),
             "latency_ms": percentiles([seconds for _, seconds in lat]),
             "latency_ms_by_kind": by_kind(lat),
             "latency_basis": basis,
