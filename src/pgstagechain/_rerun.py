@@ -60,7 +60,7 @@ class RerunReport:
     #: the stage is a group stage: keys are group keys
     group: bool
     dry_run: bool
-    #: the rows (groups) that go back, in key order
+    #: the rows (groups) that go back, in the order they went (key order, batch by batch)
     keys: tuple[str, ...]
     #: of those, the ones that were in flight at the stage or after it
     in_flight: tuple[str, ...]
@@ -390,9 +390,9 @@ async def _pass(
         # the live runs and pending retries of the chosen rows, and of the groups to stop
         to_stop = {g for g, r in groups.items() if r["formed"] and not _at_rest(plan, r)}
         row_runs = await _runs(conn, q, params, chosen, plan.reached, lock)
-        held_rows = {r["row_key"] for r in row_runs if not r["locked"]}
+        held_rows = {r["row_key"] for r in row_runs if lock and not r["locked"]}
         group_runs = await _runs(conn, q, params, sorted(to_stop), plan.group_stages, lock)
-        held_groups = {r["row_key"] for r in group_runs if not r["locked"]}
+        held_groups = {r["row_key"] for r in group_runs if lock and not r["locked"]}
         if held_rows or held_groups:  # a worker is at them: another pass
             waits = [k for k in chosen if k in held_rows or rows[k].get("group_key") in held_groups]
             busy += waits

@@ -365,10 +365,13 @@ def rerun_summary(pipeline: Pipeline, report: admin.RerunReport) -> list[str]:
     if report.in_flight:
         lines.append(
             f"  in flight, {'to be ' if report.dry_run else ''}cancelled first: "
-            f"{_counted(level, report.in_flight)} ({report.runs_cancelled} running run(s) "
-            f"closed, {report.retries_dropped} pending retr"
-            f"{'y' if report.retries_dropped == 1 else 'ies'} dropped): "
-            f"{_keys(list(report.in_flight))}"
+            f"{_counted(level, report.in_flight)}: {_keys(list(report.in_flight))}"
+        )
+    if report.runs_cancelled or report.retries_dropped:
+        lines.append(
+            f"  runs {'to be ' if report.dry_run else ''}cancelled (rows and groups): "
+            f"{report.runs_cancelled} running, {report.retries_dropped} pending "
+            f"retr{'y' if report.retries_dropped == 1 else 'ies'}"
         )
     for reason, keys in report.skipped.items():
         lines.append(f"  skipped, {admin.SKIP_REASONS[reason]}: {len(keys)}: {_keys(list(keys))}")

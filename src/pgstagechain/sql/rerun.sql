@@ -65,7 +65,7 @@ WHERE NOT EXISTS (SELECT 1 FROM pgstagechain.groups g
 -- Where the given rows are, and whether this transaction now holds each (`locked`; with
 -- `lock` false nothing is locked: a dry run). A row a worker holds is not waited for.
 WITH found AS (
-    SELECT t.{key}::text AS key, t.{step} AS step, t.{status} AS status,
+    SELECT t.{key} AS k, t.{key}::text AS key, t.{step} AS step, t.{status} AS status,
            {group_expr} AS group_key
     FROM {table} t WHERE t.{key} = ANY(%(keys)s::text[]::{key_array})
 ),
@@ -78,6 +78,7 @@ locked AS (
 SELECT f.key, coalesce(l.step, f.step) AS step, coalesce(l.status, f.status) AS status,
        f.group_key, l.key IS NOT NULL AS locked
 FROM found f LEFT JOIN locked l ON l.key = f.key
+ORDER BY f.k
 
 -- name: rerun_groups
 -- Where the given groups are, and whether this transaction now holds each: with `fan_in`,
@@ -104,6 +105,7 @@ SELECT k.key, coalesce(l.step, f.step) AS step, coalesce(l.status, f.status) AS 
 FROM unnest(%(groups)s::text[]) AS k(key)
 LEFT JOIN found f ON f.key = k.key
 LEFT JOIN locked l ON l.key = k.key
+ORDER BY k.key
 
 -- name: rerun_runs
 -- The live runs and pending retries of the given rows (or groups) at the given stages, and
