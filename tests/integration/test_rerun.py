@@ -15,18 +15,24 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import psycopg
 import pytest
 
 from pgstagechain import ConfigurationError, Worker, admin, migrate
+from pgstagechain.dashboard import WRITE_HEADER, dashboard_app
 from tests.apps import rerun_app
 from tests.apps.rerun_app import pipeline
 from tests.apps.seed import GROUP_STAGES, ROW_STAGES, add_jobs
-from tests.helpers import wait_for
+from tests.helpers import uvicorn_serving, wait_for
+from tests.integration.test_dashboard import CHROMIUM, TOKEN, browser, open_page
+
+__all__ = ["browser"]  # the headless browser fixture, shared with the dashboard's tests
 
 ROOT = Path(__file__).resolve().parents[2]
 APP = "tests.apps.rerun_app:pipeline"
@@ -354,7 +360,10 @@ def test_rows_and_groups_in_flight_are_cancelled_or_skipped(installed: str, work
 
 
 def run_until_idle(dsn: str) -> None:
-    anyio.run(Worker(pipeline, dsn, scan_interval=0.5).run_until_idle)
+    """A worker in this process until nothing is left to do (in a thread of its own: the
+    browser's API runs an event loop in this one)."""
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(anyio.run, Worker(pipeline, dsn, scan_interval=0.5).run_until_idle).result()
 
 
 def test_group_stages_the_first_stage_and_rows_that_never_reached_the_stage(
@@ -443,3 +452,82 @@ def test_bad_input_gets_a_clear_error_and_exit_status(installed: str) -> None:
     with pytest.raises(ConfigurationError, match="needs a time zone"):
         anyio.run(lambda: _rerun(dsn, stage="planner", since=dt.datetime(2020, 1, 1)))
     assert snapshot(dsn) == before
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
+def test_the_dashboard_previews_a_rerun_then_does_it_on_confirmation(
+    installed: str, browser: Any
+) -> None:
+    dsn = installed
+    add_jobs(dsn, jobs=2, variants=3)
+    run_until_idle(dsn)
+    before = snapshot(dsn)
+    app = dashboard_app(pipeline, dsn, writes=True, token=TOKEN, cache_seconds=0)
+    with uvicorn_serving(app) as (url, _):
+        page, errors = open_page(browser, f"{url}/#token={TOKEN}")
+        button = page.wait_for_selector('#stages tr[data-stage="overlay"] [data-action="rerun"]')
+        button.click()
+        assert page.text_content("#rerun-stage") == "overlay"
+        assert page.is_disabled("#rerun-confirm")
+        page.select_option("#rerun-which", "keys")
+        page.fill("#rerun-keys", "101, 102, 999")
+        page.click("#rerun-preview")
+        shown = page.wait_for_selector('#rerun-result .rerun-count[data-dry-run="true"]')
+        assert shown.get_attribute("data-count") == "2"
+        assert "would re-run stage overlay" in (shown.text_content() or "")
+        skipped = page.text_content('#rerun-result [data-reason="not_found"]') or ""
+        assert "skipped 1" in skipped and "999" in skipped
+        assert page.text_content("#rerun-confirm") == "Re-run 2 rows"
+        assert snapshot(dsn) == before  # the preview changed nothing
+
+        # changing the selection asks for a new preview
+        page.fill("#rerun-keys", "101")
+        assert page.is_disabled("#rerun-confirm")
+        page.fill("#rerun-keys", "101,102")
+        page.click("#rerun-preview")
+        page.wait_for_selector('#rerun-result .rerun-count[data-dry-run="true"][data-count="2"]')
+        page.click("#rerun-confirm")
+        page.wait_for_selector('#rerun-result .rerun-count[data-dry-run="false"][data-count="2"]')
+        assert (
+            rows(
+                dsn,
+                "SELECT current_step, status FROM jobs_variants WHERE job_variants_id IN (101, 102)",
+            )
+            == [("planner", "done")] * 2
+        )
+
+        # the same protection as retry and cancel
+        body = {"stage": "overlay", "keys": ["201"], "dry_run": False}
+        good = {WRITE_HEADER: "1", "Authorization": f"Bearer {TOKEN}"}
+        assert httpx.get(f"{url}/api/rerun").status_code == 405
+        assert (
+            httpx.post(f"{url}/api/rerun", json=body, headers={WRITE_HEADER: "1"}).status_code
+            == 401
+        )
+        assert (
+            httpx.post(
+                f"{url}/api/rerun", json=body, headers={"Authorization": good["Authorization"]}
+            ).status_code
+            == 403
+        )
+        assert (
+            httpx.post(
+                f"{url}/api/rerun", json=body, headers={**good, "Origin": "http://evil.example"}
+            ).status_code
+            == 403
+        )
+        bad = httpx.post(f"{url}/api/rerun", json={**body, "stage": "nope"}, headers=good)
+        assert bad.status_code == 400 and "has no stage 'nope'" in bad.json()["error"]
+        assert errors == []
+    read_only = dashboard_app(pipeline, dsn, cache_seconds=0)
+    with uvicorn_serving(read_only) as (url, _):
+        refused = httpx.post(f"{url}/api/rerun", json=body, headers=good)
+        assert refused.status_code == 403
+    assert rows(dsn, "SELECT current_step FROM jobs_variants WHERE job_variants_id = 201") == [
+        (LAST_ROW,)
+    ]
+    run_until_idle(dsn)
+    assert succeeded(dsn, "overlay") == Counter(
+        {"101": 2, "102": 2, "103": 1, "201": 1, "202": 1, "203": 1}
+    )
