@@ -90,8 +90,11 @@ WITH found AS (
 ),
 fan_in AS (
     SELECT k.key FROM unnest(%(groups)s::text[]) AS k(key)
-    WHERE %(lock)s::bool AND (NOT %(fan_in)s::bool OR pg_try_advisory_xact_lock(
-        hashtextextended(%(pipeline)s || ':' || k.key, 0)))
+    -- (CASE: a dry run never takes a lock)
+    WHERE CASE WHEN NOT %(lock)s::bool THEN false
+               WHEN NOT %(fan_in)s::bool THEN true
+               ELSE pg_try_advisory_xact_lock(hashtextextended(%(pipeline)s || ':' || k.key, 0))
+          END
 ),
 locked AS (
     SELECT g.group_key AS key, g.step, g.status FROM pgstagechain.groups g
