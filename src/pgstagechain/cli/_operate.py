@@ -1,5 +1,5 @@
-"""Commands that look at and repair a pipeline: status, inspect, retry, cancel, all
-through :mod:`pgstagechain.admin`."""
+"""Commands that look at and repair a pipeline: status, inspect, retry, cancel, rerun,
+all through :mod:`pgstagechain.admin`."""
 
 from __future__ import annotations
 
