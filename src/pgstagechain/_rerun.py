@@ -28,11 +28,11 @@ import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import dict_row
 
-from ._catalog import statements_for
+from ._catalog import inspect_table, statements_for
 from ._install import require_installed
 from ._pipeline import Pipeline
 from ._repair import bad_key
-from ._sql import Statements, pipeline_params
+from ._sql import Statements, pipeline_params, plain
 from ._stage import Stage
 from .errors import ConfigurationError
 
@@ -256,6 +256,8 @@ async def rerun(
     tally = _Tally()
 
     async def one_batch(batch: list[str]) -> None:
+        if not batch:
+            return
         if dry_run:
             await _pass(conn, q, plan, params, batch, tally, in_flight, lock=False)
             return
@@ -289,7 +291,7 @@ async def rerun(
                 if len(found) < batch_size:
                     break
     except psycopg.errors.DataError:
-        raise await bad_key(conn, pipeline, ", ".join(key_list or [])[:200]) from None
+        raise await _bad_keys(conn, pipeline, key_list or []) from None
     return RerunReport(
         pipeline=pipeline.name,
         stage=plan.stage.name,
@@ -304,6 +306,20 @@ async def rerun(
         groups=tuple(sorted(tally.groups)),
         groups_stopped=tuple(sorted(tally.groups_stopped)),
     )
+
+
+async def _bad_keys(
+    conn: AsyncConnection[Any], pipeline: Pipeline, keys: list[str]
+) -> ConfigurationError:
+    """The error for keys the key column's type cannot hold, naming the first of them when
+    the server can tell (``pg_input_is_valid``, PostgreSQL 16)."""
+    info = await inspect_table(conn, pipeline)
+    try:
+        cur = await conn.execute(plain("rerun_invalid_key"), {"keys": keys, "type": info.key_type})
+        found = await cur.fetchone()
+    except psycopg.Error:
+        found = None
+    return await bad_key(conn, pipeline, found[0] if found else ", ".join(keys)[:200])
 
 
 async def _select(

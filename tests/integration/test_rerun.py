@@ -431,7 +431,7 @@ def test_bad_input_gets_a_clear_error_and_exit_status(installed: str) -> None:
         (["--stage", "planner", "--keys", " , "], 2, "--keys / --keys-file name no key"),
         (["--stage", "planner", "--all", "--keys", "101"], 2, "all_rows re-runs every row"),
         (["--stage", "planner", "--status", "bogus"], 2, "status 'bogus' is not one of"),
-        (["--stage", "planner", "--keys", "abc"], 2, "is not a valid bigint"),
+        (["--stage", "planner", "--keys", "101,abc"], 2, "'abc' is not a valid bigint"),
         (["--stage", "planner", "--since", "yesterday"], 2, "neither an ISO 8601 time"),
         (["--stage", "planner", "--since", "2h", "--until", "3h"], 2, "is not before until"),
         (["--stage", "planner", "--keys-file", "/no/such/file"], 2, "cannot read --keys-file"),

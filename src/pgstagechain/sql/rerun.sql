@@ -162,3 +162,7 @@ WHERE g.pipeline = %(pipeline)s AND g.group_key = ANY(%(groups)s::text[])
 -- when its last member is back at the fan-in step. Its runs stay in the history.
 DELETE FROM pgstagechain.groups g
 WHERE g.pipeline = %(pipeline)s AND g.group_key = ANY(%(groups)s::text[])
+
+-- name: rerun_invalid_key
+-- The first of the given keys that the key column's type cannot hold (PostgreSQL 16).
+SELECT k FROM unnest(%(keys)s::text[]) AS k WHERE NOT pg_input_is_valid(k, %(type)s) LIMIT 1
