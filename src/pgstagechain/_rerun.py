@@ -25,7 +25,7 @@ from typing import Any, Literal
 import anyio
 import attrs
 import psycopg
-from psycopg import AsyncConnection
+from psycopg import AsyncConnection, AsyncCursor
 from psycopg.rows import dict_row
 
 from ._catalog import inspect_table, statements_for
@@ -357,36 +357,18 @@ async def _pass(
 ) -> list[str]:
     """One transaction over a batch: re-run what can be (with ``lock`` false: count what
     would be, changing nothing); returns the keys a worker held, for another pass."""
-    running = params["running"]
     cur = conn.cursor(row_factory=dict_row)
     async with conn.transaction(force_rollback=not lock):
-        if plan.stage.group:
-            await cur.execute(
-                q.text("rerun_groups"), {**params, "groups": keys, "lock": lock, "fan_in": False}
-            )
-            rows = {r["key"]: r for r in await cur.fetchall() if r["formed"]}
-        else:
-            await cur.execute(q.text("rerun_rows"), {**params, "keys": keys, "lock": lock})
-            rows = {r["key"]: r for r in await cur.fetchall()}
-        busy = [k for k, r in rows.items() if lock and not r["locked"]]
+        rows = await _positions(cur, q, plan, params, keys, lock)
         tally.skip("not_found", (k for k in keys if k not in rows))
-        chosen: list[str] = []
-        for key, row in rows.items():
-            if key in busy:
-                continue
-            if row["step"] not in plan.reached:
-                tally.skip("not_reached", [key])
-            elif row["status"] == running and in_flight == "skip":
-                tally.skip("in_flight", [key])
-            else:
-                chosen.append(key)
+        chosen, busy = _choose(plan, rows, tally, params["running"], in_flight, lock)
 
-        # the groups the chosen rows belong to, when the stage's chain leads to a group
-        members: dict[str, list[str]] = {}
-        for key in chosen:
-            group_key = rows[key].get("group_key")
-            if plan.group_stages and group_key is not None:
-                members.setdefault(group_key, []).append(key)
+        # the groups of the chosen rows, when the stage's chain leads to a group stage
+        def group_of(key: str) -> str | None:
+            found = rows[key].get("group_key")
+            return str(found) if plan.group_stages and found is not None else None
+
+        members = {g for k in chosen if (g := group_of(k)) is not None}
         groups: dict[str, dict[str, Any]] = {}
         if members:
             await cur.execute(
@@ -395,59 +377,111 @@ async def _pass(
             )
             groups = {r["key"]: r for r in await cur.fetchall()}
             held = {g for g, r in groups.items() if lock and not r["locked"]}
-
-            def not_held(key: str) -> bool:
-                return rows[key].get("group_key") not in held
-
-            busy += [k for k in chosen if not not_held(k)]
-            chosen = [k for k in chosen if not_held(k)]
-            groups = {g: r for g, r in groups.items() if g not in held}
+            busy += [k for k in chosen if group_of(k) in held]
+            chosen = [k for k in chosen if group_of(k) not in held]
 
         # the live runs and pending retries of the chosen rows, and of the groups to stop
-        to_stop = {g for g, r in groups.items() if r["formed"] and not _at_rest(plan, r)}
-        row_runs = await _runs(conn, q, params, chosen, plan.reached, lock)
-        held_rows = {r["row_key"] for r in row_runs if lock and not r["locked"]}
-        group_runs = await _runs(conn, q, params, sorted(to_stop), plan.group_stages, lock)
-        held_groups = {r["row_key"] for r in group_runs if lock and not r["locked"]}
-        if held_rows or held_groups:  # a worker is at them: another pass
-            waits = [k for k in chosen if k in held_rows or rows[k].get("group_key") in held_groups]
-            busy += waits
-            chosen = [k for k in chosen if k not in waits]
-        kept_groups: set[str] = {
-            str(rows[k]["group_key"]) for k in chosen if rows[k].get("group_key") in members
+        to_stop = {
+            g
+            for g, r in groups.items()
+            if r["formed"] and not _at_rest(plan, r) and (r["locked"] or not lock)
         }
+        row_runs = await _runs(cur, q, params, chosen, plan.reached, lock)
+        group_runs = await _runs(cur, q, params, sorted(to_stop), plan.group_stages, lock)
+        held_rows = {r["row_key"] for r in row_runs if lock and not r["locked"]}
+        held_groups = {r["row_key"] for r in group_runs if lock and not r["locked"]}
+        waits = {k for k in chosen if k in held_rows or group_of(k) in held_groups}
+        busy += [k for k in chosen if k in waits]
+        chosen = [k for k in chosen if k not in waits]
+        kept_groups = {g for k in chosen if (g := group_of(k)) is not None}
         to_stop &= kept_groups
         kept = set(chosen)
         stopping = [r for r in row_runs if r["row_key"] in kept]
         stopping += [r for r in group_runs if r["row_key"] in to_stop]
-
-        if lock and stopping:
-            await cur.execute(
-                q.text("rerun_close_runs"), {**params, "ids": [r["id"] for r in stopping]}
-            )
-            closed = await cur.fetchone()
-            assert closed is not None
-            tally.runs_cancelled += closed["closed"]
-            tally.retries_dropped += closed["dropped"]
-        elif not lock:
+        if lock:
+            await _write(cur, q, plan, params, chosen, stopping, to_stop, tally)
+        else:
             tally.runs_cancelled += sum(1 for r in stopping if r["live"])
             tally.retries_dropped += sum(1 for r in stopping if not r["live"])
-        if lock and chosen:
-            if plan.stage.group:
-                await cur.execute(q.text("rerun_move_groups"), {**params, "groups": chosen})
-            else:
-                await cur.execute(q.text("rerun_move_rows"), {**params, "keys": chosen})
-        if lock and to_stop:
-            await cur.execute(q.text("rerun_unform_groups"), {**params, "groups": sorted(to_stop)})
     tally.keys += chosen
-    tally.in_flight += [k for k in chosen if rows[k]["status"] == running]
+    tally.in_flight += [k for k in chosen if rows[k]["status"] == params["running"]]
     tally.groups |= kept_groups
     tally.groups_stopped |= to_stop
     return busy
 
 
+async def _positions(
+    cur: AsyncCursor[dict[str, Any]],
+    q: Statements,
+    plan: _Plan,
+    params: dict[str, Any],
+    keys: list[str],
+    lock: bool,
+) -> dict[str, dict[str, Any]]:
+    """Where each row (formed group) of the batch is, by key, and whether it is held now."""
+    if plan.stage.group:
+        await cur.execute(
+            q.text("rerun_groups"), {**params, "groups": keys, "lock": lock, "fan_in": False}
+        )
+        return {r["key"]: r for r in await cur.fetchall() if r["formed"]}
+    await cur.execute(q.text("rerun_rows"), {**params, "keys": keys, "lock": lock})
+    return {r["key"]: r for r in await cur.fetchall()}
+
+
+def _choose(
+    plan: _Plan,
+    rows: dict[str, dict[str, Any]],
+    tally: _Tally,
+    running: str,
+    in_flight: str,
+    lock: bool,
+) -> tuple[list[str], list[str]]:
+    """The rows to re-run, and those a worker holds (for another pass); the others are
+    counted as skipped."""
+    chosen: list[str] = []
+    busy: list[str] = []
+    for key, row in rows.items():
+        if lock and not row["locked"]:
+            busy.append(key)
+        elif row["step"] not in plan.reached:
+            tally.skip("not_reached", [key])
+        elif row["status"] == running and in_flight == "skip":
+            tally.skip("in_flight", [key])
+        else:
+            chosen.append(key)
+    return chosen, busy
+
+
+async def _write(
+    cur: AsyncCursor[dict[str, Any]],
+    q: Statements,
+    plan: _Plan,
+    params: dict[str, Any],
+    chosen: list[str],
+    stopping: list[dict[str, Any]],
+    to_stop: set[str],
+    tally: _Tally,
+) -> None:
+    """Cancel the runs, move the rows (groups) back, take the groups to stop apart: all
+    held by this transaction, so none of it waits."""
+    if stopping:
+        await cur.execute(
+            q.text("rerun_close_runs"), {**params, "ids": [r["id"] for r in stopping]}
+        )
+        closed = await cur.fetchone()
+        assert closed is not None
+        tally.runs_cancelled += closed["closed"]
+        tally.retries_dropped += closed["dropped"]
+    if chosen and plan.stage.group:
+        await cur.execute(q.text("rerun_move_groups"), {**params, "groups": chosen})
+    elif chosen:
+        await cur.execute(q.text("rerun_move_rows"), {**params, "keys": chosen})
+    if to_stop:
+        await cur.execute(q.text("rerun_unform_groups"), {**params, "groups": sorted(to_stop)})
+
+
 async def _runs(
-    conn: AsyncConnection[Any],
+    cur: AsyncCursor[dict[str, Any]],
     q: Statements,
     params: dict[str, Any],
     keys: Sequence[str],
@@ -458,7 +492,6 @@ async def _runs(
     says whether this transaction now holds it."""
     if not keys or not stages:
         return []
-    cur = conn.cursor(row_factory=dict_row)
     await cur.execute(
         q.text("rerun_runs"), {**params, "keys": list(keys), "stages": list(stages), "lock": lock}
     )
