@@ -11,9 +11,9 @@ A row that is in flight at the stage or after it has its live run cancelled the 
 ``cancel`` does (the claim's token makes the old completion be refused and rolled back) and
 a pending retry dropped, unless ``in_flight="skip"``. A row that has not reached the stage
 is left alone. When the stage's chain leads to a group stage, the groups of the rows that go
-back form again, once, when their last re-run member is back at the fan-in step (the
-trigger's re-formation); a group whose group stage was at work or about to start is taken
-apart now (its live run cancelled), so that nothing runs on the old members meanwhile.
+back are taken apart now (a group stage at work on the old members is cancelled), so that
+nothing runs on the old members meanwhile, and the trigger forms each again, once, when its
+last re-run member is back at the fan-in step.
 """
 
 from __future__ import annotations
@@ -68,10 +68,10 @@ class RerunReport:
     retries_dropped: int
     #: reason (see :data:`SKIP_REASONS`) -> the keys left alone for it
     skipped: dict[str, tuple[str, ...]]
-    #: groups of the re-run rows (a row stage whose chain leads to a group stage): each
-    #: forms again, once, when its last re-run member is back
+    #: groups of the re-run rows (a row stage whose chain leads to a group stage): taken
+    #: apart, each forms again, once, when its last re-run member is back
     groups: tuple[str, ...]
-    #: of those, the groups whose group stage was at work or about to start: stopped now
+    #: of those, the groups whose group stage was at work or about to start: stopped
     groups_stopped: tuple[str, ...]
 
     @property
@@ -380,33 +380,30 @@ async def _pass(
             busy += [k for k in chosen if group_of(k) in held]
             chosen = [k for k in chosen if group_of(k) not in held]
 
-        # the live runs and pending retries of the chosen rows, and of the groups to stop
-        to_stop = {
-            g
-            for g, r in groups.items()
-            if r["formed"] and not _at_rest(plan, r) and (r["locked"] or not lock)
-        }
+        # the live runs and pending retries of the chosen rows, and of their formed groups
+        apart = {g for g, r in groups.items() if r["formed"] and (r["locked"] or not lock)}
         row_runs = await _runs(cur, q, params, chosen, plan.reached, lock)
-        group_runs = await _runs(cur, q, params, sorted(to_stop), plan.group_stages, lock)
+        group_runs = await _runs(cur, q, params, sorted(apart), plan.group_stages, lock)
         held_rows = {r["row_key"] for r in row_runs if lock and not r["locked"]}
         held_groups = {r["row_key"] for r in group_runs if lock and not r["locked"]}
         waits = {k for k in chosen if k in held_rows or group_of(k) in held_groups}
         busy += [k for k in chosen if k in waits]
         chosen = [k for k in chosen if k not in waits]
         kept_groups = {g for k in chosen if (g := group_of(k)) is not None}
-        to_stop &= kept_groups
+        apart &= kept_groups
+        stopped = {g for g in apart if not _at_rest(plan, groups[g])}
         kept = set(chosen)
         stopping = [r for r in row_runs if r["row_key"] in kept]
-        stopping += [r for r in group_runs if r["row_key"] in to_stop]
+        stopping += [r for r in group_runs if r["row_key"] in apart]
         if lock:
-            await _write(cur, q, plan, params, chosen, stopping, to_stop, tally)
+            await _write(cur, q, plan, params, chosen, stopping, apart, tally)
         else:
             tally.runs_cancelled += sum(1 for r in stopping if r["live"])
             tally.retries_dropped += sum(1 for r in stopping if not r["live"])
     tally.keys += chosen
     tally.in_flight += [k for k in chosen if rows[k]["status"] == params["running"]]
     tally.groups |= kept_groups
-    tally.groups_stopped |= to_stop
+    tally.groups_stopped |= stopped
     return busy
 
 
@@ -459,11 +456,11 @@ async def _write(
     params: dict[str, Any],
     chosen: list[str],
     stopping: list[dict[str, Any]],
-    to_stop: set[str],
+    apart: set[str],
     tally: _Tally,
 ) -> None:
-    """Cancel the runs, move the rows (groups) back, take the groups to stop apart: all
-    held by this transaction, so none of it waits."""
+    """Cancel the runs, move the rows (groups) back, take their groups apart: all held by
+    this transaction, so none of it waits."""
     if stopping:
         await cur.execute(
             q.text("rerun_close_runs"), {**params, "ids": [r["id"] for r in stopping]}
@@ -476,8 +473,8 @@ async def _write(
         await cur.execute(q.text("rerun_move_groups"), {**params, "groups": chosen})
     elif chosen:
         await cur.execute(q.text("rerun_move_rows"), {**params, "keys": chosen})
-    if to_stop:
-        await cur.execute(q.text("rerun_unform_groups"), {**params, "groups": sorted(to_stop)})
+    if apart:
+        await cur.execute(q.text("rerun_unform_groups"), {**params, "groups": sorted(apart)})
 
 
 async def _runs(
@@ -500,7 +497,7 @@ async def _runs(
 
 def _at_rest(plan: _Plan, group: dict[str, Any]) -> bool:
     """A formed group that nothing runs on and nothing will start: failed, or done at the
-    last group stage. Such a group stays as it is until its members are back."""
+    last group stage (taking it apart stops nothing)."""
     if group["status"] == "failed":
         return True
     return group["status"] == "done" and group["step"] in plan.last_group_stages

@@ -8,8 +8,10 @@ run changes nothing, and bad input gets a clear error and the documented exit st
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -181,7 +183,9 @@ def test_a_middle_stage_reruns_for_100_of_1000_rows_named_by_key(
     done = cli(dsn, "rerun", APP, "--stage", "planner", "--keys-file", "-", stdin="\n".join(chosen))
     assert done.returncode == 0, done.stderr
     assert "re-ran stage planner and the stages after it for 100 rows" in done.stdout
-    assert "groups: 20 form again" in done.stdout
+    assert (
+        "groups: 20 taken apart, each forms again once its re-run members are back" in done.stdout
+    )
     wait_for(lambda: settled(dsn, 1000), "the re-run rows through every stage", within=600)
 
     every = {str(j * 100 + v) for j in range(1, 101) for v in range(1, 11)}
@@ -554,3 +558,105 @@ def test_rows_a_worker_holds_are_tried_again_then_reported_busy(
     run_until_idle(dsn)
     assert succeeded(dsn, "planner") == Counter({"101": 2, "102": 2, "201": 2, "202": 1})
     assert succeeded(dsn, LAST_GROUP) == Counter({"1": 2, "2": 2})
+
+
+@pytest.mark.slow
+def test_reruns_while_the_pipeline_is_busy_leave_every_row_and_group_consistent(
+    installed: str, workers: Any
+) -> None:
+    dsn = installed
+    workers(2)
+    add_jobs(dsn, jobs=50, variants=10)
+    picks = random.Random(14)
+    reports = []
+
+    def runs_done() -> int:
+        return int(rows(dsn, "SELECT count(*) FROM pgstagechain.runs")[0][0])
+
+    plan = ["overlay", "vlm_analyze", "iou_eval", "planner", GROUP_STAGES[0], "yolo_detect"]
+    plan += [LAST_GROUP, "ocr_eval", GROUP_STAGES[0]]
+    for n, stage in enumerate(plan):
+        # each re-run while workers are busy: a few hundred more runs since the last one
+        floor = runs_done() + 300
+        wait_for(
+            lambda: runs_done() >= floor or settled(dsn, 500),  # noqa: B023
+            "the workers to get on",
+        )
+        options: dict[str, Any] = {}
+        if stage in GROUP_STAGES:
+            formed = wait_for(
+                lambda: [g for (g,) in rows(dsn, "SELECT group_key FROM pgstagechain.groups")],
+                "some groups to form",
+            )
+            options["keys"] = picks.sample(formed, min(5, len(formed)))
+        elif n == 1:
+            options["status"] = "running"  # every row in flight anywhere: cancel and re-run
+        else:
+            options["keys"] = [
+                str(j * 100 + v) for j in picks.sample(range(1, 51), 8) for v in (1, 2, 3)
+            ]
+        reports.append(anyio.run(functools.partial(_rerun, dsn, stage=stage, **options)))
+    assert sum(len(r.keys) for r in reports) > 0
+    print(
+        [
+            (
+                r.stage,
+                len(r.keys),
+                len(r.in_flight),
+                r.runs_cancelled,
+                r.retries_dropped,
+                {k: len(v) for k, v in r.skipped.items()},
+                len(r.groups_stopped),
+            )
+            for r in reports
+        ]
+    )
+    wait_for(lambda: settled(dsn, 500), "every row and group through, re-runs included", within=600)
+
+    # the last pass of every row ran its stages in chain order, on each other's results
+    latest = {
+        (key, stage): run_id
+        for key, stage, run_id in rows(
+            dsn,
+            "SELECT row_key, stage, max(id) FROM pgstagechain.runs WHERE state = 'succeeded'"
+            " GROUP BY 1, 2",
+        )
+    }
+    keys = {k for k, s in latest if s == LAST_ROW}
+    assert len(keys) == 500
+    for key in keys:
+        ids = [latest[(key, s)] for s in ROW_STAGES]
+        assert ids == sorted(ids), key
+    # each group's last formation came after its last member was back, on the members'
+    # newest results; its group stages ran exactly once since then (more for the groups a
+    # re-run of a group stage named)
+    named = {g for r in reports if r.group for g in r.keys}
+    members: dict[str, list[str]] = {}
+    for key, job in rows(dsn, "SELECT job_variants_id::text, job_id::text FROM jobs_variants"):
+        members.setdefault(job, []).append(key)
+    assert len(members) - len(named) >= 25
+    for group, keys_of in members.items():
+        last_member = max(latest[(k, LAST_ROW)] for k in keys_of)
+        since = dict(
+            rows(
+                dsn,
+                "SELECT stage, count(*) FROM pgstagechain.runs WHERE row_key = %s"
+                " AND stage = ANY(%s) AND state = 'succeeded' AND id > %s GROUP BY 1",
+                (group, GROUP_STAGES, last_member),
+            )
+        )
+        if group in named:
+            assert set(since) == set(GROUP_STAGES), group
+        else:
+            assert since == dict.fromkeys(GROUP_STAGES, 1), group
+        assert latest[(group, LAST_GROUP)] > latest[(group, GROUP_STAGES[0])] > last_member
+        (seen,) = rows(
+            dsn,
+            "SELECT earlier FROM rerun_seen WHERE row_key = %s AND stage = %s"
+            " ORDER BY id DESC LIMIT 1",
+            (group, GROUP_STAGES[0]),
+        )[0]
+        assert {k: v[LAST_ROW] for k, v in seen.items()} == {
+            k: latest[(k, LAST_ROW)] for k in keys_of
+        }
+    assert rows(dsn, "SELECT count(*) FROM pgstagechain.runs WHERE state = 'running'") == [(0,)]

@@ -377,7 +377,8 @@ def rerun_summary(pipeline: Pipeline, report: admin.RerunReport) -> list[str]:
         lines.append(f"  skipped, {admin.SKIP_REASONS[reason]}: {len(keys)}: {_keys(list(keys))}")
     if report.groups:
         lines.append(
-            f"  groups: {len(report.groups)} form again once their re-run members are back"
+            f"  groups: {len(report.groups)} {'to be ' if report.dry_run else ''}taken apart, "
+            "each forms again once its re-run members are back"
             + (
                 f"; {len(report.groups_stopped)} of them had a group stage at work or about "
                 f"to start, {'to be ' if report.dry_run else ''}stopped: "

@@ -157,9 +157,9 @@ UPDATE pgstagechain.groups g SET step = %(after)s, status = 'done',
 WHERE g.pipeline = %(pipeline)s AND g.group_key = ANY(%(groups)s::text[])
 
 -- name: rerun_unform_groups
--- Groups whose members go back and whose group stages were at work or about to start: the
--- group row goes, so that nothing runs on the old members; the trigger forms it again, once,
--- when its last member is back at the fan-in step. Its runs stay in the history.
+-- Groups whose members go back: the group row goes, so that nothing runs on the old members
+-- meanwhile; the trigger forms it again, once, when its last member is back at the fan-in
+-- step. Its runs stay in the history.
 DELETE FROM pgstagechain.groups g
 WHERE g.pipeline = %(pipeline)s AND g.group_key = ANY(%(groups)s::text[])
 

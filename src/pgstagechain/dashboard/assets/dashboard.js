@@ -298,7 +298,7 @@ function rerunReport(data) {
     parts.push(line);
   }
   if (data.groups_count) {
-    parts.push(el("p", data.groups_count + " group(s) form again once their re-run members are back"
+    parts.push(el("p", data.groups_count + " group(s) " + (data.dry_run ? "to be " : "") + "taken apart, each forms again once its re-run members are back"
       + (data.groups_stopped_count ? "; " + data.groups_stopped_count + " had a group stage at work, " + (data.dry_run ? "to be " : "") + "stopped" : "")));
   }
   $("rerun-result").replaceChildren(...parts);
