@@ -660,3 +660,36 @@ def test_reruns_while_the_pipeline_is_busy_leave_every_row_and_group_consistent(
             k: latest[(k, LAST_ROW)] for k in keys_of
         }
     assert rows(dsn, "SELECT count(*) FROM pgstagechain.runs WHERE state = 'running'") == [(0,)]
+
+
+def test_a_pipeline_keyed_by_text_without_groups(pgstagechain_dsn: str) -> None:
+    from tests.apps import hostile_app
+
+    dsn = pgstagechain_dsn
+    hostile_app.create_table(dsn)
+    notes = hostile_app.pipeline
+    anyio.run(migrate, dsn, notes)
+    names = ["<script>x</script>", "it's", "a,b", " spaced ", "plain"]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in names:
+            conn.execute("INSERT INTO notes (name) VALUES (%s)", (name,))
+
+    def drain() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(anyio.run, Worker(notes, dsn, scan_interval=0.5).run_until_idle).result()
+
+    async def rerun(**options: Any) -> admin.RerunReport:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            return await admin.rerun(conn, notes, stage="read_note", **options)
+
+    drain()
+    report = anyio.run(functools.partial(rerun, keys=names[:3], dry_run=True))
+    assert sorted(report.keys) == sorted(names[:3]) and report.groups == ()
+    report = anyio.run(functools.partial(rerun, status="failed", batch_size=2))
+    assert sorted(report.keys) == sorted(names)  # three pages of two
+    drain()
+    assert succeeded(dsn, "read_note") == Counter()  # it fails every time
+    failed = Counter(dict(rows(dsn, "SELECT row_key, count(*) FROM pgstagechain.runs GROUP BY 1")))
+    assert failed == Counter(dict.fromkeys(names, 2))
+    with pytest.raises(ConfigurationError, match="has no group column"):
+        anyio.run(functools.partial(rerun, groups=["1"]))
