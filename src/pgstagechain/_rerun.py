@@ -275,7 +275,7 @@ async def rerun(
             for chunk in _chunks(key_list, batch_size):
                 found = await _select(conn, q, level, params, keys=chunk, after_key=None)
                 missing = await conn.execute(
-                    q.text(f"rerun_missing_{level}"), {**params, "keys": chunk}
+                    q.text(f"rerun_missing_{level}"), {**params, "keys": chunk}, prepare=False
                 )
                 tally.skip("not_found", (k for (k,) in await missing.fetchall()))
                 tally.skip("filtered_out", (k for k, matched in found if not matched))
@@ -322,6 +322,10 @@ async def _bad_keys(
     return await bad_key(conn, pipeline, found[0] if found else ", ".join(keys)[:200])
 
 
+# Every statement here runs with prepare=False: their filters are "parameter IS NULL OR ...",
+# which a custom plan folds away but a generic plan of a prepared statement cannot.
+
+
 async def _select(
     conn: AsyncConnection[Any],
     q: Statements,
@@ -338,8 +342,11 @@ async def _select(
             **params,
             "keys": keys,
             "after_key": after_key,
-            "limit": len(keys) if keys is not None else params["limit"],
+            # named keys are a batch already: no LIMIT, which would make the planner walk
+            # the key index in order rather than look each key up
+            "limit": None if keys is not None else params["limit"],
         },
+        prepare=False,
     )
     return [(k, bool(m)) for k, m in await cur.fetchall()]
 
@@ -374,6 +381,7 @@ async def _pass(
             await cur.execute(
                 q.text("rerun_groups"),
                 {**params, "groups": sorted(members), "lock": lock, "fan_in": True},
+                prepare=False,
             )
             groups = {r["key"]: r for r in await cur.fetchall()}
             held = {g for g, r in groups.items() if lock and not r["locked"]}
@@ -418,10 +426,12 @@ async def _positions(
     """Where each row (formed group) of the batch is, by key, and whether it is held now."""
     if plan.stage.group:
         await cur.execute(
-            q.text("rerun_groups"), {**params, "groups": keys, "lock": lock, "fan_in": False}
+            q.text("rerun_groups"),
+            {**params, "groups": keys, "lock": lock, "fan_in": False},
+            prepare=False,
         )
         return {r["key"]: r for r in await cur.fetchall() if r["formed"]}
-    await cur.execute(q.text("rerun_rows"), {**params, "keys": keys, "lock": lock})
+    await cur.execute(q.text("rerun_rows"), {**params, "keys": keys, "lock": lock}, prepare=False)
     return {r["key"]: r for r in await cur.fetchall()}
 
 
@@ -463,18 +473,22 @@ async def _write(
     this transaction, so none of it waits."""
     if stopping:
         await cur.execute(
-            q.text("rerun_close_runs"), {**params, "ids": [r["id"] for r in stopping]}
+            q.text("rerun_close_runs"),
+            {**params, "ids": [r["id"] for r in stopping]},
+            prepare=False,
         )
         closed = await cur.fetchone()
         assert closed is not None
         tally.runs_cancelled += closed["closed"]
         tally.retries_dropped += closed["dropped"]
     if chosen and plan.stage.group:
-        await cur.execute(q.text("rerun_move_groups"), {**params, "groups": chosen})
+        await cur.execute(q.text("rerun_move_groups"), {**params, "groups": chosen}, prepare=False)
     elif chosen:
-        await cur.execute(q.text("rerun_move_rows"), {**params, "keys": chosen})
+        await cur.execute(q.text("rerun_move_rows"), {**params, "keys": chosen}, prepare=False)
     if apart:
-        await cur.execute(q.text("rerun_unform_groups"), {**params, "groups": sorted(apart)})
+        await cur.execute(
+            q.text("rerun_unform_groups"), {**params, "groups": sorted(apart)}, prepare=False
+        )
 
 
 async def _runs(
@@ -490,7 +504,9 @@ async def _runs(
     if not keys or not stages:
         return []
     await cur.execute(
-        q.text("rerun_runs"), {**params, "keys": list(keys), "stages": list(stages), "lock": lock}
+        q.text("rerun_runs"),
+        {**params, "keys": list(keys), "stages": list(stages), "lock": lock},
+        prepare=False,
     )
     return await cur.fetchall()
 

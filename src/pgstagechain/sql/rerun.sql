@@ -8,6 +8,7 @@
 -- One page of the rows a re-run names, in key order after `after_key`: with `keys`, those
 -- rows (each with `matched`: whether it passes the other filters); without, the rows that
 -- pass them. `since`/`until` look for a run of the stage that started in that window.
+-- (`limit` NULL with `keys`: no limit.)
 SELECT s.key, s.matched FROM (
     SELECT t.{key} AS k, t.{key}::text AS key,
            ((%(groups)s::text[] IS NULL OR {group_expr} = ANY(%(groups)s::text[]))
