@@ -199,6 +199,12 @@ def _check_selection(
         raise ConfigurationError(f"in_flight is 'cancel' or 'skip', not {in_flight!r}")
 
 
+def _group_status(pipeline: Pipeline, status: str | None) -> str | None:
+    statuses = pipeline.table.statuses
+    names = {statuses.running: "running", statuses.done: "done", statuses.failed: "failed"}
+    return None if status is None else names[status]
+
+
 def _unique(values: Iterable[Any]) -> list[str]:
     return list(dict.fromkeys(str(v) for v in values))
 
@@ -247,7 +253,9 @@ async def rerun(
         "stage": plan.stage.name,
         "after": plan.stage.after,
         "groups": group_list,
-        "status": status,
+        # a group's status is spelled the library's way, whatever the rows' statuses are
+        "status": _group_status(pipeline, status) if plan.stage.group else status,
+        "in_flight_status": "running" if plan.stage.group else pipeline.table.statuses.running,
         "since": since,
         "until": until,
         "reason": plan.reason,
@@ -368,7 +376,7 @@ async def _pass(
     async with conn.transaction(force_rollback=not lock):
         rows = await _positions(cur, q, plan, params, keys, lock)
         tally.skip("not_found", (k for k in keys if k not in rows))
-        chosen, busy = _choose(plan, rows, tally, params["running"], in_flight, lock)
+        chosen, busy = _choose(plan, rows, tally, params["in_flight_status"], in_flight, lock)
 
         # the groups of the chosen rows, when the stage's chain leads to a group stage
         def group_of(key: str) -> str | None:
@@ -409,7 +417,7 @@ async def _pass(
             tally.runs_cancelled += sum(1 for r in stopping if r["live"])
             tally.retries_dropped += sum(1 for r in stopping if not r["live"])
     tally.keys += chosen
-    tally.in_flight += [k for k in chosen if rows[k]["status"] == params["running"]]
+    tally.in_flight += [k for k in chosen if rows[k]["status"] == params["in_flight_status"]]
     tally.groups |= kept_groups
     tally.groups_stopped |= stopped
     return busy

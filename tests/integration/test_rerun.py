@@ -693,3 +693,55 @@ def test_a_pipeline_keyed_by_text_without_groups(pgstagechain_dsn: str) -> None:
     assert failed == Counter(dict.fromkeys(names, 2))
     with pytest.raises(ConfigurationError, match="has no group column"):
         anyio.run(functools.partial(rerun, groups=["1"]))
+
+
+def test_status_names_of_a_pipeline_with_its_own_statuses(pgstagechain_dsn: str) -> None:
+    from pgstagechain import Pipeline, Statuses
+
+    dsn = pgstagechain_dsn
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE items (id int PRIMARY KEY, batch int NOT NULL,"
+            " step text NOT NULL DEFAULT 'new', state text NOT NULL DEFAULT 'ok')"
+        )
+    items = Pipeline(
+        "items",
+        table="items",
+        start="new",
+        step_column="step",
+        status_column="state",
+        group_column="batch",
+        statuses=Statuses(done="ok", running="busy", failed="bad"),
+    )
+
+    @items.stage(after="new")
+    async def check(ctx: Any) -> None:
+        return None
+
+    @items.stage(after="check", group=True)
+    async def bundle(ctx: Any) -> None:
+        return None
+
+    anyio.run(migrate, dsn, items)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO items (id, batch) SELECT i, i % 2 FROM generate_series(1, 4) i")
+
+    def drain() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(anyio.run, Worker(items, dsn, scan_interval=0.5).run_until_idle).result()
+
+    async def rerun(**options: Any) -> admin.RerunReport:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            return await admin.rerun(conn, items, **options)
+
+    drain()
+    report = anyio.run(functools.partial(rerun, stage="bundle", status="ok"))
+    assert sorted(report.keys) == ["0", "1"]  # the groups' own "done", asked for as "ok"
+    report = anyio.run(functools.partial(rerun, stage="check", status="ok", keys=[1]))
+    # group 1 waits for its bundle again: taken apart, it forms once, when row 1 is back
+    assert report.keys == ("1",) and report.groups == ("1",) and report.groups_stopped == ("1",)
+    drain()
+    assert succeeded(dsn, "check") == Counter({"1": 2, "2": 1, "3": 1, "4": 1})
+    assert succeeded(dsn, "bundle") == Counter({"0": 2, "1": 2})
+    with pytest.raises(ConfigurationError, match="status 'done' is not one of busy, ok, bad"):
+        anyio.run(functools.partial(rerun, stage="check", status="done"))
