@@ -1,7 +1,7 @@
 """Operating a pipeline from Python: where its rows are, what happened to one, who is
 working on it, and putting things right.
 
-Everything ``pgstagechain status``, ``inspect``, ``retry`` and ``cancel`` show or do, the
+Everything ``pgstagechain status``, ``inspect``, ``retry``, ``cancel`` and ``rerun`` show or do, the
 FastAPI status router and the example apps read from here. Each function takes an open
 async connection (autocommit, or commit afterwards) and the pipeline; every statement
 lives in ``sql/admin.sql``.
@@ -48,11 +48,13 @@ from ._history import GroupIssue, History, RunRecord, group_issues, history
 from ._migrations import require_schema
 from ._pipeline import Pipeline
 from ._repair import CANCEL_REASON, CancelReport, cancel, retry
+from ._rerun import SKIP_REASONS, RerunReport, rerun
 from ._sql import pipeline_params
 from ._stage import Stage
 
 __all__ = [
     "CANCEL_REASON",
+    "SKIP_REASONS",
     "STATUS_WINDOW",
     "CancelReport",
     "Failure",
@@ -61,6 +63,7 @@ __all__ = [
     "PipelineLive",
     "PipelineStatus",
     "RecentRuns",
+    "RerunReport",
     "RunRecord",
     "StageLive",
     "StageMinute",
@@ -72,6 +75,7 @@ __all__ = [
     "history",
     "listeners",
     "live",
+    "rerun",
     "retry",
     "runs",
     "stage_order",

@@ -37,6 +37,7 @@ FLOORS = {
     "_recovery": 5,
     "_history": 5,
     "_repair": 5,
+    "_rerun": 5,
     "_activity": 5,
     "_worker": 6,
     "admin": 6,

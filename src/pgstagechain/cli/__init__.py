@@ -6,12 +6,12 @@ A pipeline is named as ``module.path:attribute`` (the attribute is a
 (``PGHOST``, ``PGDATABASE``, ...).
 
 Exit status (see :data:`EXIT_OK` and the others): 0 done; 1 a ``retry`` or ``cancel``
-named a row or group that was not in a state to act on; 2 a usage, configuration or
+named a row or group that was not in a state to act on, or ``rerun`` found nothing to re-run; 2 a usage, configuration or
 database error, printed as one line on stderr; 70 an unexpected failure, with its
 traceback; 130 interrupted.
 
 The commands live in :mod:`._run` (migrate, uninstall, recover, worker) and
-:mod:`._operate` (status, inspect, retry, cancel) and :mod:`._show` (graph, dashboard);
+:mod:`._operate` (status, inspect, retry, cancel, rerun) and :mod:`._show` (graph, dashboard);
 this module parses the command line
 and turns errors into exit statuses.
 """
@@ -66,7 +66,8 @@ PGDATABASE, PGUSER, ~/.pgpass, ...).
 
 exit status:
   {EXIT_OK}    done
-  {EXIT_NOTHING_MATCHED}    retry or cancel named a row or group that was not failed / in progress
+  {EXIT_NOTHING_MATCHED}    retry or cancel named a row or group that was not failed / in progress;
+       rerun found nothing to re-run
   {EXIT_ERROR}    usage, configuration or database error (one line on stderr)
   {EXIT_INTERNAL}   unexpected failure, printed with its traceback
   {EXIT_INTERRUPTED}  interrupted

@@ -15,7 +15,8 @@ from .._connect import default_dsn
 
 #: Everything asked for was done.
 EXIT_OK = 0
-#: ``retry`` or ``cancel`` named a row or group that was not failed / in progress.
+#: ``retry`` or ``cancel`` named a row or group that was not failed / in progress;
+#: ``rerun`` found nothing to re-run.
 EXIT_NOTHING_MATCHED = 1
 #: Bad usage, a pipeline that cannot be loaded, a configuration or database error.
 EXIT_ERROR = 2

@@ -83,6 +83,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--writes",
         action="store_true",
-        help="enable retry and cancel; requests must carry the token in $PGSTAGECHAIN_DASHBOARD_TOKEN",
+        help="enable retry, cancel and rerun; requests must carry the token in $PGSTAGECHAIN_DASHBOARD_TOKEN",
     )
     p.set_defaults(run=_dashboard)

@@ -27,7 +27,7 @@ def dashboard_router(
     """The web dashboard of ``pipeline`` as routes, mount with ``prefix="/dashboard"``.
 
     :param dependencies: run before every route (reads too): your authentication.
-    :param writes: enable retry and cancel; a write then needs ``write_dependencies``
+    :param writes: enable retry, cancel and rerun; a write then needs ``write_dependencies``
         (your own check that the caller may change things) or the ``token``, and is
         refused cross-site whatever the dependencies say.
     :param options: passed to :class:`pgstagechain.dashboard.Dashboard` (``window``,
@@ -35,7 +35,7 @@ def dashboard_router(
     """
     if writes and not (write_dependencies or token):
         raise ConfigurationError(
-            "dashboard_router(writes=True) lets callers retry and cancel: pass "
+            "dashboard_router(writes=True) lets callers retry, cancel and re-run: pass "
             "write_dependencies=[Depends(...)] that authorises them, or a token"
         )
     board = Dashboard(pipeline, dsn, writes=writes, token=token, **options)

@@ -1,6 +1,6 @@
 """A live web dashboard of a pipeline: the drawn stages with their counts, throughput and
 failures per stage, recent failures, a row's history, worker presence, and (when enabled)
-retry and cancel.
+retry, cancel and re-runs.
 
 Serve it with ``pgstagechain dashboard MODULE:PIPELINE``, or mount it::
 

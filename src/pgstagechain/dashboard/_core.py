@@ -7,7 +7,7 @@ through :mod:`pgstagechain.admin`.
 
 Reads use a small pool of their own and are cached for a moment, one refresh at a time:
 a burst of browsers costs one query round, and at most ``pool_size`` connections. Write
-actions (retry, cancel) are off unless ``writes`` is set; then a request must be a POST
+actions (retry, cancel, rerun) are off unless ``writes`` is set; then a request must be a POST
 of JSON, carry the custom header :data:`WRITE_HEADER` (a browser never sends one cross-site
 without a preflight this app does not answer), come from this origin when it names one,
 and be authenticated: the host application vouched for it, or it carries the token.
@@ -47,6 +47,12 @@ ASSETS = {
     "static/dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
     "static/dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
 }
+#: the write actions, each a POST to ``api/<action>``
+WRITES = ("api/retry", "api/cancel", "api/rerun")
+#: keys a re-run's answer lists at most per list (the counts are whole)
+SHOWN_KEYS = 50
+#: keys a re-run request may name
+MAX_KEYS = 100_000
 SECURITY_HEADERS = (
     (
         "content-security-policy",
@@ -110,7 +116,7 @@ def _asset(name: str) -> bytes:
 class Dashboard:
     """One pipeline's dashboard: see the module docstring.
 
-    :param writes: enable retry and cancel (off by default).
+    :param writes: enable retry, cancel and rerun (off by default).
     :param token: the secret a write request must carry as ``Authorization: Bearer
         TOKEN``, unless the host application authorized the request itself.
     :param window: seconds over which each stage's throughput is counted.
@@ -266,12 +272,9 @@ class Dashboard:
             )
 
     async def act(self, action: str, body: bytes) -> dict[str, Any]:
-        try:
-            asked = json.loads(body or b"{}")
-        except ValueError:
-            raise Refused(400, "the body is not JSON") from None
-        if not isinstance(asked, dict):
-            raise Refused(400, "the body must be a JSON object")
+        asked = _object(body)
+        if action == "rerun":
+            return await self.rerun(asked)
         chosen = {k: asked.get(k) for k in ("key", "group", "stage") if asked.get(k) is not None}
         if len(chosen) != 1 or not all(isinstance(v, str | int) for v in chosen.values()):
             raise Refused(400, "name exactly one of key, group or stage")
@@ -289,6 +292,56 @@ class Dashboard:
         self._cache.clear()
         logger.info("dashboard %s of %s: %s", action, target, found)
         return found
+
+    async def rerun(self, asked: dict[str, Any]) -> dict[str, Any]:
+        """Re-run a stage for a selection (``admin.rerun``); with ``dry_run`` only count.
+        The report's key lists are cut to :data:`SHOWN_KEYS` (their counts are whole)."""
+        stage = asked.get("stage")
+        if not isinstance(stage, str) or not stage:
+            raise Refused(400, "name the stage to re-run from")
+        options: dict[str, Any] = {
+            "stage": stage,
+            "keys": _strings(asked.get("keys"), "keys"),
+            "groups": _strings(asked.get("groups"), "groups"),
+            "status": _optional_text(asked.get("status"), "status"),
+            "all_rows": asked.get("all") is True,
+            "in_flight": "skip" if asked.get("skip_in_flight") is True else "cancel",
+            "dry_run": asked.get("dry_run") is True,
+        }
+        for name in ("since", "until"):
+            text = _optional_text(asked.get(name), name)
+            if text is not None:
+                try:
+                    options[name] = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+                except ValueError:
+                    raise Refused(400, f"{name} is not an ISO 8601 time: {text!r}") from None
+        async with self._connection() as conn:
+            try:
+                report = await admin.rerun(conn, self.pipeline, **options)
+            except ConfigurationError as exc:
+                raise Refused(400, str(exc)) from None
+        found = report.to_json()
+        for name in ("keys", "in_flight", "groups", "groups_stopped"):
+            found[f"{name}_count"] = len(found[name])
+            found[name] = found[name][:SHOWN_KEYS]
+        found["skipped"] = {
+            reason: {
+                "count": len(keys),
+                "keys": keys[:SHOWN_KEYS],
+                "why": admin.SKIP_REASONS[reason],
+            }
+            for reason, keys in found["skipped"].items()
+        }
+        if not report.dry_run:
+            self._cache.clear()
+            logger.info(
+                "dashboard rerun of %s from %s: %d re-run, %d skipped",
+                self.pipeline.name,
+                stage,
+                len(report.keys),
+                report.skipped_count,
+            )
+        return {"action": "rerun", **found}
 
     # -- routing ---------------------------------------------------------------------------------
 
@@ -330,13 +383,47 @@ class Dashboard:
             if path == "api/history":
                 group = request.query.get("group", "") in ("1", "true", "yes")
                 return _json(200, await self.history(request.query.get("key", ""), group))
-            if path in ("api/retry", "api/cancel"):
+            if path in WRITES:
                 raise Refused(405, "use POST", (("allow", "POST"),))
             raise Refused(404, "not found")
-        if request.method == "POST" and path in ("api/retry", "api/cancel"):
+        if request.method == "POST" and path in WRITES:
             self.check_write(request)
             return _json(200, await self.act(path.removeprefix("api/"), request.body))
         raise Refused(405, "method not allowed", (("allow", "GET"),))
+
+
+def _object(body: bytes) -> dict[str, Any]:
+    try:
+        asked = json.loads(body or b"{}")
+    except ValueError:
+        raise Refused(400, "the body is not JSON") from None
+    if not isinstance(asked, dict):
+        raise Refused(400, "the body must be a JSON object")
+    return asked
+
+
+def _optional_text(value: Any, name: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 1000:
+        raise Refused(400, f"{name} must be a string")
+    return value
+
+
+def _strings(value: Any, name: str) -> list[str] | None:
+    """A list of keys, given as a JSON list or as one string separated by commas, spaces
+    or new lines."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_KEYS
+        or not all(isinstance(v, str | int) and len(str(v)) <= 1000 for v in value)
+    ):
+        raise Refused(400, f"{name} must be a list of at most {MAX_KEYS} keys")
+    return [str(v) for v in value]
 
 
 def _json(status: int, data: Any, headers: tuple[tuple[str, str], ...] = ()) -> Response:

@@ -7,6 +7,8 @@ const SVG_NS = "http://www.w3.org/2000/svg";
 const WRITE_HEADER = "X-PgStageChain-Dashboard";
 let config = null;
 let failureStage = "";
+let rerunStage = null;
+let rerunPending = null;
 
 function $(id) { return document.getElementById(id); }
 
@@ -57,18 +59,24 @@ async function getJSON(path) {
   return data;
 }
 
-async function act(action, target) {
+async function post(action, body) {
   const headers = { "Content-Type": "application/json", [WRITE_HEADER]: "1" };
   const secret = token();
   if (secret) headers.Authorization = "Bearer " + secret;
   const response = await fetch("api/" + action, {
-    method: "POST", headers, body: JSON.stringify(target), credentials: "same-origin",
+    method: "POST", headers, body: JSON.stringify(body), credentials: "same-origin",
   });
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     toast(action + " refused: " + (data.error || response.status), true);
-    return;
+    return null;
   }
+  return data;
+}
+
+async function act(action, target) {
+  const data = await post(action, target);
+  if (data === null) return;
   const keys = data.keys || [];
   toast(action + ": " + (keys.length ? keys.join(", ") : "nothing to " + action));
   refresh();
@@ -114,8 +122,12 @@ function showStages(stages) {
       el("td", seconds(stage.oldest_waiting_seconds), "num"), el("td", rate(stage.per_minute), "num"),
       el("td", seconds(stage.runs.p50_seconds), "num"), el("td", seconds(stage.runs.p95_seconds), "num"));
     const actions = el("td", null, "write-only");
+    const rerun = el("button", "re-run from here");
+    rerun.type = "button";
+    rerun.dataset.action = "rerun";
+    rerun.addEventListener("click", () => openRerun(stage.name));
     actions.append(actionButton("retry failed", "retry", { stage: stage.name }),
-      actionButton("cancel running", "cancel", { stage: stage.name }));
+      actionButton("cancel running", "cancel", { stage: stage.name }), rerun);
     tr.append(actions);
     return tr;
   });
@@ -242,6 +254,81 @@ async function showHistory(event) {
   }
 }
 
+function openRerun(stage) {
+  rerunStage = stage;
+  $("rerun-stage").textContent = stage;
+  $("rerun-panel").hidden = false;
+  rerunChanged();
+  $("rerun-panel").scrollIntoView({ block: "nearest" });
+}
+
+function rerunChanged() {
+  rerunPending = null;
+  $("rerun-confirm").disabled = true;
+  $("rerun-confirm").textContent = "Re-run";
+  $("rerun-result").replaceChildren();
+}
+
+function rerunTarget() {
+  const which = $("rerun-which").value;
+  const target = { stage: rerunStage, skip_in_flight: $("rerun-skip").checked };
+  const text = $("rerun-keys").value.trim();
+  if (which === "keys") target.keys = text;
+  else if (which === "groups") target.groups = text;
+  else if (which !== "all") target.status = which;
+  const since = $("rerun-since").value;
+  if (since) target.since = new Date(since).toISOString();
+  else if (which === "all") target.all = true;
+  return target;
+}
+
+function rerunReport(data) {
+  const level = data.level === "group" ? "group" : "row";
+  const count = data.keys_count;
+  const verb = data.dry_run ? "would re-run" : "re-ran";
+  const head = el("p", verb + " stage " + data.stage + " and the stages after it for " + count + " " + level + (count === 1 ? "" : "s")
+    + (data.keys.length ? ": " + data.keys.join(", ") + (count > data.keys.length ? ", ..." : "") : ""), "rerun-count");
+  head.dataset.count = String(count);
+  head.dataset.dryRun = String(data.dry_run);
+  const parts = [head];
+  if (data.in_flight_count) parts.push(el("p", data.in_flight_count + " in flight, " + (data.dry_run ? "to be " : "") + "cancelled first: " + data.in_flight.join(", ")));
+  for (const [reason, found] of Object.entries(data.skipped)) {
+    const line = el("p", "skipped " + found.count + ", " + found.why + ": " + found.keys.join(", "), "skipped");
+    line.dataset.reason = reason;
+    parts.push(line);
+  }
+  if (data.groups_count) {
+    parts.push(el("p", data.groups_count + " group(s) " + (data.dry_run ? "to be " : "") + "taken apart, each forms again once its re-run members are back"
+      + (data.groups_stopped_count ? "; " + data.groups_stopped_count + " had a group stage at work, " + (data.dry_run ? "to be " : "") + "stopped" : "")));
+  }
+  $("rerun-result").replaceChildren(...parts);
+}
+
+async function previewRerun(event) {
+  event.preventDefault();
+  rerunChanged();
+  const target = rerunTarget();
+  const data = await post("rerun", { ...target, dry_run: true });
+  if (data === null) return;
+  rerunReport(data);
+  if (data.keys_count > 0) {
+    rerunPending = target;
+    $("rerun-confirm").disabled = false;
+    $("rerun-confirm").textContent = "Re-run " + data.keys_count + " " + (data.level === "group" ? "group" : "row") + (data.keys_count === 1 ? "" : "s");
+  }
+}
+
+async function confirmRerun() {
+  if (rerunPending === null) return;
+  const target = rerunPending;
+  rerunChanged();
+  const data = await post("rerun", { ...target, dry_run: false });
+  if (data === null) return;
+  rerunReport(data);
+  toast("rerun: " + data.keys_count + " from " + data.stage);
+  refresh();
+}
+
 async function start() {
   config = await getJSON("api/config");
   document.title = "pgstagechain: " + config.pipeline;
@@ -258,6 +345,10 @@ async function start() {
   }
   $("failure-stage").addEventListener("change", (event) => { failureStage = event.target.value; refresh(); });
   $("history-form").addEventListener("submit", showHistory);
+  $("rerun-form").addEventListener("submit", previewRerun);
+  $("rerun-form").addEventListener("input", rerunChanged);
+  $("rerun-confirm").addEventListener("click", confirmRerun);
+  $("rerun-close").addEventListener("click", () => { $("rerun-panel").hidden = true; rerunChanged(); });
   await loadGraph();
   await refresh();
   setInterval(refresh, REFRESH_MS);
