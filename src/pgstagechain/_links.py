@@ -3,16 +3,14 @@ handlers, checked only when a connection sat idle long enough to have died."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import psycopg
-from psycopg import AsyncConnection, Connection
+from psycopg import AsyncConnection, Connection, pq
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
 from ._connect import DB_ERRORS as DB_ERRORS
@@ -103,15 +101,15 @@ class Freshness:
         self.idle = idle
         self.last_used: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 
-    def _stale(self, conn: Any) -> bool:
+    def stale(self, conn: Any) -> bool:
         return time.monotonic() - self.last_used.get(conn, 0.0) > self.idle
 
     async def check_async(self, conn: AsyncConnection[Any]) -> None:
-        if self._stale(conn):
+        if self.stale(conn):
             await AsyncConnectionPool.check_connection(conn)
 
     def check(self, conn: Connection[Any]) -> None:
-        if self._stale(conn):
+        if self.stale(conn):
             ConnectionPool.check_connection(conn)
 
     def used(self, conn: Any) -> None:
@@ -120,10 +118,66 @@ class Freshness:
         self.last_used[conn] = time.monotonic()
 
 
+def reusable(conn: AsyncConnection[Any] | Connection[Any]) -> bool:
+    """Open, and outside any transaction: ready for the next handler as it is."""
+    return conn.info.transaction_status == pq.TransactionStatus.IDLE and not conn.broken
+
+
+class Loan:
+    """One async run's claim on a handler connection: a slot of the pool, and the
+    connection itself only once the handler reads ``ctx.conn`` (:meth:`take`)."""
+
+    __slots__ = ("_lender", "conn")
+
+    def __init__(self, lender: HandlerConnections) -> None:
+        self._lender = lender
+        self.conn: AsyncConnection[Any] | None = None
+
+    def take(self) -> AsyncConnection[Any]:
+        if self.conn is None:
+            self.conn = self._lender.take_ready()
+        return self.conn
+
+
+class BlockingLoan:
+    """A sync run's connection, checked out of the blocking pool (in the handler's
+    thread) the first time the handler reads ``ctx.conn``."""
+
+    __slots__ = ("_lender", "conn")
+
+    def __init__(self, lender: HandlerConnections) -> None:
+        self._lender = lender
+        self.conn: Connection[Any] | None = None
+
+    def take(self) -> Connection[Any]:
+        if self.conn is None:
+            pool = self._lender.blocking
+            assert pool is not None, "no sync stage needs a connection"
+            conn = pool.getconn()
+            self._lender.freshness.used(conn)
+            self.conn = conn
+        return self.conn
+
+    def give_back(self) -> None:
+        if self.conn is not None:
+            pool = self._lender.blocking
+            assert pool is not None
+            self._lender.freshness.used(self.conn)
+            pool.putconn(self.conn)
+            self.conn = None
+
+
 class HandlerConnections:
     """Connections lent to the handlers of stages with ``connection=True``: an async pool,
-    and a blocking one when a sync stage needs it. Runs queue on a semaphore, which is
-    cheap, rather than inside the pool."""
+    and a blocking one when a sync stage needs it.
+
+    A run takes a connection only when its handler first reads ``ctx.conn``, so a
+    handler that never does costs no connection. An async handler reads it without
+    awaiting, so a connection must be at hand by then: each async run holds one of
+    ``size`` slots while its handler runs, and for every slot whose handler has not taken
+    its connection yet one is kept ready (checked out of the pool, idle). Slots queue on a
+    semaphore, which is cheap, rather than inside the pool.
+    """
 
     def __init__(self, conninfo: str, size: int, *, blocking: bool, name: str) -> None:
         self.size = size
@@ -149,7 +203,15 @@ class HandlerConnections:
                 kwargs={"application_name": "pgstagechain-handler"},
                 check=self.freshness.check,
             )
-        self._slots = anyio.Semaphore(size)
+        self._slots = anyio.Semaphore(size, fast_acquire=True)
+        #: connections checked out of the pool and idle, the one used last at the end
+        self.ready: list[AsyncConnection[Any]] = []
+        #: runs holding a slot whose handler has not taken a connection yet
+        self._untaken = 0
+        #: connections being checked out of the pool for ``ready``
+        self._fetching = 0
+        #: connections handlers took, in all
+        self.taken = 0
 
     async def open(self) -> None:
         if self.blocking is not None:
@@ -157,23 +219,50 @@ class HandlerConnections:
         await self.pool.open()
 
     async def close(self) -> None:
+        while self.ready:
+            await self.pool.putconn(self.ready.pop())
         await self.pool.close()
         if self.blocking is not None:
             await anyio.to_thread.run_sync(self.blocking.close)
 
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[AsyncConnection[Any]]:
-        async with self._slots, self.pool.connection() as conn:
-            try:
-                yield conn
-            finally:
+    async def lend(self) -> Loan:
+        """A slot for one async run, with a connection ready for it should it ask."""
+        await self._slots.acquire()
+        self._untaken += 1
+        try:
+            # A connection idle for long is handed back to the pool, whose check tests it.
+            while self.ready and self.freshness.stale(self.ready[0]):
+                await self.pool.putconn(self.ready.pop(0))
+            while len(self.ready) + self._fetching < self._untaken:
+                self._fetching += 1
+                try:
+                    conn = await self.pool.getconn()
+                finally:
+                    self._fetching -= 1
                 self.freshness.used(conn)
+                self.ready.append(conn)
+        except BaseException:
+            self._untaken -= 1
+            self._slots.release()
+            raise
+        return Loan(self)
 
-    @contextlib.contextmanager
-    def blocking_connection(self) -> Iterator[Connection[Any]]:
-        assert self.blocking is not None, "no sync stage needs a connection"
-        with self.blocking.connection() as conn:
-            try:
-                yield conn
-            finally:
-                self.freshness.used(conn)
+    def take_ready(self) -> AsyncConnection[Any]:
+        self._untaken -= 1
+        self.taken += 1
+        return self.ready.pop()
+
+    async def give_back(self, loan: Loan) -> None:
+        """End ``loan``: its connection, if the handler took it, is ready for the next
+        run as it is, or goes back to the pool (which rolls back or replaces it)."""
+        conn = loan.conn
+        loan.conn = None
+        if conn is None:
+            self._untaken -= 1
+        elif reusable(conn):
+            self.freshness.used(conn)
+            self.ready.append(conn)
+        else:
+            with anyio.CancelScope(shield=True):
+                await self.pool.putconn(conn)
+        self._slots.release()
