@@ -203,7 +203,7 @@ class HandlerConnections:
                 kwargs={"application_name": "pgstagechain-handler"},
                 check=self.freshness.check,
             )
-        self._slots = anyio.Semaphore(size, fast_acquire=True)
+        self._slots = anyio.Semaphore(size)
         #: connections checked out of the pool and idle, the one used last at the end
         self.ready: list[AsyncConnection[Any]] = []
         #: runs holding a slot whose handler has not taken a connection yet
@@ -227,7 +227,10 @@ class HandlerConnections:
 
     async def lend(self) -> Loan:
         """A slot for one async run, with a connection ready for it should it ask."""
-        await self._slots.acquire()
+        try:
+            self._slots.acquire_nowait()  # no checkpoint when a slot is free
+        except anyio.WouldBlock:
+            await self._slots.acquire()
         self._untaken += 1
         try:
             # A connection idle for long is handed back to the pool, whose check tests it.
