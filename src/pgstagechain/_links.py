@@ -123,19 +123,26 @@ def reusable(conn: AsyncConnection[Any] | Connection[Any]) -> bool:
     return conn.info.transaction_status == pq.TransactionStatus.IDLE and not conn.broken
 
 
+#: what reading ``ctx.conn`` after the handler returned raises
+LOAN_ENDED = "ctx.conn was read after its handler returned: the connection is the handler's only while it runs"
+
+
 class Loan:
     """One async run's claim on a handler connection: a slot of the pool, and the
     connection itself only once the handler reads ``ctx.conn`` (:meth:`take`)."""
 
-    __slots__ = ("_lender", "conn")
+    __slots__ = ("conn", "ended", "lender")
 
     def __init__(self, lender: HandlerConnections) -> None:
-        self._lender = lender
+        self.lender = lender
         self.conn: AsyncConnection[Any] | None = None
+        self.ended = False
 
     def take(self) -> AsyncConnection[Any]:
         if self.conn is None:
-            self.conn = self._lender.take_ready()
+            if self.ended:
+                raise RuntimeError(LOAN_ENDED)
+            self.conn = self.lender.take_ready()
         return self.conn
 
 
@@ -143,27 +150,28 @@ class BlockingLoan:
     """A sync run's connection, checked out of the blocking pool (in the handler's
     thread) the first time the handler reads ``ctx.conn``."""
 
-    __slots__ = ("_lender", "conn")
+    __slots__ = ("conn", "ended", "freshness", "pool")
 
     def __init__(self, lender: HandlerConnections) -> None:
-        self._lender = lender
+        assert lender.blocking is not None, "no sync stage needs a connection"
+        self.pool = lender.blocking
+        self.freshness = lender.freshness
         self.conn: Connection[Any] | None = None
+        self.ended = False
 
     def take(self) -> Connection[Any]:
         if self.conn is None:
-            pool = self._lender.blocking
-            assert pool is not None, "no sync stage needs a connection"
-            conn = pool.getconn()
-            self._lender.freshness.used(conn)
-            self.conn = conn
+            if self.ended:
+                raise RuntimeError(LOAN_ENDED)
+            self.conn = self.pool.getconn()
         return self.conn
 
     def give_back(self) -> None:
+        """Back to the pool, which rolls back a transaction left open."""
+        self.ended = True
         if self.conn is not None:
-            pool = self._lender.blocking
-            assert pool is not None
-            self._lender.freshness.used(self.conn)
-            pool.putconn(self.conn)
+            self.freshness.used(self.conn)
+            self.pool.putconn(self.conn)
             self.conn = None
 
 
@@ -260,6 +268,7 @@ class HandlerConnections:
         run as it is, or goes back to the pool (which rolls back or replaces it)."""
         conn = loan.conn
         loan.conn = None
+        loan.ended = True
         if conn is None:
             self._untaken -= 1
         elif reusable(conn):

@@ -145,3 +145,16 @@ async def test_writes_roll_back_when_the_completion_is_refused(
     # The refused run's write rolled back with it; every write left is a succeeded run's.
     writes, _, matched = await written_by_succeeded_runs(dsn)
     assert writes == matched > 0
+
+
+async def test_ctx_conn_is_the_handlers_only_while_it_runs(pgstagechain_dsn: str) -> None:
+    kept: list[StageContext[Any]] = []
+
+    async def keeps_its_context(ctx: StageContext[Any]) -> None:
+        kept.append(ctx)
+        assert ctx.conn is ctx.conn  # the same connection on every read
+
+    pipeline = await items_pipeline(pgstagechain_dsn, keeps_its_context)
+    await Worker(pipeline, pgstagechain_dsn, scan_interval=3600).run_until_idle()
+    with pytest.raises(RuntimeError, match="after its handler returned"):
+        _ = kept[0].conn
