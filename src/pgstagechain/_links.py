@@ -214,10 +214,11 @@ class HandlerConnections:
         self._slots = anyio.Semaphore(size)
         #: connections checked out of the pool and idle, the one used last at the end
         self.ready: list[AsyncConnection[Any]] = []
-        #: runs holding a slot whose handler has not taken a connection yet
+        #: runs lent a slot whose handler has not taken a connection yet: ``ready`` always
+        #: holds at least as many connections
         self._untaken = 0
-        #: connections being checked out of the pool for ``ready``
-        self._fetching = 0
+        #: set while one run tops ``ready`` up; the others wait for it
+        self._gate: anyio.Event | None = None
         #: connections handlers took, in all
         self.taken = 0
 
@@ -235,28 +236,45 @@ class HandlerConnections:
 
     async def lend(self) -> Loan:
         """A slot for one async run, with a connection ready for it should it ask."""
+        while self._gate is not None:  # not holding a slot while another run tops up
+            await self._gate.wait()
         try:
             self._slots.acquire_nowait()  # no checkpoint when a slot is free
         except anyio.WouldBlock:
             await self._slots.acquire()
-        self._untaken += 1
         try:
-            # A connection idle for long is handed back to the pool, whose check tests it.
-            while self.ready and self.freshness.stale(self.ready[0]):
-                await self.pool.putconn(self.ready.pop(0))
-            while len(self.ready) + self._fetching < self._untaken:
-                self._fetching += 1
+            while self._gate is not None or self._short():
+                if self._gate is not None:
+                    await self._gate.wait()
+                    continue
+                # One run at a time tops up; the others wait here and all go on at once,
+                # rather than each checking out a connection of its own.
+                self._gate = gate = anyio.Event()
                 try:
-                    conn = await self.pool.getconn()
+                    await self._top_up()
                 finally:
-                    self._fetching -= 1
-                self.freshness.used(conn)
-                self.ready.append(conn)
+                    self._gate = None
+                    gate.set()
         except BaseException:
-            self._untaken -= 1
             self._slots.release()
             raise
+        self._untaken += 1
         return Loan(self)
+
+    def _short(self) -> bool:
+        """No connection ready beyond those kept for runs that have not taken theirs, or
+        the next one a handler would take sat idle long enough to have died."""
+        return len(self.ready) <= self._untaken or self.freshness.stale(self.ready[-1])
+
+    async def _top_up(self) -> None:
+        if len(self.ready) > self._untaken and self.freshness.stale(self.ready[-1]):
+            with anyio.CancelScope(shield=True):
+                # back to the pool, whose check tests it when it is checked out again
+                await self.pool.putconn(self.ready.pop())
+        while len(self.ready) <= self._untaken:
+            conn = await self.pool.getconn()
+            self.freshness.used(conn)
+            self.ready.append(conn)
 
     def take_ready(self) -> AsyncConnection[Any]:
         self._untaken -= 1

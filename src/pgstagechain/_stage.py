@@ -98,8 +98,9 @@ class Stage:
     concurrency: int | None = None
     #: for the first group stage of a chain: when its group forms (see :class:`FanIn`)
     fan_in: FanIn = FanIn.ALL_DONE
-    #: False for stages that never write to the database: they hold no connection while
-    #: they run and their completions are batched (``ctx.conn`` is then None).
+    #: False for stages that never write to the database (``ctx.conn`` is then None). With
+    #: True, ``ctx.conn`` is checked out on the handler's first read of it; a handler that
+    #: never reads it is completed in a batch all the same.
     connection: bool = True
 
     def __init__(
