@@ -149,9 +149,10 @@ class Stage:
         if type(self).run is Stage.run and not isinstance(self, FunctionStage):
             raise StageDeclarationError(self.name, "a Stage subclass must override run()")
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
-        """True when ``run`` is a coroutine function (it then runs on the event loop)."""
+        """True when ``run`` is a coroutine function (it then runs on the event loop); asked
+        for every run, so looked up once."""
         return inspect.iscoroutinefunction(self.run)
 
     def run(self, ctx: StageContext[Any]) -> Any:
@@ -171,7 +172,7 @@ class FunctionStage(Stage, Generic[P, R]):
         super().__init__(name=options.pop("name", None) or func.__name__, **options)
         functools.update_wrapper(self, func)
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.func)
 
