@@ -259,9 +259,16 @@ class RunExecutor:
         return self._settle(booked, claim.token in completed, chained.get(claim.token), claim)
 
     async def _run_sync(self, stage: Stage, claim: Claim) -> tuple[Stage, Claim] | None:
-        # Booked here, in the event loop, for a completion the thread may commit itself.
-        booked = self._book_next(stage) if stage.connection else None
-        chain = booked is not None
+        booked: Stage | None = None
+        abandoned = False
+
+        def book() -> bool:
+            """In the event loop, for a completion the thread is about to send: book the
+            next stage's slot (not for a thread the run no longer waits for)."""
+            nonlocal booked
+            if not abandoned:
+                booked = self._book_next(stage)
+            return booked is not None
 
         def call() -> tuple[bool, str | None, tuple[set[int], dict[int, Claim]]]:
             if not stage.connection:
@@ -271,6 +278,7 @@ class RunExecutor:
                 payload = to_json(stage.name, stage.run(self._context(claim, None, loan.take)))
                 if loan.conn is None or not wrote(loan.conn):
                     return False, payload, NONE
+                chain = anyio.from_thread.run_sync(book)
                 # From here the run is concluding: a lease renewal must not take a run this
                 # commit closes for one whose lease was lost. (A set's add and discard are
                 # atomic; the event loop only reads it.)
@@ -295,13 +303,13 @@ class RunExecutor:
                     call, abandon_on_cancel=True, limiter=self.threads
                 )
         except BaseException:
+            abandoned = True
             self._settle(booked, True, None, claim)
             raise
         finally:
             self.runs.concluding.discard(claim.token)
         if committed:
             return self._settle(booked, claim.token in completed, chained.get(claim.token), claim)
-        self._settle(booked, True, None, claim)
         return await self._complete_batched(stage, claim, payload)
 
     def _context(
