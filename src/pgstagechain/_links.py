@@ -219,8 +219,6 @@ class HandlerConnections:
         self._untaken = 0
         #: set while one run tops ``ready`` up; the others wait for it
         self._gate: anyio.Event | None = None
-        #: connections handlers took, in all
-        self.taken = 0
 
     async def open(self) -> None:
         if self.blocking is not None:
@@ -278,7 +276,6 @@ class HandlerConnections:
 
     def take_ready(self) -> AsyncConnection[Any]:
         self._untaken -= 1
-        self.taken += 1
         return self.ready.pop()
 
     async def give_back(self, loan: Loan) -> None:
