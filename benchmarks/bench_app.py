@@ -6,7 +6,9 @@ benchmarks.bench_app:pipeline`` and ``benchmarks/bench_worker.py`` build the sam
 - ``BENCH_ROW_STAGES`` (default 8) and ``BENCH_GROUP_STAGES`` (default 2);
 - ``BENCH_CONNECTION`` = ``0`` declares every stage ``connection=False`` (no pooled
   connection is held while the handler runs; completions are batched), ``1`` keeps the
-  default ``connection=True`` path (a pooled connection per run, unused by the handler).
+  default ``connection=True`` path (the handler never reads ``ctx.conn``), ``2`` the
+  same with a handler that writes one row on ``ctx.conn`` (its completion commits in
+  that transaction).
 
 Every handler records ``(stage, key, time.time())`` when it starts, in :data:`STARTS`,
 so the benchmark can measure the latency from a completion to the next handler.
@@ -42,6 +44,7 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
     status text NOT NULL DEFAULT 'running',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+CREATE TABLE IF NOT EXISTS bench_writes (stage text NOT NULL, key text NOT NULL);
 """
 
 
@@ -56,10 +59,22 @@ async def _noop(ctx: Any) -> None:
         STARTS.append((ctx.stage, str(ctx.key), time.time()))
 
 
+async def _writes(ctx: Any) -> None:
+    if RECORD:
+        STARTS.append((ctx.stage, str(ctx.key), time.time()))
+    await ctx.conn.execute("INSERT INTO bench_writes VALUES (%s, %s)", (ctx.stage, str(ctx.key)))
+
+
 def build_pipeline(
-    row_stages: int = 8, group_stages: int = 2, *, connection: bool = False, name: str = "bench"
+    row_stages: int = 8,
+    group_stages: int = 2,
+    *,
+    connection: bool = False,
+    writes: bool = False,
+    name: str = "bench",
 ) -> Pipeline:
-    """The benchmark pipeline: ``row_stages`` per row, then ``group_stages`` per job."""
+    """The benchmark pipeline: ``row_stages`` per row, then ``group_stages`` per job;
+    with ``writes``, every handler writes a row on its connection."""
     if row_stages < 1:
         raise ValueError("the benchmark pipeline needs at least one row stage")
     pipeline = Pipeline(
@@ -71,12 +86,14 @@ def build_pipeline(
         start=START_STEP,
     )
     rows, groups = stage_names(row_stages, group_stages)
+    handler = _writes if writes else _noop
+    connection = connection or writes
     previous = START_STEP
     for stage_name in rows:
-        pipeline.stage(after=previous, name=stage_name, connection=connection)(_noop)
+        pipeline.stage(after=previous, name=stage_name, connection=connection)(handler)
         previous = stage_name
     for stage_name in groups:
-        pipeline.stage(after=previous, name=stage_name, group=True, connection=connection)(_noop)
+        pipeline.stage(after=previous, name=stage_name, group=True, connection=connection)(handler)
         previous = stage_name
     return pipeline
 
@@ -87,4 +104,5 @@ def pipeline() -> Pipeline:
         int(os.environ.get("BENCH_ROW_STAGES", "8")),
         int(os.environ.get("BENCH_GROUP_STAGES", "2")),
         connection=os.environ.get("BENCH_CONNECTION", "0") == "1",
+        writes=os.environ.get("BENCH_CONNECTION", "0") == "2",
     )

@@ -58,7 +58,7 @@ def main() -> int:
     parser.add_argument("--dsn", required=True)
     parser.add_argument("--row-stages", type=int, default=8)
     parser.add_argument("--group-stages", type=int, default=2)
-    parser.add_argument("--connection", type=int, choices=(0, 1), default=0)
+    parser.add_argument("--connection", type=int, choices=(0, 1, 2), default=0, help="2: writes")
     parser.add_argument("--concurrency", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=200)
     parser.add_argument("--scan-interval", type=float, default=10.0)
@@ -69,7 +69,10 @@ def main() -> int:
     bench_app.RECORD = not args.no_record
     instrumented = not args.no_record and instrument_completions()
     pipeline = bench_app.build_pipeline(
-        args.row_stages, args.group_stages, connection=bool(args.connection)
+        args.row_stages,
+        args.group_stages,
+        connection=bool(args.connection),
+        writes=args.connection == 2,
     )
     worker = Worker(
         pipeline,

@@ -35,6 +35,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+#: what a burst mode passes to bench_worker.py --connection
+MODES = {"noconn": 0, "conn": 1, "write": 2}
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_app  # noqa: E402
@@ -234,7 +236,7 @@ class Bench:
     # workers
 
     def start_workers(
-        self, dsn: str, count: int, connection: bool, tag: str, *, record: bool = True
+        self, dsn: str, count: int, connection: int, tag: str, *, record: bool = True
     ) -> list[tuple[subprocess.Popen[str], Path]]:
         started = []
         for index in range(count):
@@ -249,7 +251,7 @@ class Bench:
                 "--group-stages",
                 str(self.args.group_stages),
                 "--connection",
-                "1" if connection else "0",
+                str(int(connection)),
                 "--concurrency",
                 str(self.args.concurrency),
                 "--batch-size",
@@ -393,10 +395,10 @@ class Bench:
     # -- scenarios -------------------------------------------------------------------------------
 
     def burst(self, mode: str, count: int, profile: Path | None = None) -> dict[str, Any]:
-        connection = mode == "conn"
+        connection = MODES[mode]
         rows = self.args.chains
         dsn = self.new_database(f"burst_{mode}_{count}")
-        self.install(dsn, connection)
+        self.install(dsn, bool(connection))
         job_ids = self.add_rows(dsn, rows)
         expected = self.expected_transitions(rows)
         workers = self.start_workers(dsn, count, connection, f"burst-{mode}-{count}")
@@ -865,7 +867,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--modes",
         default="noconn,conn",
-        help="noconn: stages declared connection=False; conn: the default connection=True",
+        help="noconn: stages declared connection=False; conn: the default connection=True;"
+        " write: connection=True, each handler writes a row on ctx.conn",
     )
     p.add_argument("--concurrency", type=int, default=400, help="per worker process")
     p.add_argument("--batch-size", type=int, default=200)
@@ -894,7 +897,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in args.modes:
-        if mode not in ("noconn", "conn"):
+        if mode not in MODES:
             p.error(f"unknown mode {mode!r}")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     return args

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
 import attrs
@@ -68,16 +68,29 @@ class StageContext(Generic[ConnT]):
     ``members`` maps every member's key to the results of its row stages, and
     ``failed_members`` the members that failed for good (``FanIn.SETTLED``) to their stage
     and error.
+
+    ``lend``, given instead of ``conn``, is called the first time a handler reads
+    ``conn``: a worker checks a connection out only for handlers that use one.
     """
 
     claim: Claim
-    conn: ConnT
     worker_id: str
     members: Mapping[str, Mapping[str, Any]] = attrs.field()
+    _conn: ConnT = attrs.field(default=None, alias="conn")
+    _lend: Callable[[], ConnT] | None = attrs.field(default=None, alias="lend")
 
     @members.default
     def _claimed_members(self) -> Mapping[str, Mapping[str, Any]]:
         return self.claim.members
+
+    @property
+    def conn(self) -> ConnT:
+        """The handler's connection (psycopg ``AsyncConnection``, or ``Connection`` for a
+        sync handler; None for a stage with ``connection=False``). A worker checks it out
+        of its pool the first time it is read; the same connection every time after."""
+        if self._lend is not None:
+            return self._lend()
+        return self._conn
 
     @functools.cached_property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:

@@ -19,13 +19,13 @@ from typing import Any, Protocol
 import anyio
 import attrs
 from anyio.abc import TaskGroup
-from psycopg import AsyncConnection, pq
+from psycopg import AsyncConnection, Connection, pq
 
 from ._batcher import CompletionBatcher
 from ._claim import Claimer, to_json
 from ._context import Claim, StageContext, run_fields
 from ._hints import Hints
-from ._links import DB_ERRORS, HandlerConnections, Link, connection_lost
+from ._links import DB_ERRORS, BlockingLoan, HandlerConnections, Link, connection_lost
 from ._runs import LiveRuns, WorkerStats
 from ._stage import Stage
 from .errors import LeaseLostError, PermanentError
@@ -66,6 +66,16 @@ def failure_of(stage: Stage, claim: Claim, exc: BaseException) -> Failure:
     if not isinstance(exc, PermanentError) and claim.attempt < stage.retry.max_attempts:
         retry_in = stage.retry.delay(claim.attempt, random.random())
     return Failure(error, retry_in)
+
+
+#: what a sync run that did not commit its own completion brings back from its thread
+NONE: tuple[set[int], dict[int, Claim]] = (set(), {})
+
+
+def wrote(conn: AsyncConnection[Any] | Connection[Any]) -> bool:
+    """The handler's connection is in a transaction: it wrote (or read), and its
+    completion must commit in that transaction."""
+    return conn.info.transaction_status != pq.TransactionStatus.IDLE
 
 
 async def call_handler(stage: Stage, ctx: StageContext[Any]) -> Any:
@@ -211,19 +221,23 @@ class RunExecutor:
         if not stage.connection:
             result = await call_handler(stage, self._context(claim, None))
             return await self._complete_batched(stage, claim, to_json(stage.name, result))
-        async with self.connections.connection() as conn:
-            result = await call_handler(stage, self._context(claim, conn))
+        loan = await self.connections.lend()
+        try:
+            result = await call_handler(stage, self._context(claim, None, loan.take))
             payload = to_json(stage.name, result)
-            if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+            if loan.conn is not None and wrote(loan.conn):
                 # The handler wrote: complete in its transaction, so both commit or neither.
-                return await self._complete_own(stage, claim, conn, payload)
-        # It did not: its connection goes back to the pool before the batch is sent.
+                return await self._complete_own(stage, claim, loan.conn, payload)
+        finally:
+            await self.connections.give_back(loan)
+        # It did not (or never took its connection): its slot is free before the batch goes.
         return await self._complete_batched(stage, claim, payload)
 
     async def _complete_own(
         self, stage: Stage, claim: Claim, conn: AsyncConnection[Any], payload: str | None
     ) -> tuple[Stage, Claim] | None:
-        """Complete in the handler's own transaction, and commit both."""
+        """Complete in the handler's own transaction (going straight on to the next stage
+        when it can), and commit both."""
         booked = self._book_next(stage)
         self.runs.concluding.add(claim.token)
         try:
@@ -245,41 +259,63 @@ class RunExecutor:
         return self._settle(booked, claim.token in completed, chained.get(claim.token), claim)
 
     async def _run_sync(self, stage: Stage, claim: Claim) -> tuple[Stage, Claim] | None:
-        def call() -> tuple[bool, str | None]:
+        booked: Stage | None = None
+        abandoned = False
+
+        def book() -> bool:
+            """In the event loop, for a completion the thread is about to send: book the
+            next stage's slot (not for a thread the run no longer waits for)."""
+            nonlocal booked
+            if not abandoned:
+                booked = self._book_next(stage)
+            return booked is not None
+
+        def call() -> tuple[bool, str | None, tuple[set[int], dict[int, Claim]]]:
             if not stage.connection:
-                return False, to_json(stage.name, stage.run(self._context(claim, None)))
-            with self.connections.blocking_connection() as conn:
-                payload = to_json(stage.name, stage.run(self._context(claim, conn)))
-                if conn.info.transaction_status == pq.TransactionStatus.IDLE:
-                    return False, payload
+                return False, to_json(stage.name, stage.run(self._context(claim, None))), NONE
+            loan = BlockingLoan(self.connections)
+            try:
+                payload = to_json(stage.name, stage.run(self._context(claim, None, loan.take)))
+                if loan.conn is None or not wrote(loan.conn):
+                    return False, payload, NONE
+                chain = anyio.from_thread.run_sync(book)
                 # From here the run is concluding: a lease renewal must not take a run this
                 # commit closes for one whose lease was lost. (A set's add and discard are
                 # atomic; the event loop only reads it.)
                 self.runs.concluding.add(claim.token)
-                completed, _ = self.claimer.complete_many_sync(
-                    conn,
+                outcome = self.claimer.complete_many_sync(
+                    loan.conn,
                     stage.name,
                     stage.group,
-                    [(claim.run_id, claim.token, claim.row_key, payload, False)],
+                    [(claim.run_id, claim.token, claim.row_key, payload, chain)],
+                    worker_id=self.worker_id,
+                    lease=self.lease,
                 )
-                if claim.token not in completed:
-                    raise LeaseLostError(claim.run_id)
-                conn.commit()
-                return True, None
+                if claim.token in outcome[0]:
+                    loan.conn.commit()
+                return True, None, outcome
+            finally:
+                loan.give_back()
 
         try:
             with anyio.fail_after(stage.timeout):
-                committed, payload = await anyio.to_thread.run_sync(
+                committed, payload, (completed, chained) = await anyio.to_thread.run_sync(
                     call, abandon_on_cancel=True, limiter=self.threads
                 )
+        except BaseException:
+            abandoned = True
+            self._settle(booked, True, None, claim)
+            raise
         finally:
             self.runs.concluding.discard(claim.token)
         if committed:
-            return None
+            return self._settle(booked, claim.token in completed, chained.get(claim.token), claim)
         return await self._complete_batched(stage, claim, payload)
 
-    def _context(self, claim: Claim, conn: Any) -> StageContext[Any]:
-        return StageContext(claim=claim, conn=conn, worker_id=self.worker_id)
+    def _context(
+        self, claim: Claim, conn: Any, lend: Callable[[], Any] | None = None
+    ) -> StageContext[Any]:
+        return StageContext(claim=claim, conn=conn, lend=lend, worker_id=self.worker_id)
 
     # -- failure ------------------------------------------------------------------------
 

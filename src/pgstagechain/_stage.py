@@ -98,8 +98,9 @@ class Stage:
     concurrency: int | None = None
     #: for the first group stage of a chain: when its group forms (see :class:`FanIn`)
     fan_in: FanIn = FanIn.ALL_DONE
-    #: False for stages that never write to the database: they hold no connection while
-    #: they run and their completions are batched (``ctx.conn`` is then None).
+    #: False for stages that never write to the database (``ctx.conn`` is then None). With
+    #: True, ``ctx.conn`` is checked out on the handler's first read of it; a handler that
+    #: never reads it is completed in a batch all the same.
     connection: bool = True
 
     def __init__(
@@ -148,9 +149,10 @@ class Stage:
         if type(self).run is Stage.run and not isinstance(self, FunctionStage):
             raise StageDeclarationError(self.name, "a Stage subclass must override run()")
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
-        """True when ``run`` is a coroutine function (it then runs on the event loop)."""
+        """True when ``run`` is a coroutine function (it then runs on the event loop); asked
+        for every run, so looked up once."""
         return inspect.iscoroutinefunction(self.run)
 
     def run(self, ctx: StageContext[Any]) -> Any:
@@ -170,7 +172,7 @@ class FunctionStage(Stage, Generic[P, R]):
         super().__init__(name=options.pop("name", None) or func.__name__, **options)
         functools.update_wrapper(self, func)
 
-    @property
+    @functools.cached_property
     def is_async(self) -> bool:
         return inspect.iscoroutinefunction(self.func)
 

@@ -60,7 +60,9 @@ class Worker:
     :param listen: False for poll-only mode behind a transaction pooler (no LISTEN there):
         the scan then runs every ``poll_interval`` seconds.
     :param pool_size: connections for handlers of stages with ``connection=True``
-        (default ``min(concurrency, 10)``); see :attr:`max_connections`.
+        (default ``min(concurrency, 10)``), each checked out on a handler's first read of
+        ``ctx.conn``; also the most async handlers of such stages in flight at once. See
+        :attr:`max_connections`.
     :param startup_timeout: seconds to wait for an unreachable database at start-up
         (it may be restarting) before :class:`~pgstagechain.StartupTimeoutError`; None
         waits for ever. A refusal that retrying cannot fix (wrong password, no such
