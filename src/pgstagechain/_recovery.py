@@ -146,14 +146,17 @@ class WorkerScan:
     async def scan(self) -> float | None:
         """Find work a notification did not announce; return seconds to the next retry."""
         self.stats.scans += 1
-        found = await probe(await self.control.get(), self.claimer, self.served)
+        conn = await self.control.get()
+        await self.claimer.refresh_limits(conn)
+        await self.claimer.free_stale_slots(conn)
+        found = await probe(conn, self.claimer, self.served)
         self.stats.rescued += found.rescued
         self.stats.repaired += found.repaired
         pipeline = self.claimer.pipeline
         for step in found.ready_steps:
             target = pipeline.next_stage(step)
             if target is not None and target.name in self.hints.needs_scan:
-                self.hints.needs_scan[target.name] = True
+                self.hints.found_ready(target.name)
         wait: float | None = None
         if found.next_retry_at is not None:
             wait = (found.next_retry_at - dt.datetime.now(dt.UTC)).total_seconds()
@@ -188,6 +191,8 @@ class RecoveryScanner:
         group_steps = [s.after for s in stages if s.group]
         async with conn.transaction():
             closed = await claimer.expire(conn, deep=deep)
+        await claimer.refresh_limits(conn)
+        await claimer.free_stale_slots(conn)
         unheld = sum(1 for *_, was_unheld in closed if was_unheld)
         formed = 0
         if deep and self.pipeline.table.group_column is not None:

@@ -24,6 +24,7 @@ FLOORS = {
     "_catalog": 3,
     "_migrations": 3,
     "_install": 3,
+    "_limits": 3,
     "_claim": 4,
     "_by_hand": 4,
     "_listener": 5,

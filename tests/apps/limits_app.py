@@ -1,0 +1,51 @@
+"""Pipelines whose stages have cluster-wide limits, for worker subprocesses in tests:
+``python -m pgstagechain worker tests.apps.limits_app:slots``.
+
+Each pipeline works on its own table (:data:`TABLES`): a row starts at ``(new, done)``,
+runs ``work`` (the limited stage) and then ``after_work``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from pgstagechain import Pipeline
+
+#: seconds the limited stage's handler takes
+WORK_SECONDS = 0.2
+
+TABLES = """
+CREATE TABLE slot_items (id bigint PRIMARY KEY, current_step text, status text);
+CREATE TABLE single_items (id bigint PRIMARY KEY, current_step text, status text);
+CREATE TABLE rated_items (id bigint PRIMARY KEY, current_step text, status text);
+"""
+
+
+async def work(ctx: Any) -> dict[str, Any]:
+    await anyio.sleep(WORK_SECONDS)
+    return {"worker": ctx.worker_id}
+
+
+async def quick(ctx: Any) -> None:
+    return None
+
+
+async def instant(ctx: Any) -> None:
+    return None
+
+
+def limited(name: str, table: str, handler: Any, **limits: Any) -> Pipeline:
+    pipeline = Pipeline(name, table=table, start="new")
+    pipeline.stage(after="new", name="work", connection=False, **limits)(handler)
+    pipeline.stage(after="work", name="after_work", connection=False)(quick)
+    return pipeline
+
+
+#: at most two live runs of ``work`` over every worker
+slots = limited("slots", "slot_items", work, max_running=2)
+#: one live run at a time
+single = limited("single", "single_items", work, max_running=1)
+#: twenty starts a second, handlers that take no time
+rated = limited("rated", "rated_items", instant, max_per_second=20)
