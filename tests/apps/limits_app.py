@@ -7,19 +7,21 @@ runs ``work`` (the limited stage) and then ``after_work``.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import anyio
 
 from pgstagechain import Pipeline
 
-#: seconds the limited stage's handler takes
-WORK_SECONDS = 0.2
+#: seconds the limited stage's handler takes (a test may ask for more)
+WORK_SECONDS = float(os.environ.get("LIMITS_WORK_SECONDS", "0.2"))
 
 TABLES = """
 CREATE TABLE slot_items (id bigint PRIMARY KEY, current_step text, status text);
 CREATE TABLE single_items (id bigint PRIMARY KEY, current_step text, status text);
 CREATE TABLE rated_items (id bigint PRIMARY KEY, current_step text, status text);
+CREATE TABLE expiring_items (id bigint PRIMARY KEY, current_step text, status text);
 """
 
 
@@ -49,3 +51,5 @@ slots = limited("slots", "slot_items", work, max_running=2)
 single = limited("single", "single_items", work, max_running=1)
 #: twenty starts a second, handlers that take no time
 rated = limited("rated", "rated_items", instant, max_per_second=20)
+#: two slots, for a test that kills the worker holding them
+slots_expiring = limited("slots_expiring", "expiring_items", work, max_running=2)
