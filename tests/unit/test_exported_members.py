@@ -93,6 +93,7 @@ ADMIN = {
     "PipelineStatus",
     "RecentRuns",
     "RunRecord",
+    "StageLimits",
     "StageLive",
     "StageMinute",
     "StageStatus",

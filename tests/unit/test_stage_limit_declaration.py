@@ -68,7 +68,7 @@ def test_max_running_zero_on_a_class_is_refused_naming_the_stage() -> None:
         async def run(self, ctx: Any) -> None:
             return None
 
-    with pytest.raises(StageDeclarationError, match="gpu.*max_running"):
+    with pytest.raises(StageDeclarationError, match=r"gpu.*max_running"):
         Gpu()
 
 
