@@ -49,12 +49,16 @@ class RecoveryReport:
     renotified_groups: int
     formed_groups: int
     next_retry_at: dt.datetime | None
+    #: slots of a stage's ``max_running`` held by runs that ended without freeing them
+    #: (cancelled by an operator, deleted), freed
+    freed_slots: int = 0
 
     @property
     def total(self) -> int:
         return (
             self.expired_leases
             + self.unheld_repaired
+            + self.freed_slots
             + self.renotified_rows
             + self.renotified_groups
             + self.formed_groups
@@ -192,7 +196,7 @@ class RecoveryScanner:
         async with conn.transaction():
             closed = await claimer.expire(conn, deep=deep)
         await claimer.refresh_limits(conn)
-        await claimer.free_stale_slots(conn)
+        freed = await claimer.free_stale_slots(conn)
         unheld = sum(1 for *_, was_unheld in closed if was_unheld)
         formed = 0
         if deep and self.pipeline.table.group_column is not None:
@@ -219,6 +223,7 @@ class RecoveryScanner:
             renotified_groups=int(groups[0]) if groups else 0,
             formed_groups=formed,
             next_retry_at=retry[0] if retry else None,
+            freed_slots=freed,
         )
         if report.total:
             logger.info("recovery scan of %s: %s", self.pipeline.name, report)

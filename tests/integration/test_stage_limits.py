@@ -6,6 +6,7 @@ held over ten seconds."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -14,14 +15,26 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psycopg
 import pytest
 
-from pgstagechain import migrate
+from pgstagechain import (
+    Pipeline,
+    RecoveryScanner,
+    Retry,
+    Worker,
+    admin,
+    claim,
+    complete,
+    migrate,
+)
+from pgstagechain._claim import cached_claimer
 from tests.apps import limits_app
-from tests.helpers import WAIT_SECONDS, query, value, wait_until
+from tests.apps.seed import add_jobs, create_tables, seed_pipeline
+from tests.helpers import WAIT_SECONDS, query, serving, value, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -163,9 +176,7 @@ async def test_a_killed_worker_does_not_leak_its_slots(pgstagechain_dsn: str) ->
     assert await slots_taken(pgstagechain_dsn, "slots_expiring") == 2  # held by the dead
     fast = {"LIMITS_WORK_SECONDS": "0.05"}
     with workers(pgstagechain_dsn, "slots_expiring", 1, *common, env=fast):
-        seen = await sample_until_finished(
-            pgstagechain_dsn, "slots_expiring", "expiring_items", 8
-        )
+        seen = await sample_until_finished(pgstagechain_dsn, "slots_expiring", "expiring_items", 8)
     assert max(seen) <= 2
     expired = await value(
         pgstagechain_dsn,
@@ -214,3 +225,142 @@ async def test_a_rate_of_twenty_a_second_holds_over_ten_seconds(pgstagechain_dsn
     for offset in (0.0, 1.0):
         window = [t for t in starts if first + offset <= float(t) < first + offset + 10]
         assert 180 <= len(window) <= 220, f"{len(window)} starts in 10 s from +{offset}s"
+
+
+# -- in one process ------------------------------------------------------------------------
+
+
+async def limits_rows(dsn: str, pipeline: str) -> list[tuple[object, ...]]:
+    return await query(
+        dsn,
+        "SELECT l.stage, l.max_running, l.max_per_second, l.burst,"
+        " (SELECT count(*) FROM pgstagechain.stage_slots s"
+        "  WHERE s.pipeline = l.pipeline AND s.stage = l.stage)"
+        " FROM pgstagechain.stage_limits l WHERE l.pipeline = %s ORDER BY 1",
+        (pipeline,),
+    )
+
+
+def single_items(**limits: object) -> Pipeline:
+    """The ``single`` pipeline as another version of the code declares it."""
+    return limits_app.limited("single", "single_items", limits_app.work, **limits)
+
+
+async def test_migrate_writes_the_declared_limits_and_changes_them(pgstagechain_dsn: str) -> None:
+    await prepare(pgstagechain_dsn, 0, "single_items")
+    assert await limits_rows(pgstagechain_dsn, "single") == [("work", 1, None, None, 1)]
+    await migrate(pgstagechain_dsn, single_items(max_running=3, max_per_second=5))
+    assert await limits_rows(pgstagechain_dsn, "single") == [("work", 3, 5.0, 1.0, 3)]
+    await migrate(pgstagechain_dsn, single_items(max_per_second=50, burst=10))
+    assert await limits_rows(pgstagechain_dsn, "single") == [("work", None, 50.0, 10.0, 0)]
+    await migrate(pgstagechain_dsn, single_items())
+    assert await limits_rows(pgstagechain_dsn, "single") == []
+
+
+async def test_status_shows_each_stage_limits_and_where_they_stand(pgstagechain_dsn: str) -> None:
+    await prepare(pgstagechain_dsn, 3, "slot_items")
+    await migrate(pgstagechain_dsn, single_items(max_running=2, max_per_second=4, burst=3))
+    async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as conn:
+        held = await claim(conn, limits_app.slots, "work", 1)
+        assert held is not None
+        found = await admin.status(conn, limits_app.slots)
+        assert found["work"].limits == admin.StageLimits(
+            max_running=2, live=1, max_per_second=None, burst=None, tokens=None
+        )
+        assert found["after_work"].limits is None
+        as_json = found.to_json()["stages"]
+        assert as_json[0]["limits"] == {
+            "max_running": 2,
+            "live": 1,
+            "max_per_second": None,
+            "burst": None,
+            "tokens": None,
+        }
+        assert as_json[1]["limits"] is None
+        rated = (await admin.live(conn, single_items(max_running=2)))["work"].limits
+        assert rated is not None
+        assert (rated.max_running, rated.live, rated.max_per_second) == (2, 0, 4.0)
+        assert rated.tokens == pytest.approx(3.0)  # a new bucket starts full
+        assert rated.describe() == "0/2 live, 4/s (3.0 tokens)"
+
+
+async def test_a_hand_claim_obeys_the_limit_and_a_cancelled_run_frees_its_slot(
+    pgstagechain_dsn: str,
+) -> None:
+    await prepare(pgstagechain_dsn, 3, "slot_items")
+    async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as conn:
+        first = await claim(conn, limits_app.slots, "work", 1)
+        second = await claim(conn, limits_app.slots, "work", 2)
+        assert first is not None and second is not None
+        assert await claim(conn, limits_app.slots, "work", 3) is None  # both slots taken
+        await admin.cancel(conn, limits_app.slots, key="1")
+        # The operator's cancel closed the run but not its slot: the recovery scan does.
+        assert await claim(conn, limits_app.slots, "work", 3) is None
+        report = await RecoveryScanner(limits_app.slots, pgstagechain_dsn).scan()
+        assert report.freed_slots == 1
+        assert await slots_taken(pgstagechain_dsn, "slots") == 1
+        third = await claim(conn, limits_app.slots, "work", 3)
+        assert third is not None
+        await complete(conn, limits_app.slots, second)
+        assert await slots_taken(pgstagechain_dsn, "slots") == 1  # the third's
+
+
+async def test_a_running_worker_warns_when_the_database_holds_other_limits(
+    pgstagechain_dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    await prepare(pgstagechain_dsn, 0, "single_items")
+    worker = Worker(limits_app.single, pgstagechain_dsn, scan_interval=0.1)
+    with caplog.at_level(logging.WARNING, logger="pgstagechain.worker"):
+        async with serving(worker):
+            # the worker wrote its own limits when it started
+            assert await limits_rows(pgstagechain_dsn, "single") == [("work", 1, None, None, 1)]
+            await migrate(pgstagechain_dsn, single_items(max_running=4))  # a newer version
+
+            async def warned() -> bool:
+                return "differ from this code's" in caplog.text
+
+            await wait_until(warned, "a warning about the limits")
+            claimer = cached_claimer(limits_app.single)
+            assert claimer is not None
+            assert claimer.limits["work"].max_running == 4  # the database's are obeyed
+    assert (
+        "stage 'work': database has max_running=4, this worker's code declares max_running=1"
+    ) in caplog.text
+
+
+async def test_retries_and_group_stages_go_through_their_limits(pgstagechain_dsn: str) -> None:
+    # Every row's first attempt at overlay fails; overlay and both group stages are limited.
+    create_tables(pgstagechain_dsn)
+    attempts: dict[str, int] = {}
+
+    async def handler(ctx: Any) -> None:
+        if ctx.stage == "overlay":
+            attempts[ctx.key] = attempts.get(ctx.key, 0) + 1
+            if attempts[ctx.key] == 1:
+                raise RuntimeError("first attempt fails")
+
+    pipeline = seed_pipeline(handler, retry=Retry(max_attempts=2, base_delay=0.01))
+    pipeline["overlay"].max_running = 2
+    pipeline["ad_copy_gen_kor"].max_running = 1
+    pipeline["instagram_feed_gen"].max_per_second = 50.0
+    await migrate(pgstagechain_dsn, pipeline)
+    add_jobs(pgstagechain_dsn, 3, 4)
+    worker = Worker(pipeline, pgstagechain_dsn, concurrency=8)
+    await worker.run_until_idle()
+    found = await query(
+        pgstagechain_dsn,
+        "SELECT stage, state, count(*) FROM pgstagechain.runs"
+        " WHERE stage IN ('overlay', 'ad_copy_gen_kor', 'instagram_feed_gen') GROUP BY 1, 2",
+    )
+    assert sorted(found) == [
+        ("ad_copy_gen_kor", "succeeded", 3),
+        ("instagram_feed_gen", "succeeded", 3),
+        ("overlay", "failed", 12),
+        ("overlay", "succeeded", 12),
+    ]
+    assert await slots_taken(pgstagechain_dsn, "feedly") == 0
+    tokens = await value(
+        pgstagechain_dsn,
+        "SELECT tokens FROM pgstagechain.stage_limits WHERE stage = 'instagram_feed_gen'",
+    )
+    assert tokens < 5.0  # the group claims spent tokens of the bucket (5 when full)

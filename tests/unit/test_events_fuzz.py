@@ -33,9 +33,7 @@ json_values = st.recursive(
 near_events = st.tuples(
     st.sampled_from(["r", "g", "t", "s"]) | json_values,
     st.sampled_from(["img_gen", "vlm_analyze", "a", ""]) | json_values,
-    st.text(st.sampled_from("0123456789"), min_size=1, max_size=6)
-    | st.just("slot")
-    | json_values,
+    st.text(st.sampled_from("0123456789"), min_size=1, max_size=6) | st.just("slot") | json_values,
     st.none() | st.sampled_from(["1", "42"]) | json_values,
 ).map(list)
 deep_nesting = st.builds(
