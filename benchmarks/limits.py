@@ -24,13 +24,14 @@ from typing import Any
 
 import anyio
 import psycopg
+from psycopg import sql
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import bench_app  # noqa: E402
-from benchmarks.run import ServerCpu, log  # noqa: E402
-from pgstagechain import Pipeline, Worker, migrate  # noqa: E402
-from pgstagechain.testing import TemporaryCluster  # noqa: E402
+from benchmarks import bench_app
+from benchmarks.run import ServerCpu, log
+from pgstagechain import Pipeline, Worker, migrate
+from pgstagechain.testing import TemporaryCluster
 
 STAGES = 10
 #: far above the worker's concurrency: never reached
@@ -49,8 +50,8 @@ def chain(limited: str | None) -> Pipeline:
 
 def fresh_database(admin: str, name: str) -> str:
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')  # type: ignore[arg-type]
-        conn.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(bench_app.DDL)  # type: ignore[arg-type]
@@ -74,9 +75,11 @@ def one_run(admin: str, name: str, limited: str | None, rows: int) -> dict[str, 
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO bench_jobs SELECT g, 't' FROM generate_series(1, %s) g", (rows,))
         conn.execute(
-            f"INSERT INTO {bench_app.TABLE} (job_variants_id, job_id, img_asset_id, tenant_id,"  # type: ignore[arg-type]
-            " current_step, status)"
-            " SELECT g, g, 'a', 't', %s, 'done' FROM generate_series(1, %s) g",
+            sql.SQL(
+                "INSERT INTO {} (job_variants_id, job_id, img_asset_id, tenant_id,"
+                " current_step, status)"
+                " SELECT g, g, 'a', 't', %s, 'done' FROM generate_series(1, %s) g"
+            ).format(sql.Identifier(bench_app.TABLE)),
             (bench_app.START_STEP, rows),
         )
         conn.execute("VACUUM ANALYZE")
@@ -92,7 +95,9 @@ def one_run(admin: str, name: str, limited: str | None, rows: int) -> dict[str, 
     server_cpu = (server.seconds() or 0.0) - server_before
     with psycopg.connect(dsn, autocommit=True) as conn:
         done = conn.execute(
-            f"SELECT count(*) FROM {bench_app.TABLE} WHERE current_step = %s AND status = 'done'",  # type: ignore[arg-type]
+            sql.SQL("SELECT count(*) FROM {} WHERE current_step = %s AND status = 'done'").format(
+                sql.Identifier(bench_app.TABLE)
+            ),
             (f"row_{STAGES}",),
         ).fetchone()
     assert done is not None and done[0] == rows, f"only {done} of {rows} rows finished"
@@ -119,7 +124,9 @@ def main() -> None:
         for i in range(args.repeats):
             for label, limited in (("plain", None), ("limited", args.limited)):
                 figures = one_run(cluster.dsn(), f"limits_{label}_{i}", limited, args.rows)
-                log(f"{label} #{i + 1}: " + json.dumps({k: round(v, 1) for k, v in figures.items()}))
+                log(
+                    f"{label} #{i + 1}: " + json.dumps({k: round(v, 1) for k, v in figures.items()})
+                )
                 found[label].append(figures)
     finally:
         cluster.remove()
@@ -138,12 +145,20 @@ def main() -> None:
                 "repeats": args.repeats,
                 **medians,
                 "throughput_change_pct": round(
-                    (medians["limited"]["transitions_per_s"] / medians["plain"]["transitions_per_s"] - 1)
+                    (
+                        medians["limited"]["transitions_per_s"]
+                        / medians["plain"]["transitions_per_s"]
+                        - 1
+                    )
                     * 100,
                     1,
                 ),
                 "cpu_change_pct": round(
-                    (medians["limited"]["cpu_us_per_transition"] / medians["plain"]["cpu_us_per_transition"] - 1)
+                    (
+                        medians["limited"]["cpu_us_per_transition"]
+                        / medians["plain"]["cpu_us_per_transition"]
+                        - 1
+                    )
                     * 100,
                     1,
                 ),

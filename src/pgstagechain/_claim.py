@@ -239,14 +239,15 @@ class Claimer:
     def chain_target(self, stage: str) -> Stage | None:
         """The stage a row (or group) of ``stage`` can go straight on to, if any: the next
         stage on the same level (a fan-in needs all members, so it goes through the
-        group table's trigger), unless it has limits (only its claims obey them)."""
+        group table's trigger). A group stage with limits is reached only through its
+        claims; a row stage with limits takes the rows its slots and tokens allow."""
         if stage not in self._chain_targets:
             following = self.pipeline.next_stage(stage)
             if following is not None and following.group != self._stage(stage).group:
                 following = None
             self._chain_targets[stage] = following
         found = self._chain_targets[stage]
-        return None if found is not None and found.name in self.limits else found
+        return None if found is not None and found.group and found.name in self.limits else found
 
     def _complete_params(
         self,
@@ -274,7 +275,9 @@ class Claimer:
         )
         name = "complete_groups" if is_group else "complete_rows"
         limit = self.limits.get(stage)
-        if limit is not None and limit.slotted:
+        if chain and following is not None and following.name in self.limits:
+            name = "complete_rows_into_limited"  # also frees the runs' slots
+        elif limit is not None and limit.slotted:
             name += "_limited"  # frees the runs' slots
         return self.text(name), params
 

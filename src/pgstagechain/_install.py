@@ -16,8 +16,8 @@ from psycopg.rows import dict_row
 
 from ._catalog import statements_for
 from ._connect import connect
-from ._limits import write_limits
-from ._migrations import migrate_schema, require_schema
+from ._limits import LIMITS_VERSION, write_limits
+from ._migrations import applied_version, migrate_schema, require_schema
 from ._pipeline import Pipeline
 from ._sql import Statements, object_names, owned_names, pipeline_params, plain
 from ._stage import FanIn
@@ -224,7 +224,8 @@ async def uninstall(conn: AsyncConnection[Any], pipeline: Pipeline, *, purge: bo
             if role in row[0]:
                 await conn.execute(q.text(f"drop_{role}"))
         await conn.execute(plain("forget_install"), pipeline_params(pipeline))
-        await conn.execute(plain("forget_limits"), pipeline_params(pipeline))
+        if await applied_version(conn) >= LIMITS_VERSION:
+            await conn.execute(plain("forget_limits"), pipeline_params(pipeline))
         if purge:
             await conn.execute(plain("purge_runs"), pipeline_params(pipeline))
             await conn.execute(plain("purge_groups"), pipeline_params(pipeline))

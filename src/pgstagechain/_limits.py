@@ -17,6 +17,9 @@ from psycopg import AsyncConnection
 from ._pipeline import Pipeline
 from ._sql import plain
 
+#: the schema version that brought the limits' tables
+LIMITS_VERSION = 5
+
 
 @attrs.frozen
 class StageLimit:

@@ -30,6 +30,7 @@ from pgstagechain import (
     claim,
     complete,
     migrate,
+    uninstall,
 )
 from pgstagechain._claim import cached_claimer
 from tests.apps import limits_app
@@ -254,6 +255,10 @@ async def test_migrate_writes_the_declared_limits_and_changes_them(pgstagechain_
     await migrate(pgstagechain_dsn, single_items(max_per_second=50, burst=10))
     assert await limits_rows(pgstagechain_dsn, "single") == [("work", None, 50.0, 10.0, 0)]
     await migrate(pgstagechain_dsn, single_items())
+    assert await limits_rows(pgstagechain_dsn, "single") == []
+    await migrate(pgstagechain_dsn, single_items(max_running=2))
+    async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as conn:
+        await uninstall(conn, single_items(max_running=2))
     assert await limits_rows(pgstagechain_dsn, "single") == []
 
 

@@ -344,3 +344,76 @@ released AS (
     WHERE s.pipeline = %(pipeline)s AND s.token = ANY(ARRAY(SELECT e.token FROM expired e))
     RETURNING {announce_slot}
 )
+
+-- name: complete_rows_into_limited
+-- complete_rows with the rows going straight on to a next stage that has limits: as many
+-- as it has free slots (locked SKIP LOCKED) and whole tokens go on, each run's token
+-- written into a slot and a token spent for each, in this statement; the others land on
+-- done, where the trigger announces them to whoever claims them. The slots of the runs
+-- closed here are freed as in complete_rows_limited.
+WITH {close_runs},
+{release_slots},
+next_bucket AS (
+    SELECT l.max_per_second,
+           least(l.burst, l.tokens + l.max_per_second
+                 * extract(epoch FROM clock_timestamp() - l.refilled_at)) AS tokens,
+           clock_timestamp() AS now
+    FROM pgstagechain.stage_limits l
+    WHERE l.pipeline = %(pipeline)s AND l.stage = %(next)s AND l.max_per_second IS NOT NULL
+    FOR UPDATE
+),
+next_capped AS (
+    SELECT l.max_running IS NOT NULL AS slotted FROM pgstagechain.stage_limits l
+    WHERE l.pipeline = %(pipeline)s AND l.stage = %(next)s
+),
+next_wanted AS (
+    SELECT least((SELECT count(*) FROM run),
+                 coalesce((SELECT floor(b.tokens)::int FROM next_bucket b),
+                          (SELECT count(*) FROM run))) AS n
+),
+next_free AS (
+    SELECT s.slot FROM pgstagechain.stage_slots s
+    WHERE s.pipeline = %(pipeline)s AND s.stage = %(next)s AND s.token IS NULL
+      AND coalesce((SELECT slotted FROM next_capped), FALSE)
+    LIMIT (SELECT n FROM next_wanted)
+    FOR UPDATE SKIP LOCKED
+),
+onward AS (
+    SELECT run.row_key FROM run
+    LIMIT CASE WHEN coalesce((SELECT slotted FROM next_capped), FALSE)
+               THEN (SELECT count(*) FROM next_free) ELSE (SELECT n FROM next_wanted) END
+),
+claimed AS (
+    UPDATE {table} t
+    SET {step} = CASE WHEN t.{key}::text = ANY(ARRAY(SELECT row_key FROM onward))
+                      THEN %(next)s ELSE t.{step} END,
+        {status} = CASE WHEN t.{key}::text = ANY(ARRAY(SELECT row_key FROM onward))
+                        THEN %(running)s ELSE %(done)s END
+    WHERE t.{key} = ANY(ARRAY(SELECT run.row_key::{key_type} FROM run))
+      AND t.{step} IS NOT DISTINCT FROM %(stage)s
+      AND t.{status} IS NOT DISTINCT FROM %(running)s
+    RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
+              1 AS attempt, t.{status} = %(running)s AS chain,
+              CASE WHEN t.{status} = %(running)s
+                   THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
+              CASE WHEN t.{status} = %(running)s THEN {new_token} END AS token {extras}
+),
+{record_chained_runs},
+next_taken AS (
+    UPDATE pgstagechain.stage_slots s
+    SET run_id = c.run_id, token = c.token, taken_at = clock_timestamp()
+    FROM (SELECT f.slot, row_number() OVER () AS n FROM next_free f) f
+    JOIN (SELECT c.run_id, c.token, row_number() OVER () AS n FROM claimed c WHERE c.chain) c
+      ON c.n = f.n
+    WHERE s.pipeline = %(pipeline)s AND s.stage = %(next)s AND s.slot = f.slot
+),
+next_spent AS (
+    UPDATE pgstagechain.stage_limits l
+    SET tokens = b.tokens - (SELECT count(*) FROM claimed c WHERE c.chain), refilled_at = b.now
+    FROM next_bucket b
+    WHERE l.pipeline = %(pipeline)s AND l.stage = %(next)s
+),
+chained AS (
+    SELECT c.*, earlier.results FROM claimed c {earlier_results} WHERE c.chain
+)
+{completed_then_chained}

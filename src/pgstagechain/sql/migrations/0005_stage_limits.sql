@@ -34,3 +34,8 @@ CREATE TABLE pgstagechain.stage_slots (
     taken_at timestamptz,
     PRIMARY KEY (pipeline, stage, slot)
 );
+
+-- The slots a run holds are found by its token when it closes (a partial index: free slots
+-- are not in it).
+CREATE INDEX stage_slots_token ON pgstagechain.stage_slots (pipeline, token)
+    WHERE token IS NOT NULL;
