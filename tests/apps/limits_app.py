@@ -22,6 +22,7 @@ CREATE TABLE slot_items (id bigint PRIMARY KEY, current_step text, status text);
 CREATE TABLE single_items (id bigint PRIMARY KEY, current_step text, status text);
 CREATE TABLE rated_items (id bigint PRIMARY KEY, current_step text, status text);
 CREATE TABLE expiring_items (id bigint PRIMARY KEY, current_step text, status text);
+CREATE TABLE chained_items (id bigint PRIMARY KEY, current_step text, status text);
 """
 
 
@@ -53,3 +54,15 @@ single = limited("single", "single_items", work, max_running=1)
 rated = limited("rated", "rated_items", instant, max_per_second=20)
 #: two slots, for a test that kills the worker holding them
 slots_expiring = limited("slots_expiring", "expiring_items", work, max_running=2)
+
+
+def _chained() -> Pipeline:
+    pipeline = Pipeline("chained", table="chained_items", start="new")
+    pipeline.stage(after="new", name="first", connection=False)(quick)
+    pipeline.stage(after="first", name="work", connection=False, max_running=2)(work)
+    pipeline.stage(after="work", name="after_work", connection=False)(quick)
+    return pipeline
+
+
+#: a quick stage, then ``work`` with two slots: rows go straight on into it when they can
+chained = _chained()

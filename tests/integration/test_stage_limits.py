@@ -85,7 +85,12 @@ async def prepare(dsn: str, rows: int, table: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(limits_app.TABLES)
     await migrate(
-        dsn, limits_app.slots, limits_app.single, limits_app.rated, limits_app.slots_expiring
+        dsn,
+        limits_app.slots,
+        limits_app.single,
+        limits_app.rated,
+        limits_app.slots_expiring,
+        limits_app.chained,
     )
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute(
@@ -151,6 +156,18 @@ async def test_max_running_holds_across_three_worker_processes(pgstagechain_dsn:
     assert sum(n for _, n in ran) == 40
     assert len(ran) >= 2, f"one worker ran everything: {ran}"
     assert await slots_taken(pgstagechain_dsn, "slots") == 0
+
+
+@pytest.mark.slow
+async def test_rows_going_straight_on_into_a_limited_stage_respect_its_limit(
+    pgstagechain_dsn: str,
+) -> None:
+    await prepare(pgstagechain_dsn, 30, "chained_items")
+    with workers(pgstagechain_dsn, "chained", 2, "--concurrency", "8"):
+        seen = await sample_until_finished(pgstagechain_dsn, "chained", "chained_items", 30)
+    assert max(seen) <= 2, f"more than 2 live runs of work: {max(seen)}"
+    assert max(seen) == 2
+    assert await slots_taken(pgstagechain_dsn, "chained") == 0
 
 
 @pytest.mark.slow
@@ -369,3 +386,14 @@ async def test_retries_and_group_stages_go_through_their_limits(pgstagechain_dsn
         "SELECT tokens FROM pgstagechain.stage_limits WHERE stage = 'instagram_feed_gen'",
     )
     assert tokens < 5.0  # the group claims spent tokens of the bucket (5 when full)
+
+
+async def test_a_row_goes_straight_on_into_a_limited_stage_with_a_free_slot(
+    pgstagechain_dsn: str,
+) -> None:
+    await prepare(pgstagechain_dsn, 1, "chained_items")
+    stats = await Worker(limits_app.chained, pgstagechain_dsn).run_until_idle()
+    assert await finished(pgstagechain_dsn, "chained_items") == 1
+    assert stats.chained == 2  # first -> work (a slot taken) -> after_work (freed)
+    assert stats.claimed == 3
+    assert await slots_taken(pgstagechain_dsn, "chained") == 0
