@@ -315,6 +315,14 @@ async def test_a_hand_claim_obeys_the_limit_and_a_cancelled_run_frees_its_slot(
         second = await claim(conn, limits_app.slots, "work", 2)
         assert first is not None and second is not None
         assert await claim(conn, limits_app.slots, "work", 3) is None  # both slots taken
+        # each run knows its slot, and each slot its run
+        held_slots = await query(
+            pgstagechain_dsn,
+            "SELECT r.row_key, r.slot FROM pgstagechain.runs r JOIN pgstagechain.stage_slots s"
+            " ON s.pipeline = r.pipeline AND s.stage = r.stage AND s.slot = r.slot"
+            " AND s.run_id = r.id AND s.token = r.token ORDER BY 1",
+        )
+        assert held_slots in ([("1", 1), ("2", 2)], [("1", 2), ("2", 1)])
         await admin.cancel(conn, limits_app.slots, key="1")
         # The operator's cancel closed the run but not its slot: the recovery scan does.
         assert await claim(conn, limits_app.slots, "work", 3) is None

@@ -120,5 +120,5 @@ run AS (
                                  error = %(error)s,
                                  retry_at = clock_timestamp() + %(retry_in)s * interval '1 second'
     WHERE id = %(run_id)s AND token = %(token)s AND state = 'running'
-    RETURNING row_key, retry_at, token
+    RETURNING row_key, retry_at, token, slot
 )

@@ -26,7 +26,7 @@ expired AS (
             SELECT x.id FROM pgstagechain.runs x
             WHERE x.id = ANY(%(run_ids)s::bigint[]) AND x.token = ANY(%(tokens)s::bigint[])))
       AND r.pipeline = %(pipeline)s AND r.stage = p.stage AND r.state = 'running'
-    RETURNING r.row_key, r.stage, r.retry_at, p.is_group, r.token
+    RETURNING r.row_key, r.stage, r.retry_at, p.is_group, r.token, r.slot
 ),
 -- the slots the closed runs held (stages with a `max_running`), freed and announced
 {release_expired_slots},

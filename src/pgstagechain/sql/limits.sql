@@ -173,14 +173,26 @@ allowed AS (
 )
 
 -- fragment: limit_spend
--- Every claim records its runs, takes a slot for each, and spends a token for each.
-{record_runs},
+-- Every claim records its runs, each with the slot it takes, and spends a token for each.
+paired AS (
+    SELECT c.run_id, c.token, f.slot
+    FROM (SELECT c.run_id, c.token, row_number() OVER () AS n FROM claimed c) c
+    JOIN (SELECT f.slot, row_number() OVER () AS n FROM free_slots f) f ON f.n = c.n
+),
+runs AS (
+    INSERT INTO pgstagechain.runs (id, pipeline, stage, row_key, group_key, attempt, worker_id,
+                                   lease_until, token, series, slot)
+    OVERRIDING SYSTEM VALUE
+    SELECT c.run_id, %(pipeline)s, %(stage)s, c.row_key, c.group_key, c.attempt, %(worker)s,
+           clock_timestamp() + %(lease)s * interval '1 second', c.token,
+           coalesce(c.series, c.token), p.slot
+    FROM claimed c LEFT JOIN paired p ON p.run_id = c.run_id
+),
 taken AS (
     UPDATE pgstagechain.stage_slots s
-    SET run_id = c.run_id, token = c.token, taken_at = clock_timestamp()
-    FROM (SELECT f.slot, row_number() OVER () AS n FROM free_slots f) f
-    JOIN (SELECT c.run_id, c.token, row_number() OVER () AS n FROM claimed c) c ON c.n = f.n
-    WHERE s.pipeline = %(pipeline)s AND s.stage = %(stage)s AND s.slot = f.slot
+    SET run_id = p.run_id, token = p.token, taken_at = clock_timestamp()
+    FROM paired p
+    WHERE s.pipeline = %(pipeline)s AND s.stage = %(stage)s AND s.slot = p.slot
 ),
 spent AS (
     UPDATE pgstagechain.stage_limits l
@@ -208,7 +220,7 @@ FROM (SELECT 1) one LEFT JOIN claimed c ON TRUE {earlier_results} {members}
 
 -- name: complete_rows_limited
 -- complete_rows, freeing the slots of the runs it closes (and announcing them)
-WITH {close_runs},
+WITH {close_slotted_runs},
 {release_slots},
 claimed AS (
     UPDATE {table} t
@@ -230,7 +242,7 @@ chained AS (
 {completed_then_chained}
 
 -- name: complete_groups_limited
-WITH {close_runs},
+WITH {close_slotted_runs},
 {release_slots},
 claimed AS (
     UPDATE pgstagechain.groups g
@@ -254,13 +266,26 @@ chained AS (
 )
 {completed_then_chained}
 
+-- fragment: close_slotted_runs
+-- close_runs, with the slot each run holds
+run AS (
+    UPDATE pgstagechain.runs r SET state = 'succeeded', finished_at = clock_timestamp(),
+                                   result = %(results)s::jsonb -> r.token::text
+    WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.token = ANY(%(tokens)s::bigint[])
+      AND r.state = 'running'
+    RETURNING r.token, r.row_key, r.slot
+)
+
 -- fragment: release_slots
--- The slots of the runs `run` closed, freed; each freed slot is announced (one
--- notification per stage and transaction: PostgreSQL folds equal payloads) so that a
--- worker holding back for lack of a slot claims again at once.
+-- The slots of the runs `run` closed, found by their key and still holding the run's
+-- token, freed; each freed slot is announced (one notification per stage and transaction:
+-- PostgreSQL folds equal payloads) so that a worker holding back for lack of a slot claims
+-- again at once.
 released AS (
     UPDATE pgstagechain.stage_slots s SET run_id = NULL, token = NULL, taken_at = NULL
-    WHERE s.pipeline = %(pipeline)s AND s.token = ANY(ARRAY(SELECT run.token FROM run))
+    WHERE s.pipeline = %(pipeline)s AND s.stage = %(stage)s
+      AND s.slot = ANY(ARRAY(SELECT run.slot FROM run WHERE run.slot IS NOT NULL))
+      AND s.token = ANY(ARRAY(SELECT run.token FROM run))
     RETURNING {announce_slot}
 )
 
@@ -341,7 +366,9 @@ DELETE FROM pgstagechain.stage_limits WHERE pipeline = %(pipeline)s
 -- fragment: release_expired_slots
 released AS (
     UPDATE pgstagechain.stage_slots s SET run_id = NULL, token = NULL, taken_at = NULL
-    WHERE s.pipeline = %(pipeline)s AND s.token = ANY(ARRAY(SELECT e.token FROM expired e))
+    FROM expired e
+    WHERE s.pipeline = %(pipeline)s AND s.stage = e.stage AND s.slot = e.slot
+      AND s.token = e.token
     RETURNING {announce_slot}
 )
 
@@ -351,7 +378,7 @@ released AS (
 -- written into a slot and a token spent for each, in this statement; the others land on
 -- done, where the trigger announces them to whoever claims them. The slots of the runs
 -- closed here are freed as in complete_rows_limited.
-WITH {close_runs},
+WITH {close_slotted_runs},
 {release_slots},
 next_bucket AS (
     SELECT l.max_per_second,
@@ -398,14 +425,24 @@ claimed AS (
                    THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
               CASE WHEN t.{status} = %(running)s THEN {new_token} END AS token {extras}
 ),
-{record_chained_runs},
+next_paired AS (
+    SELECT c.run_id, c.token, f.slot
+    FROM (SELECT c.run_id, c.token, row_number() OVER () AS n FROM claimed c WHERE c.chain) c
+    JOIN (SELECT f.slot, row_number() OVER () AS n FROM next_free f) f ON f.n = c.n
+),
+runs AS (
+    INSERT INTO pgstagechain.runs (id, pipeline, stage, row_key, group_key, attempt, worker_id,
+                                   lease_until, token, series, slot)
+    OVERRIDING SYSTEM VALUE
+    SELECT c.run_id, %(pipeline)s, %(next)s, c.row_key, c.group_key, 1, %(worker)s,
+           clock_timestamp() + %(lease)s * interval '1 second', c.token, c.token, p.slot
+    FROM claimed c LEFT JOIN next_paired p ON p.run_id = c.run_id WHERE c.chain
+),
 next_taken AS (
     UPDATE pgstagechain.stage_slots s
-    SET run_id = c.run_id, token = c.token, taken_at = clock_timestamp()
-    FROM (SELECT f.slot, row_number() OVER () AS n FROM next_free f) f
-    JOIN (SELECT c.run_id, c.token, row_number() OVER () AS n FROM claimed c WHERE c.chain) c
-      ON c.n = f.n
-    WHERE s.pipeline = %(pipeline)s AND s.stage = %(next)s AND s.slot = f.slot
+    SET run_id = p.run_id, token = p.token, taken_at = clock_timestamp()
+    FROM next_paired p
+    WHERE s.pipeline = %(pipeline)s AND s.stage = %(next)s AND s.slot = p.slot
 ),
 next_spent AS (
     UPDATE pgstagechain.stage_limits l

@@ -8,8 +8,8 @@
 -- rare anyway.
 --
 -- `stage_slots` holds `max_running` rows per stage. A claim locks free slots with
--- SKIP LOCKED (claims never wait for each other) and writes its runs' ids and tokens into
--- them; the statement that closes a run (completion, failure, expiry, hand-back) frees its
+-- SKIP LOCKED (claims never wait for each other), writes its runs' ids and tokens into
+-- them and each slot's number into its run; the statement that closes a run (completion, failure, expiry, hand-back) frees its
 -- slot. A slot whose run closed some other way (cancelled by an operator, deleted) is
 -- freed by the recovery scan. Neither table is touched by a stage without limits.
 CREATE TABLE pgstagechain.stage_limits (
@@ -35,7 +35,7 @@ CREATE TABLE pgstagechain.stage_slots (
     PRIMARY KEY (pipeline, stage, slot)
 );
 
--- The slots a run holds are found by its token when it closes (a partial index: free slots
--- are not in it).
-CREATE INDEX stage_slots_token ON pgstagechain.stage_slots (pipeline, token)
-    WHERE token IS NOT NULL;
+-- The slot a run holds (NULL: none), so that the statement closing it frees the slot by
+-- its key. Never indexed, like every column a run's completion writes: a slot taken and
+-- freed, like a run completed, is a HOT update.
+ALTER TABLE pgstagechain.runs ADD COLUMN slot integer;
