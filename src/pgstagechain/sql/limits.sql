@@ -6,7 +6,9 @@
 -- rate-limited claims of a stage take turns); the rows (or groups, or due retries), at
 -- most as many as there are whole tokens, locked SKIP LOCKED; the free slots, if the stage
 -- has a `max_running`, at most one per row, locked SKIP LOCKED; then as many rows as there
--- are slots are claimed, each run's token written into a slot, and the tokens spent. A
+-- are slots are claimed, each run's id and token written into a slot (and the slot's
+-- number into the run, so that the statement closing it frees it by its key), and the
+-- tokens spent. A
 -- slot locked by a claim is always used by it, so a claim that finds none free knows that
 -- live runs hold them all, and that their end will announce a free slot.
 --
