@@ -6,6 +6,7 @@ held over ten seconds."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -405,3 +406,36 @@ async def test_a_row_goes_straight_on_into_a_limited_stage_with_a_free_slot(
     assert stats.chained == 2  # first -> work (a slot taken) -> after_work (freed)
     assert stats.claimed == 3
     assert await slots_taken(pgstagechain_dsn, "chained") == 0
+
+
+async def test_the_status_command_shows_the_limits(pgstagechain_dsn: str) -> None:
+    await prepare(pgstagechain_dsn, 1, "slot_items")
+
+    def status(*more: str) -> str:
+        done = subprocess.run(
+            [
+                *(sys.executable, "-m", "pgstagechain", "--dsn", pgstagechain_dsn),
+                *("status", f"{APP}:slots", *more),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    table = await anyio.to_thread.run_sync(status)
+    assert "limits" in table and "0/2 live" in table
+    found = json.loads(await anyio.to_thread.run_sync(status, "--json"))
+    by_stage = {s["name"]: s["limits"] for s in found["stages"]}
+    assert by_stage["work"] == {
+        "max_running": 2,
+        "live": 0,
+        "max_per_second": None,
+        "burst": None,
+        "tokens": None,
+    }
+    assert by_stage["after_work"] is None
