@@ -2,12 +2,12 @@
 transition of a ten-stage no-op chain, without limits and with ``max_running`` set far
 above what the worker could ever run at once.
 
-    python benchmarks/limits.py [--rows 3000] [--repeats 3] [--limited one|every]
+    python benchmarks/limits.py [--rows 3000] [--repeats 3] [--limited one|every] [--dsn DSN]
 
 ``--limited one`` (the default) limits the middle stage (``row_5``); ``every`` limits all
 ten. Runs alternate (plain, limited, plain, ...) on a fresh database each, in one worker
-in this process (concurrency 50), against a PostgreSQL started for the purpose (fsync
-on). CPU is this process's plus the server's, per transition. Progress goes to stderr;
+in this process (concurrency 50), after a smaller run to warm up, against a PostgreSQL started
+for the purpose (fsync on) unless ``--dsn`` names one. CPU is this process's plus the server's, per transition. Progress goes to stderr;
 stdout gets one JSON line with the medians.
 """
 
@@ -115,21 +115,39 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--limited", choices=["one", "every"], default="one")
+    parser.add_argument(
+        "--dsn", help="a server to use (databases limits_* are created there) instead of one"
+    )
     args = parser.parse_args()
-    cluster = TemporaryCluster()
-    cluster.start()
+    cluster = None if args.dsn else TemporaryCluster()
+    admin = args.dsn
+    if cluster is not None:
+        cluster.start()
+        admin = cluster.dsn()
     found: dict[str, list[dict[str, Any]]] = {"plain": [], "limited": []}
+    names: list[str] = []
     try:
-        one_run(cluster.dsn(), "limits_warm_up", None, args.rows // 5)
+        names.append(f"limits_{os.getpid()}_warm_up")
+        one_run(admin, names[-1], None, max(1, args.rows // 5))
         for i in range(args.repeats):
             for label, limited in (("plain", None), ("limited", args.limited)):
-                figures = one_run(cluster.dsn(), f"limits_{label}_{i}", limited, args.rows)
+                names.append(f"limits_{os.getpid()}_{label}_{i}")
+                figures = one_run(admin, names[-1], limited, args.rows)
                 log(
                     f"{label} #{i + 1}: " + json.dumps({k: round(v, 1) for k, v in figures.items()})
                 )
                 found[label].append(figures)
     finally:
-        cluster.remove()
+        if cluster is not None:
+            cluster.remove()
+        else:
+            with psycopg.connect(admin, autocommit=True) as conn:
+                for name in names:
+                    conn.execute(
+                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                            sql.Identifier(name)
+                        )
+                    )
     medians = {
         label: {key: round(statistics.median(r[key] for r in runs), 2) for key in runs[0]}
         for label, runs in found.items()
