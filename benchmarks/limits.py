@@ -54,7 +54,7 @@ def fresh_database(admin: str, name: str) -> str:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
     dsn = psycopg.conninfo.make_conninfo(admin, dbname=name)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(bench_app.DDL)  # type: ignore[arg-type]
+        conn.execute(bench_app.DDL)
     return dsn
 
 
