@@ -8,6 +8,7 @@ command, a test).
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, LiteralString
@@ -17,10 +18,13 @@ from psycopg import AsyncConnection, Connection
 
 from ._catalog import statements_for
 from ._context import Claim, FailedMember
+from ._limits import StageLimit, declared_limits, differences, read_limits, write_limits
 from ._pipeline import Pipeline
 from ._sql import Statements, pipeline_params
 from ._stage import Stage
 from .errors import ConfigurationError, LeaseLostError
+
+logger = logging.getLogger("pgstagechain.worker")
 
 #: seconds a worker's claim stays its own without a heartbeat
 DEFAULT_LEASE = 30.0
@@ -50,6 +54,16 @@ def results_by_token(items: Sequence[Completion]) -> str | None:
     return "{" + ",".join(found) + "}" if found else None
 
 
+@attrs.frozen
+class Held:
+    """Why a claim of a limited stage took fewer rows than it could: rows were left for
+    lack of a slot (``slots``: a freed slot is announced), or may have been left for lack
+    of tokens (``next_token_in``: seconds until the next one)."""
+
+    slots: bool
+    next_token_in: float | None
+
+
 class Claimer:
     """The pipeline's statements, rendered once, with the parameters each needs."""
 
@@ -64,6 +78,35 @@ class Claimer:
         }
         self._ancestors: dict[str, list[str]] = {}
         self._chain_targets: dict[str, Stage | None] = {}
+        #: the stage limits the database holds (see :mod:`._limits`): their stages are
+        #: claimed and completed by statements that obey them
+        self.limits: dict[str, StageLimit] = {}
+        self._limits_warned: list[str] = []
+
+    async def refresh_limits(self, conn: AsyncConnection[Any], *, write: bool = False) -> None:
+        """Obey the stage limits the database holds now; with ``write``, first make them
+        the declared ones (a worker starting). Differences from the declared ones (another
+        version of the code wrote them) are logged, once for each new difference."""
+        if write:
+            await write_limits(conn, self.pipeline)
+        found = await read_limits(conn, self.pipeline)
+        lines = differences(declared_limits(self.pipeline), found)
+        if lines and lines != self._limits_warned:
+            logger.warning(
+                "pipeline %s: the stage limits in the database differ from this code's, and "
+                "are the ones obeyed: %s",
+                self.pipeline.name,
+                "; ".join(lines),
+            )
+        self._limits_warned = lines
+        self.limits = found
+
+    async def free_stale_slots(self, conn: AsyncConnection[Any]) -> int:
+        """Free the slots whose run ended without freeing them; return how many."""
+        if not any(limit.slotted for limit in self.limits.values()):
+            return 0
+        cur = await conn.execute(self.text("free_stale_slots"), self.params())
+        return len(await cur.fetchall())
 
     def text(self, name: str) -> LiteralString:
         """The named statement as a string, rendered on first use."""
@@ -92,12 +135,32 @@ class Claimer:
         retries: bool = False,
     ) -> list[Claim]:
         """Claim rows of ``stage``: these ``keys`` if given, else any ready ones, else due retries."""
+        claims, _ = await self.claim_within_limits(
+            conn, stage, keys=keys, limit=limit, worker_id=worker_id, lease=lease, retries=retries
+        )
+        return claims
+
+    async def claim_within_limits(
+        self,
+        conn: AsyncConnection[Any],
+        stage: str,
+        *,
+        keys: Sequence[str] | None = None,
+        limit: int = 1,
+        worker_id: str,
+        lease: float = DEFAULT_LEASE,
+        retries: bool = False,
+    ) -> tuple[list[Claim], Held | None]:
+        """:meth:`claim`, and for a stage with limits whether they held rows back."""
         target = self._stage(stage)
         level = "groups" if target.group else "rows"
         if retries:
             name = "claim_group_retries" if target.group else "claim_row_retries"
         else:
             name = f"claim_{level}_by_key" if keys is not None else f"claim_{level}_ready"
+        limited = stage in self.limits
+        if limited:
+            name += "_limited"
         params = self.params(
             stage=stage,
             after=target.after,
@@ -110,7 +173,16 @@ class Claimer:
         cur = conn.cursor()
         await cur.execute(self.text(name), params)
         make = self._claim_maker(stage, target.group, cur.description)
-        return [make(row) for row in await cur.fetchall()]
+        rows = await cur.fetchall()
+        if not limited:
+            return [make(row) for row in rows], None
+        # one row at least, which says why; a row without a run claimed nothing
+        at = {column.name: i for i, column in enumerate(cur.description or ())}
+        first = rows[0]
+        wait = first[at["next_token_in"]]
+        held = Held(bool(first[at["held_for_slots"]]), float(wait) if wait else None)
+        claims = [make(row) for row in rows if row[at["run_id"]] is not None]
+        return claims, held if held.slots or held.next_token_in is not None else None
 
     def _claim_maker(
         self, stage: str, is_group: bool, description: Sequence[Any] | None
@@ -167,13 +239,15 @@ class Claimer:
     def chain_target(self, stage: str) -> Stage | None:
         """The stage a row (or group) of ``stage`` can go straight on to, if any: the next
         stage on the same level (a fan-in needs all members, so it goes through the
-        group table's trigger). Cached."""
+        group table's trigger). A group stage with limits is reached only through its
+        claims; a row stage with limits takes the rows its slots and tokens allow."""
         if stage not in self._chain_targets:
             following = self.pipeline.next_stage(stage)
             if following is not None and following.group != self._stage(stage).group:
                 following = None
             self._chain_targets[stage] = following
-        return self._chain_targets[stage]
+        found = self._chain_targets[stage]
+        return None if found is not None and found.group and found.name in self.limits else found
 
     def _complete_params(
         self,
@@ -199,7 +273,13 @@ class Claimer:
             lease=lease,
             ancestors=self.ancestors(following.name) if chain and following else [],
         )
-        return self.text("complete_groups" if is_group else "complete_rows"), params
+        name = "complete_groups" if is_group else "complete_rows"
+        limit = self.limits.get(stage)
+        if chain and following is not None and following.name in self.limits:
+            name = "complete_rows_into_limited"  # also frees the runs' slots
+        elif limit is not None and limit.slotted:
+            name += "_limited"  # frees the runs' slots
+        return self.text(name), params
 
     def _read_completion(
         self,
@@ -351,6 +431,7 @@ async def claimer_for(conn: AsyncConnection[Any], pipeline: Pipeline) -> Claimer
     found = _claimers.get(pipeline)
     if found is None:
         found = Claimer(pipeline, await statements_for(conn, pipeline))
+        found.limits = await read_limits(conn, pipeline)
         _claimers[pipeline] = found
     return found
 

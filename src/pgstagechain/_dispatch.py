@@ -11,7 +11,7 @@ import anyio
 import psycopg
 from psycopg import AsyncConnection
 
-from ._claim import Claimer
+from ._claim import Claimer, Held
 from ._context import Claim
 from ._hints import Hints, Pick
 from ._links import DB_ERRORS, Link
@@ -69,6 +69,7 @@ class Dispatcher:
     async def dispatch_once(self, stopping: Callable[[], bool]) -> bool:
         """Claim what can be claimed now, each stage in turn; True if anything was tried."""
         tried = False
+        self.hints.release_due()
         first = next(self._order)
         for offset in range(len(self.served)):
             if stopping():
@@ -82,25 +83,31 @@ class Dispatcher:
             if pick is None:
                 continue
             tried = True
+            freed_before = self.hints.slots_freed[stage.name]
             try:
-                claims, pick = await self._claim(stage, pick, limit)
+                claims, held, pick = await self._claim(stage, pick, limit)
                 self.control.ok()
             except DB_ERRORS as exc:
                 self.stats.db_errors += 1
                 self.hints.needs_scan[stage.name] = True  # the hints are gone; a scan finds them
                 await self.control.broke(exc)
                 continue
-            self.hints.claimed(stage.name, pick, limit, len(claims))
+            self.hints.claimed(stage.name, pick, limit, len(claims), held=held is not None)
+            if held is not None:
+                self.hints.hold(stage.name, pick.mode == "retry", held, freed_before)
             if claims:
                 self.stats.claimed += len(claims)
                 self.runs.add(stage.name, claims)
                 self.start(stage, claims)
         return tried
 
-    async def _claim(self, stage: Stage, pick: Pick, limit: int) -> tuple[list[Claim], Pick]:
+    async def _claim(
+        self, stage: Stage, pick: Pick, limit: int
+    ) -> tuple[list[Claim], Held | None, Pick]:
         conn = await self.control.get()
+        held: Held | None = None
         try:
-            claims = await self.claimer.claim(
+            claims, held = await self.claimer.claim_within_limits(
                 conn,
                 stage.name,
                 keys=pick.keys,
@@ -116,7 +123,7 @@ class Dispatcher:
             # batch's keys one by one, dropping those.
             claims, valid = await self._claim_each(conn, stage.name, pick.keys)
             pick = Pick(pick.mode, valid)
-        return claims, pick
+        return claims, held, pick
 
     async def _claim_each(
         self, conn: AsyncConnection[Any], stage: str, keys: list[str]

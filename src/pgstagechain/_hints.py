@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 import attrs
 
+from ._claim import Held
 from ._events import Event, MalformedNotification, parse_event
 from ._pipeline import Pipeline
 from ._runs import WorkerStats
@@ -52,6 +54,12 @@ class Hints:
         self.pending: dict[str, dict[str, None]] = {s: {} for s in served}
         self.needs_scan: dict[str, bool] = dict.fromkeys(served, True)
         self.retry_due: dict[str, bool] = dict.fromkeys(served, True)
+        #: stages whose limits held back work, each with whether it was a retry's: claimed
+        #: again when a slot is freed (``"s"`` event) or the next token is due
+        self.held: dict[str, bool] = {}
+        self.token_due: dict[str, float] = {}
+        #: slot-freed events seen per stage, so a claim can tell one came while it ran
+        self.slots_freed: dict[str, int] = dict.fromkeys(served, 0)
         self._wake = wake
 
     # -- what comes in ------------------------------------------------------------------
@@ -65,6 +73,12 @@ class Hints:
             self.ignored(f"a malformed notification on {channel}", exc)
 
     def take(self, event: Event) -> None:
+        if event.kind == "s":  # a slot of a limited stage was freed
+            if event.step in self.slots_freed:
+                self.slots_freed[event.step] += 1
+                if event.step in self.held and event.step not in self.token_due:
+                    self._release(event.step)
+            return
         if event.kind == "t":  # a run was handed back: its retry is due now
             if event.step in self.retry_due:
                 self.retry_due[event.step] = True
@@ -116,10 +130,46 @@ class Hints:
         self.retry_due[stage] = True
         self._wake()
 
+    def hold(self, stage: str, retry: bool, held: Held, freed_before: int) -> None:
+        """The stage's limits held back work a claim could have taken: claim again when a
+        slot is freed (unless one was while the claim ran) or when the next token is due."""
+        self.held[stage] = self.held.get(stage, False) or retry
+        if held.next_token_in:
+            self.token_due[stage] = time.monotonic() + held.next_token_in
+        elif self.slots_freed[stage] != freed_before:
+            self._release(stage)
+
+    def _release(self, stage: str) -> None:
+        if self.held.pop(stage, False):
+            self.retry_due[stage] = True
+        self.token_due.pop(stage, None)
+        self.pending[stage].clear()  # claiming ready rows finds them all
+        self.needs_scan[stage] = True
+        self._wake()
+
+    def found_ready(self, stage: str) -> None:
+        """A scan found rows ready for ``stage``: claim them, held back or not (a slot's
+        announcement may have been lost)."""
+        if stage in self.held:
+            self._release(stage)
+        self.needs_scan[stage] = True
+
+    def release_due(self) -> float | None:
+        """Release the stages whose next token is due; seconds until the next one is."""
+        if not self.token_due:
+            return None
+        now = time.monotonic()
+        for stage, due in list(self.token_due.items()):
+            if due <= now:
+                self._release(stage)
+        return min(self.token_due.values(), default=now) - now if self.token_due else None
+
     # -- what goes out ------------------------------------------------------------------
 
     def pick(self, stage: str, limit: int) -> Pick | None:
         """What to claim for ``stage``, at most ``limit`` rows, if anything."""
+        if stage in self.held:
+            return None  # until a slot is freed or a token is due
         bucket = self.pending[stage]
         if self.retry_due[stage]:
             return Pick("retry")
@@ -139,13 +189,14 @@ class Hints:
             return Pick("ready")
         return None
 
-    def claimed(self, stage: str, pick: Pick, limit: int, got: int) -> None:
-        """Note what a claim of ``pick`` got: fewer than asked means none are left."""
+    def claimed(self, stage: str, pick: Pick, limit: int, got: int, *, held: bool = False) -> None:
+        """Note what a claim of ``pick`` got: fewer than asked means none are left (or,
+        when ``held``, that the stage's limits held the rest back)."""
         if pick.mode == "retry" and got < limit:
             self.retry_due[stage] = False
         elif pick.mode == "ready" and got < limit:
             self.needs_scan[stage] = False
-        elif pick.mode == "keys":
+        elif pick.mode == "keys" and not held:
             self.stats.races_lost += len(pick.keys or ()) - got
 
     def any(self) -> bool:
@@ -154,4 +205,5 @@ class Hints:
             any(self.pending.values())
             or any(self.needs_scan.values())
             or any(self.retry_due.values())
+            or bool(self.held)
         )

@@ -18,6 +18,7 @@ from psycopg.rows import dict_row
 from ._catalog import statements_for
 from ._connect import connect
 from ._graph_change import Graph, GraphPlan, apply_plan, diff_lines, policy_of, read_plan
+from ._limits import LIMITS_VERSION, write_limits
 from ._migrations import applied_version, migrate_schema, require_schema
 from ._pipeline import Pipeline
 from ._sql import Statements, object_names, owned_names, pipeline_params, plain
@@ -184,6 +185,7 @@ async def install(
                     count,
                     step,
                 )
+        await write_limits(conn, pipeline)
         await conn.execute(trigger_function_sql(q, pipeline))
         await conn.execute(q.text("drop_trigger"))
         await conn.execute(q.text("create_trigger"))
@@ -257,6 +259,8 @@ async def uninstall(conn: AsyncConnection[Any], pipeline: Pipeline, *, purge: bo
             if role in row[0]:
                 await conn.execute(q.text(f"drop_{role}"))
         await conn.execute(plain("forget_install"), pipeline_params(pipeline))
+        if await applied_version(conn) >= LIMITS_VERSION:
+            await conn.execute(plain("forget_limits"), pipeline_params(pipeline))
         if purge:
             await conn.execute(plain("purge_runs"), pipeline_params(pipeline))
             await conn.execute(plain("purge_groups"), pipeline_params(pipeline))

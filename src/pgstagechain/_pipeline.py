@@ -198,6 +198,9 @@ class Pipeline:
         concurrency: int | None = None,
         connection: bool = True,
         fan_in: FanIn | None = None,
+        max_running: int | None = None,
+        max_per_second: float | None = None,
+        burst: float | None = None,
     ) -> Callable[[Callable[P, R]], FunctionStage[P, R]]:
         """Decorator: make a stage of a function and register it here."""
         make = stage(
@@ -209,6 +212,9 @@ class Pipeline:
             concurrency=concurrency,
             connection=connection,
             fan_in=fan_in,
+            max_running=max_running,
+            max_per_second=max_per_second,
+            burst=burst,
         )
 
         def decorate(func: Callable[P, R]) -> FunctionStage[P, R]:

@@ -51,12 +51,16 @@ class RecoveryReport:
     renotified_groups: int
     formed_groups: int
     next_retry_at: dt.datetime | None
+    #: slots of a stage's ``max_running`` held by runs that ended without freeing them
+    #: (cancelled by an operator, deleted), freed
+    freed_slots: int = 0
 
     @property
     def total(self) -> int:
         return (
             self.expired_leases
             + self.unheld_repaired
+            + self.freed_slots
             + self.renotified_rows
             + self.renotified_groups
             + self.formed_groups
@@ -152,15 +156,18 @@ class WorkerScan:
     async def scan(self) -> float | None:
         """Find work a notification did not announce; return seconds to the next retry."""
         self.stats.scans += 1
-        await self._check_graph(await self.control.get())
-        found = await probe(await self.control.get(), self.claimer, self.served)
+        conn = await self.control.get()
+        await self._check_graph(conn)
+        await self.claimer.refresh_limits(conn)
+        await self.claimer.free_stale_slots(conn)
+        found = await probe(conn, self.claimer, self.served)
         self.stats.rescued += found.rescued
         self.stats.repaired += found.repaired
         pipeline = self.claimer.pipeline
         for step in found.ready_steps:
             target = pipeline.next_stage(step)
             if target is not None and target.name in self.hints.needs_scan:
-                self.hints.needs_scan[target.name] = True
+                self.hints.found_ready(target.name)
         wait: float | None = None
         if found.next_retry_at is not None:
             wait = (found.next_retry_at - dt.datetime.now(dt.UTC)).total_seconds()
@@ -223,6 +230,8 @@ class RecoveryScanner:
         group_steps = [s.after for s in stages if s.group]
         async with conn.transaction():
             closed = await claimer.expire(conn, deep=deep)
+        await claimer.refresh_limits(conn)
+        freed = await claimer.free_stale_slots(conn)
         unheld = sum(1 for *_, was_unheld in closed if was_unheld)
         formed = 0
         if deep and self.pipeline.table.group_column is not None:
@@ -249,6 +258,7 @@ class RecoveryScanner:
             renotified_groups=int(groups[0]) if groups else 0,
             formed_groups=formed,
             next_retry_at=retry[0] if retry else None,
+            freed_slots=freed,
         )
         if report.total:
             logger.info("recovery scan of %s: %s", self.pipeline.name, report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
+import math
 import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
@@ -102,6 +103,14 @@ class Stage:
     #: True, ``ctx.conn`` is checked out on the handler's first read of it; a handler that
     #: never reads it is completed in a batch all the same.
     connection: bool = True
+    #: the most live runs of this stage at once, over every worker on every machine
+    #: (None: no limit beyond each worker's own concurrency)
+    max_running: int | None = None
+    #: the most runs started per second, over every worker (a token bucket in the database)
+    max_per_second: float | None = None
+    #: how many runs may start at once after a quiet spell (the bucket's size); default
+    #: ``max(1, max_per_second / 10)``, so any one second sees at most 1.1 x the rate
+    burst: float | None = None
 
     def __init__(
         self,
@@ -114,6 +123,9 @@ class Stage:
         concurrency: int | None = None,
         connection: bool | None = None,
         fan_in: FanIn | None = None,
+        max_running: int | None = None,
+        max_per_second: float | None = None,
+        burst: float | None = None,
     ) -> None:
         self.name = check_name("stage", name or self.name or _snake(type(self).__name__))
         self.after = check_name("predecessor step", after or self.after)
@@ -146,8 +158,47 @@ class Stage:
             raise StageDeclarationError(
                 self.name, f"fan_in={self.fan_in.name} applies to group stages only (group=True)"
             )
+        if max_running is not None:
+            self.max_running = max_running
+        if max_per_second is not None:
+            self.max_per_second = max_per_second
+        if burst is not None:
+            self.burst = burst
+        self._check_limits()
         if type(self).run is Stage.run and not isinstance(self, FunctionStage):
             raise StageDeclarationError(self.name, "a Stage subclass must override run()")
+
+    def _check_limits(self) -> None:
+        running, rate, burst = self.max_running, self.max_per_second, self.burst
+        if running is not None and (
+            isinstance(running, bool) or not isinstance(running, int) or running < 1
+        ):
+            raise StageDeclarationError(
+                self.name, f"max_running must be a positive integer or None, got {running!r}"
+            )
+        if rate is not None and not _positive_number(rate):
+            raise StageDeclarationError(
+                self.name, f"max_per_second must be a positive number or None, got {rate!r}"
+            )
+        if burst is not None:
+            if rate is None:
+                raise StageDeclarationError(self.name, "burst applies only with max_per_second")
+            if not _positive_number(burst) or burst < 1:
+                raise StageDeclarationError(
+                    self.name, f"burst must be a number of at least 1, got {burst!r}"
+                )
+
+    @property
+    def rate_burst(self) -> float | None:
+        """The token bucket's size: ``burst``, else ``max(1, max_per_second / 10)``."""
+        if self.max_per_second is None:
+            return None
+        return float(self.burst if self.burst is not None else max(1.0, self.max_per_second / 10))
+
+    @property
+    def limited(self) -> bool:
+        """True when the stage has a cluster-wide limit (``max_running`` or a rate)."""
+        return self.max_running is not None or self.max_per_second is not None
 
     @functools.cached_property
     def is_async(self) -> bool:
@@ -193,9 +244,14 @@ def stage(
     concurrency: int | None = None,
     connection: bool = True,
     fan_in: FanIn | None = None,
+    max_running: int | None = None,
+    max_per_second: float | None = None,
+    burst: float | None = None,
 ) -> Callable[[Callable[P, R]], FunctionStage[P, R]]:
     """Turn a function ``(ctx) -> result`` into a :class:`Stage` that runs after step ``after``.
 
+    ``max_running`` and ``max_per_second`` (with ``burst``) limit the stage over every
+    worker at once; the database enforces them (see "Stage limits" in the operations guide).
     The function may be ``async def`` or a plain ``def``. Register the result with
     ``Pipeline(stages=[...])`` or :meth:`Pipeline.add`, or use :meth:`Pipeline.stage`,
     which does both.
@@ -214,9 +270,21 @@ def stage(
             concurrency=concurrency,
             connection=connection,
             fan_in=fan_in,
+            max_running=max_running,
+            max_per_second=max_per_second,
+            burst=burst,
         )
 
     return decorate
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value > 0
+    )
 
 
 def _snake(camel: str) -> str:

@@ -362,7 +362,8 @@ class Worker:
                         return
                     await self._wake.wait(max(0.01, min(next_retry, self.scan_interval)))
                 continue
-            await self._wake.wait(None)
+            # a stage held back by its rate limit is looked at again when its next token is due
+            await self._wake.wait(self._hints.release_due())
 
     def _claimer_(self) -> Claimer:
         assert self._claimer is not None
@@ -415,7 +416,9 @@ async def start_up(
                 try:
                     conn = await control.get()
                     await require_installed(conn, pipeline)
-                    return await claimer_for(conn, pipeline)
+                    claimer = await claimer_for(conn, pipeline)
+                    await claimer.refresh_limits(conn, write=True)
+                    return claimer
                 except DB_ERRORS as exc:
                     if stopping():
                         raise

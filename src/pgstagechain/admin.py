@@ -49,7 +49,7 @@ from ._migrations import require_schema
 from ._pipeline import Pipeline
 from ._repair import CANCEL_REASON, CancelReport, cancel, retry
 from ._rerun import SKIP_REASONS, RerunReport, rerun
-from ._sql import pipeline_params
+from ._sql import pipeline_params, plain
 from ._stage import Stage
 
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "RecentRuns",
     "RerunReport",
     "RunRecord",
+    "StageLimits",
     "StageLive",
     "StageMinute",
     "StageStatus",
@@ -105,6 +106,31 @@ class RecentRuns:
 
 
 @attrs.frozen(kw_only=True)
+class StageLimits:
+    """A stage's cluster-wide limits as the database holds them, and where they stand:
+    ``live`` runs holding its ``max_running`` slots, ``tokens`` in its rate's bucket now."""
+
+    max_running: int | None
+    #: live runs holding a slot (None: no ``max_running``)
+    live: int | None
+    max_per_second: float | None
+    burst: float | None
+    tokens: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    def describe(self) -> str:
+        """One line: ``2/2 live, 20/s (1.3 tokens)``."""
+        parts = []
+        if self.max_running is not None:
+            parts.append(f"{self.live}/{self.max_running} live")
+        if self.max_per_second is not None and self.tokens is not None:
+            parts.append(f"{self.max_per_second:g}/s ({self.tokens:.1f} tokens)")
+        return ", ".join(parts)
+
+
+@attrs.frozen(kw_only=True)
 class StageLive:
     """Where the rows (or groups) of one stage are, but for ``done`` (see :func:`live` and
     the module docstring)."""
@@ -123,6 +149,8 @@ class StageLive:
     #: that formed without them (see the module docstring)
     stalled: int = 0
     partial: int = 0
+    #: the stage's cluster-wide limits (None: it has none)
+    limits: StageLimits | None = None
 
     def to_json(self) -> dict[str, Any]:
         """The form the dashboard shows."""
@@ -139,6 +167,7 @@ class StageLive:
             "partial": self.partial,
             "oldest_waiting_seconds": None if age is None else age.total_seconds(),
             "runs": attrs.asdict(self.runs),
+            "limits": None if self.limits is None else self.limits.to_json(),
         }
 
 
@@ -285,6 +314,7 @@ async def _figures(
     held: dict[tuple[str, str], int] = {}
     for issue in await group_issues(conn, pipeline):
         held[(issue.stage, issue.state)] = held.get((issue.stage, issue.state), 0) + 1
+    limits = await _limits(conn, pipeline)
     now_row = await (await conn.execute(q.text("now"))).fetchone()
     assert now_row is not None
     now: dt.datetime = now_row[0]
@@ -305,6 +335,7 @@ async def _figures(
             "runs": recent.get(each.name, RecentRuns()),
             "stalled": held.get((each.name, "stalled"), 0),
             "partial": held.get((each.name, "partial"), 0),
+            "limits": limits.get(each.name),
         }
         if count_done:
             later = _downstream(pipeline, each)
@@ -313,6 +344,22 @@ async def _figures(
             )
         found.append(figures)
     return found
+
+
+async def _limits(conn: AsyncConnection[Any], pipeline: Pipeline) -> dict[str, StageLimits]:
+    """Each limited stage's limits and where they stand (see :class:`StageLimits`)."""
+    cur = conn.cursor(row_factory=dict_row)
+    await cur.execute(plain("limits_status"), pipeline_params(pipeline))
+    return {
+        r["stage"]: StageLimits(
+            max_running=r["max_running"],
+            live=None if r["max_running"] is None else int(r["taken"]),
+            max_per_second=r["max_per_second"],
+            burst=r["burst"],
+            tokens=None if r["tokens"] is None else float(r["tokens"]),
+        )
+        for r in await cur.fetchall()
+    }
 
 
 def _live_pairs(stages: Sequence[Stage], values: dict[str, Any]) -> tuple[list[str], list[str]]:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from pgstagechain._events import MAX_PAYLOAD, Event, MalformedNotification, parse_event
+from pgstagechain._events import KINDS, MAX_PAYLOAD, Event, MalformedNotification, parse_event
 
 #: every code point, lone surrogates included (a JSON escape such as "\ud800" makes one)
 any_char = st.characters(exclude_categories=())
@@ -31,9 +31,9 @@ json_values = st.recursive(
 )
 #: shapes close to a real event, so that the fuzzing reaches every check of the parser
 near_events = st.tuples(
-    st.sampled_from(["r", "g", "t"]) | json_values,
+    st.sampled_from(["r", "g", "t", "s"]) | json_values,
     st.sampled_from(["img_gen", "vlm_analyze", "a", ""]) | json_values,
-    st.text(st.sampled_from("0123456789"), min_size=1, max_size=6) | json_values,
+    st.text(st.sampled_from("0123456789"), min_size=1, max_size=6) | st.just("slot") | json_values,
     st.none() | st.sampled_from(["1", "42"]) | json_values,
 ).map(list)
 deep_nesting = st.builds(
@@ -67,6 +67,9 @@ NAMED = [
     '["r","img_gen","' + "9" * 1000 + '",null]',  # a key that fits no integer column
     '["r","img_gen","NaN",NaN]',
     '["r","img_gen","101",null,"extra"]',
+    '["s","overlay",null,null]',  # a slot freed, without its key
+    '["s","overlay","slot",{}]',
+    '["x","overlay","slot",null]',  # an unknown kind
     "",
     "\x00",
     "\ud800",
@@ -80,7 +83,7 @@ def check(payload: str) -> None:
     except MalformedNotification:
         return
     assert isinstance(event, Event)
-    assert event.kind in ("r", "g", "t")
+    assert event.kind in KINDS
     for name, field in (("step", event.step), ("key", event.key), ("group", event.group)):
         if field is None and name == "group":
             continue
@@ -117,3 +120,8 @@ def test_any_json(value: Any, ascii_only: bool) -> None:
 @given(deep_nesting | huge_numbers)
 def test_deep_nesting_and_huge_numbers(payload: str) -> None:
     check(payload)
+
+
+def test_a_freed_slot_parses_as_the_statements_send_it() -> None:
+    # json_build_array('s', stage, 'slot', NULL)::text, as release_slots sends it
+    assert parse_event('["s", "overlay", "slot", null]') == Event("s", "overlay", "slot", None)

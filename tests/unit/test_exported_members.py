@@ -98,6 +98,7 @@ ADMIN = {
     "RerunReport",
     "RunRecord",
     "SKIP_REASONS",
+    "StageLimits",
     "StageLive",
     "StageMinute",
     "StageStatus",

@@ -25,6 +25,7 @@ FLOORS = {
     "_migrations": 3,
     "_install": 3,
     "_graph_change": 3,
+    "_limits": 3,
     "_claim": 4,
     "_by_hand": 4,
     "_listener": 5,

@@ -62,6 +62,9 @@ def status_table(pipeline: Pipeline, found: admin.PipelineStatus, *, bars: bool 
     window = _window(found.window_seconds)
     for name in ("p50", "p95", "runs"):
         table.add_column(f"{name} ({window})", justify="right")
+    limited = any(each.limits is not None for each in found.stages)
+    if limited:
+        table.add_column("limits")
     if bars:
         table.add_column("progress", width=24)
     for each in found.stages:
@@ -83,6 +86,8 @@ def status_table(pipeline: Pipeline, found: admin.PipelineStatus, *, bars: bool 
             _seconds(each.runs.p95_seconds),
             str(each.runs.total),
         ]
+        if limited:
+            cells.append(each.limits.describe() if each.limits is not None else "")
         if bars:
             cells.append(ProgressBar(total=max(each.total, 1), completed=each.done, width=24))
         table.add_row(*cells)

@@ -100,6 +100,7 @@ def _recover(args: argparse.Namespace) -> int:
     print(
         f"expired leases closed: {report.expired_leases}\n"
         f"rows no run held, run again: {report.unheld_repaired}\n"
+        f"stage slots freed: {report.freed_slots}\n"
         f"rows re-announced: {report.renotified_rows}\n"
         f"groups re-announced: {report.renotified_groups}\n"
         f"groups formed (deep): {report.formed_groups}\n"

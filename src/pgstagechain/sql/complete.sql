@@ -90,8 +90,10 @@ UNION ALL
 SELECT run.token, n.* FROM run LEFT JOIN chained n ON FALSE
 
 -- name: fail_row
--- Close the run; when no retry is pending the row fails too.
+-- Close the run (and free its slot, if its stage has a `max_running`); when no retry is
+-- pending the row fails too.
 WITH {close_failed_run},
+{release_slots},
 moved AS (
     UPDATE {table} t SET {status} = %(failed)s FROM run
     WHERE run.retry_at IS NULL AND t.{key} = run.row_key::{key_type}
@@ -102,6 +104,7 @@ SELECT retry_at FROM run
 
 -- name: fail_group
 WITH {close_failed_run},
+{release_slots},
 moved AS (
     UPDATE pgstagechain.groups g SET status = 'failed', updated_at = clock_timestamp()
     FROM run
@@ -117,5 +120,5 @@ run AS (
                                  error = %(error)s,
                                  retry_at = clock_timestamp() + %(retry_in)s * interval '1 second'
     WHERE id = %(run_id)s AND token = %(token)s AND state = 'running'
-    RETURNING row_key, retry_at
+    RETURNING row_key, retry_at, token, slot
 )

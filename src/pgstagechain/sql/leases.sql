@@ -26,8 +26,10 @@ expired AS (
             SELECT x.id FROM pgstagechain.runs x
             WHERE x.id = ANY(%(run_ids)s::bigint[]) AND x.token = ANY(%(tokens)s::bigint[])))
       AND r.pipeline = %(pipeline)s AND r.stage = p.stage AND r.state = 'running'
-    RETURNING r.row_key, r.stage, r.retry_at, p.is_group
+    RETURNING r.row_key, r.stage, r.retry_at, p.is_group, r.token, r.slot
 ),
+-- the slots the closed runs held (stages with a `max_running`), freed and announced
+{release_expired_slots},
 -- Rows (groups) at (stage, running) that no run holds: the claim is undone and the row
 -- goes back to (previous step, done), whose notification brings a worker. An update, so
 -- that two scanners at once repair a row once (the second finds it moved when the first

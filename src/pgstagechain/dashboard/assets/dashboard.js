@@ -112,12 +112,21 @@ function showGraph(stages) {
   }
 }
 
+// a stage's cluster-wide limits, after its running count: " · 2/2 live · 20/s"
+function limits(found) {
+  if (!found) return "";
+  let text = "";
+  if (found.max_running !== null) text += " · " + found.live + "/" + found.max_running + " live";
+  if (found.max_per_second !== null) text += " · " + found.max_per_second + "/s";
+  return text;
+}
+
 function showStages(stages) {
   const rows = stages.map((stage) => {
     const tr = el("tr");
     tr.dataset.stage = stage.name;
     tr.append(el("td", stage.name), el("td", stage.level), el("td", stage.waiting, "num"),
-      el("td", stage.running + (stage.retrying ? " (" + stage.retrying + " retrying)" : ""), "num"),
+      el("td", stage.running + (stage.retrying ? " (" + stage.retrying + " retrying)" : "") + limits(stage.limits), "num"),
       el("td", stage.failed, stage.failed ? "num failed" : "num"),
       el("td", seconds(stage.oldest_waiting_seconds), "num"), el("td", rate(stage.per_minute), "num"),
       el("td", seconds(stage.runs.p50_seconds), "num"), el("td", seconds(stage.runs.p95_seconds), "num"));
