@@ -32,6 +32,7 @@ from ._leases import LeaseKeeper
 from ._links import DB_ERRORS, HandlerConnections, Link
 from ._listener import Listener
 from ._pipeline import Pipeline
+from ._prune import RetentionKeeper
 from ._recovery import WorkerScan
 from ._runs import LiveRuns, WorkerStats
 from ._stage import Stage
@@ -235,6 +236,10 @@ class Worker:
                     interval=self.scan_interval,
                 )
                 maintenance.start_soon(self._scanner.run)
+                if self.pipeline.retention is not None:  # one worker at a time prunes
+                    retention = self.pipeline.retention
+                    keeper_ = RetentionKeeper(self.pipeline, self._given_conninfo, retention)
+                    maintenance.start_soon(keeper_.run)
                 if self.listen:
                     self.listener = Listener(
                         self._given_conninfo,
