@@ -8,7 +8,8 @@ can check that nothing they read had been pruned.
 
 ``RETENTION_APP_SECONDS`` (the ``finished`` window, in seconds) and
 ``RETENTION_APP_FAILED_SECONDS`` give the pipeline a retention that workers apply every
-``RETENTION_APP_EVERY`` seconds.
+``RETENTION_APP_EVERY`` seconds; with ``RETENTION_APP_GATE`` set, ``third`` waits until
+a row is inserted into ``gate``, so that rows wait mid-chain longer than that window.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import datetime as dt
 import os
 from typing import Any
 
+import anyio
 from psycopg.types.json import Jsonb
 
 from pgstagechain import FanIn, PermanentError, Pipeline, Retention
@@ -28,6 +30,7 @@ CREATE TABLE items (
     current_step text NOT NULL DEFAULT 'new',
     status text NOT NULL DEFAULT 'done'
 );
+CREATE TABLE gate (opened timestamptz NOT NULL DEFAULT now());
 CREATE TABLE seen (
     key text NOT NULL,
     stage text NOT NULL,
@@ -76,8 +79,14 @@ def make_pipeline(retention: Retention | None = None) -> Pipeline:
             raise PermanentError(f"row {ctx.key} cannot pass second")
         return {"stage": "second", "key": str(ctx.key)}
 
-    @pipeline.stage(after="second")
+    @pipeline.stage(after="second", concurrency=2)
     async def third(ctx: Any) -> dict[str, Any]:
+        while os.environ.get("RETENTION_APP_GATE"):  # until the test opens the gate
+            cur = await ctx.conn.execute("SELECT count(*) FROM gate")
+            found = await cur.fetchone()
+            if found and found[0]:
+                break
+            await anyio.sleep(0.05)
         await ctx.conn.execute(
             "INSERT INTO seen (key, stage, given) VALUES (%s, 'third', %s)",
             (str(ctx.key), Jsonb(ctx.results)),

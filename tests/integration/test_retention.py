@@ -291,20 +291,22 @@ CREATE TRIGGER audit AFTER DELETE ON pgstagechain.runs
 """
 
 
-def start_worker(dsn: str, env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pgstagechain", "--dsn", dsn, "worker", APP, "--concurrency", "8"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_worker(dsn: str, env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+    with log.open("w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pgstagechain", "--dsn", dsn, "worker", APP]
+            + ["--concurrency", "8"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+            text=True,
+        )
 
 
 @pytest.mark.slow
 async def test_retention_under_load_deletes_exactly_what_the_rules_say(
-    pgstagechain_dsn: str,
+    pgstagechain_dsn: str, tmp_path: Path
 ) -> None:
     dsn = pgstagechain_dsn
     succeeded, failed = dt.timedelta(seconds=1), dt.timedelta(seconds=3)
@@ -316,9 +318,11 @@ async def test_retention_under_load_deletes_exactly_what_the_rules_say(
         "RETENTION_APP_FAILED_SECONDS": "3",
         "RETENTION_APP_EVERY": "0.3",
         "RETENTION_APP_BATCH": "40",
+        "RETENTION_APP_GATE": "1",
     }
     env.pop("PGSTAGECHAIN_DSN", None)
-    workers = [start_worker(dsn, env) for _ in range(2)]
+    logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
+    workers = [start_worker(dsn, env, log) for log in logs]
     total = 600
     try:
         async with (
@@ -335,13 +339,33 @@ async def test_retention_under_load_deletes_exactly_what_the_rules_say(
                     await anyio.sleep(0.1)
 
             tg.start_soon(prune_meanwhile)
-            for start in range(1, total + 1, 30):  # 30 rows (6 groups) every 0.2 s
+            for start in range(1, total + 1, 30):  # 30 rows (6 groups) at a time
                 await add_items(dsn, range(start, start + 30))
                 await anyio.sleep(0.2)
 
+            async def alive() -> None:
+                for w, log in zip(workers, logs, strict=True):
+                    assert w.poll() is None, log.read_text()[-3000:]
+
+            async def rows_wait_past_the_window() -> bool:
+                await alive()
+                old = await value(
+                    dsn,
+                    "SELECT count(*) FROM items i WHERE (i.current_step, i.status) ="
+                    " ('second', 'done') AND EXISTS (SELECT 1 FROM pgstagechain.runs r"
+                    " WHERE r.row_key = i.id::text AND r.stage = 'first'"
+                    " AND r.finished_at < clock_timestamp() - %s)",
+                    (failed,),
+                )
+                return int(old) >= 100
+
+            # third is held shut: rows pile up mid-chain until their early results are
+            # older than every window, while the workers' passes go on
+            await wait_until(rows_wait_past_the_window, "rows waiting past the window")
+            await query(dsn, "INSERT INTO gate DEFAULT VALUES")
+
             async def all_through() -> bool:
-                for w in workers:
-                    assert w.poll() is None, w.stderr.read() if w.stderr else ""
+                await alive()
                 groups = await value(
                     dsn,
                     "SELECT count(*) FROM pgstagechain.groups"
@@ -380,6 +404,16 @@ async def test_retention_under_load_deletes_exactly_what_the_rules_say(
     assert not wrong
     by_whom = Counter(d[-1] for d in deleted)
     assert by_whom["pgstagechain-retention"] > 0, by_whom  # the workers' own passes
+    # and rows did wait mid-chain longer than the windows: their early results were old
+    waited = await value(
+        dsn,
+        "WITH every_run AS (SELECT stage, row_key, started_at, finished_at FROM deleted_runs"
+        " UNION ALL SELECT stage, row_key, started_at, finished_at FROM pgstagechain.runs)"
+        " SELECT count(*) FROM every_run f JOIN every_run t USING (row_key)"
+        " WHERE f.stage = 'first' AND t.stage = 'third' AND t.started_at > f.finished_at + %s",
+        (failed,),
+    )
+    assert waited >= 100, waited
 
     # and, the load over, one more pass leaves exactly what the rules keep
     before = await snapshot(dsn)
