@@ -12,7 +12,9 @@ reached the ledger (never a sequential scan).
 
 Part 2: a worker under a steady load (``--rate`` rows a second through three row stages)
 with ``Retention(finished=--window seconds)`` applied every ``--every`` seconds, for
-``--seconds``; the ledger's row count and ``pg_total_relation_size`` every few seconds.
+``--seconds``; the ledger's row count, ``pg_total_relation_size`` and the table's own size
+every five seconds. Deleted runs are reclaimed by autovacuum (a minute apart by default),
+so the size settles after a couple of its rounds.
 
 Prints one JSON line. Run from the repository root (the default is a quick look; the
 figures in docs/benchmarks.md are for ``--size 10000000``)::
@@ -220,13 +222,15 @@ async def time_statements(dsn: str, pipeline: Pipeline, iterations: int) -> dict
     }
 
 
-async def ledger_size(conn: psycopg.AsyncConnection[Any]) -> tuple[int, int]:
+async def ledger_size(conn: psycopg.AsyncConnection[Any]) -> list[int]:
+    """Runs in the ledger, its size with indexes and its table's size alone, in bytes."""
     cur = await conn.execute(
-        "SELECT count(*), pg_total_relation_size('pgstagechain.runs') FROM pgstagechain.runs"
+        "SELECT count(*), pg_total_relation_size('pgstagechain.runs'),"
+        " pg_relation_size('pgstagechain.runs') FROM pgstagechain.runs"
     )
     found = await cur.fetchone()
     assert found is not None
-    return int(found[0]), int(found[1])
+    return [int(v) for v in found]
 
 
 async def steady(
@@ -259,17 +263,15 @@ async def steady(
             )
             key += batch
             if elapsed >= next_sample:
-                runs, size = await ledger_size(conn)
-                samples.append([round(elapsed, 1), runs, size])
+                samples.append([round(elapsed, 1), *await ledger_size(conn)])
                 next_sample += 5.0
             await anyio.sleep(0.1)
         worker.stop()
-        runs, size = await ledger_size(conn)
-        samples.append([round(time.monotonic() - started, 1), runs, size])
+        samples.append([round(time.monotonic() - started, 1), *await ledger_size(conn)])
         finished = await (
             await conn.execute("SELECT count(*) FROM bench_items WHERE current_step = 'third'")
         ).fetchone()
-    second_half = [s for s in samples if s[0] >= seconds / 2]
+    last_third = [s for s in samples if s[0] >= seconds * 2 / 3]
     return {
         "rate_rows_per_s": rate,
         "runs_per_s": rate * len(STAGES),
@@ -277,9 +279,9 @@ async def steady(
         "every_s": every,
         "rows_fed": key,
         "rows_through": int(finished[0]) if finished else 0,
-        "samples_t_runs_bytes": samples,
-        "second_half_max_bytes": max(s[2] for s in second_half),
-        "second_half_min_bytes": min(s[2] for s in second_half),
+        "samples_t_runs_bytes_heap_bytes": samples,
+        "last_third_bytes": [min(s[2] for s in last_third), max(s[2] for s in last_third)],
+        "last_third_runs": [min(s[1] for s in last_third), max(s[1] for s in last_third)],
     }
 
 
@@ -318,7 +320,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1_000_000, help="finished runs, then")
     parser.add_argument("--iterations", type=int, default=300)
     parser.add_argument("--rate", type=int, default=100, help="rows a second, steady part")
-    parser.add_argument("--seconds", type=float, default=60.0, help="length of the steady part")
+    parser.add_argument("--seconds", type=float, default=180.0, help="length of the steady part")
     parser.add_argument("--window", type=float, default=5.0, help="Retention(finished=...)")
     parser.add_argument("--every", type=float, default=2.0, help="Retention(every=...)")
     args = parser.parse_args()

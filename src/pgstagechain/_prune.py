@@ -212,8 +212,10 @@ class RetentionKeeper:
         while True:
             try:
                 await self.once()
-            except DB_ERRORS as exc:
+            except DB_ERRORS as exc:  # the database is away: the next turn tries again
                 logger.warning("retention pass of %s failed: %s", self.pipeline.name, exc)
+            except Exception:  # never the end of the worker, whose runs come first
+                logger.exception("retention pass of %s failed", self.pipeline.name)
             await anyio.sleep(every)
 
     async def once(self) -> PruneReport | None:

@@ -35,6 +35,15 @@ def parse_age(text: str, what: str = "age") -> dt.timedelta:
     return age
 
 
+def format_age(age: dt.timedelta) -> str:
+    """An age as :func:`parse_age` reads it, in the largest unit that divides it: ``30d``."""
+    seconds = age.total_seconds()
+    for unit in ("w", "d", "h", "m"):
+        if seconds >= UNITS[unit] and seconds % UNITS[unit] == 0:
+            return f"{int(seconds // UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
+
+
 def _window(what: str) -> Any:
     def check(_instance: Any, _attribute: Any, value: Any) -> None:
         if value is None and what == "failed":

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from pgstagechain import ConfigurationError, Pipeline, Retention
-from pgstagechain._retention import parse_age
+from pgstagechain._retention import format_age, parse_age
 
 DAY = dt.timedelta(days=1)
 
@@ -33,6 +33,11 @@ def test_ages(text: str, seconds: float) -> None:
 def test_unreadable_ages(text: str) -> None:
     with pytest.raises(ConfigurationError, match=r"cannot read --older-than .*like 90s"):
         parse_age(text, "--older-than")
+
+
+@pytest.mark.parametrize("text", ["90s", "15m", "12h", "30d", "2w", "1.5s", "25h"])
+def test_ages_read_back(text: str) -> None:
+    assert parse_age(format_age(parse_age(text))) == parse_age(text)
 
 
 def test_zero_age() -> None:

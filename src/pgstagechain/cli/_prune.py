@@ -10,7 +10,7 @@ import anyio
 
 from .. import admin
 from .._connect import connect
-from .._retention import parse_age
+from .._retention import format_age, parse_age
 from ._common import dsn, load_pipeline
 
 
@@ -36,7 +36,8 @@ def _prune(args: argparse.Namespace) -> int:
     verb = "would delete" if found.dry_run else "deleted"
     print(
         f"{verb} {found.total} run(s) of pipeline {pipeline.name} ({states}); "
-        f"windows: succeeded {found.succeeded_older_than}, others {found.failed_older_than}"
+        f"older than {format_age(found.succeeded_older_than)} (succeeded), "
+        f"{format_age(found.failed_older_than)} (others)"
     )
     return 0
 
