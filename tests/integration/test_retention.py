@@ -291,11 +291,13 @@ CREATE TRIGGER audit AFTER DELETE ON pgstagechain.runs
 """
 
 
+CONCURRENCY = ("--concurrency", "8")
+
+
 def start_worker(dsn: str, env: dict[str, str], log: Path) -> subprocess.Popen[str]:
     with log.open("w") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "pgstagechain", "--dsn", dsn, "worker", APP]
-            + ["--concurrency", "8"],
+            [sys.executable, "-m", "pgstagechain", "--dsn", dsn, "worker", APP, *CONCURRENCY],
             cwd=ROOT,
             env=env,
             stdout=subprocess.DEVNULL,

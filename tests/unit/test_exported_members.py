@@ -14,6 +14,7 @@ INTENDED = {
     "stage",
     "Retry",
     "FanIn",
+    "Retention",
     "StageContext",
     "FailedMember",
     # running
@@ -91,6 +92,7 @@ ADMIN = {
     "History",
     "PipelineLive",
     "PipelineStatus",
+    "PruneReport",
     "RecentRuns",
     "RunRecord",
     "StageLive",
@@ -103,6 +105,7 @@ ADMIN = {
     "history",
     "listeners",
     "live",
+    "prune",
     "retry",
     "runs",
     "stage_order",
