@@ -3,8 +3,9 @@
 
 A pass walks the ledger from its oldest run by run id, a batch at a time (see
 ``sql/retention.sql`` for the rules), each batch one short statement of its own, and stops
-at the first batch that reaches runs younger than the shorter window. Only one pass runs
-at a time per pipeline (a session advisory lock), whoever started it.
+at the first batch that reaches runs younger than the shorter window. One worker at a time
+runs its pass (a session advisory lock per pipeline); a pass by hand takes no lock, and two
+passes at once are safe: each skips the runs the other has locked.
 """
 
 from __future__ import annotations
