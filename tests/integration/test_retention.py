@@ -4,6 +4,7 @@ checked against the rules computed here independently of the library's SQL."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -487,3 +488,29 @@ async def test_prune_command(pgstagechain_dsn: str) -> None:
     bad_env = cli(dsn, "prune", APP, RETENTION_APP_SECONDS="-1")
     assert bad_env.returncode == 2
     assert "Retention(finished=...) must be more than zero" in bad_env.stderr
+
+
+TINY = ("--small", "100", "--size", "2000", "--iterations", "3", "--rate", "20")
+TINY += ("--seconds", "4", "--window", "1", "--every", "0.5")
+
+
+@pytest.mark.slow
+def test_ledger_benchmark_reports_every_figure(pgstagechain_dsn: str) -> None:
+    """benchmarks/ledger.py runs end to end at a tiny size; no timing is asserted."""
+    done = subprocess.run(
+        [sys.executable, "benchmarks/ledger.py", "--dsn", pgstagechain_dsn, *TINY],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(report["sizes"]) == {"100", "2000"}
+    for figures in report["sizes"].values():
+        for name in ("claim", "complete", "pending", "expire"):
+            found = figures["statements"][name]
+            assert found["median_ms"] > 0 and found["buffers"] > 0
+            assert not any("Seq Scan" in a for a in found["ledger_access"]), (name, found)
+    steady = report["steady"]
+    assert steady["rows_through"] > 0 and steady["samples_t_runs_bytes_heap_bytes"]
