@@ -197,14 +197,16 @@ async def prune_alone(
 
 
 class RetentionKeeper:
-    """A worker's retention: a pass every ``retention.every`` (the first after a random
+    """A worker's retention: a pass every ``Retention.every`` (the first after a random
     part of it, so that workers started together do not all try at once), on a
     connection of its own, skipped when another worker's pass is under way."""
 
-    def __init__(self, pipeline: Pipeline, conninfo: str, retention: Retention) -> None:
+    def __init__(self, pipeline: Pipeline, conninfo: str) -> None:
+        if pipeline.retention is None:
+            raise ConfigurationError(f"pipeline {pipeline.name!r} declares no retention")
         self.pipeline = pipeline
         self.conninfo = conninfo
-        self.retention = retention
+        self.retention = pipeline.retention
         self.passes = 0
 
     async def run(self) -> None:

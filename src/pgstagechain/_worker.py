@@ -5,7 +5,8 @@ One event loop task dispatches: it turns notifications (and scan results) into b
 claims within the concurrency limits, and starts one task per claimed run. Completions
 of runs that did not use their connection are committed in batches; the others commit
 in the handler's own transaction. A heartbeat renews the leases of every live run in one
-statement; a probe re-drives whatever a lost notification or a dead worker left.
+statement; a probe re-drives whatever a lost notification or a dead worker left; with a
+retention, a periodic pass deletes finished runs past their window.
 """
 
 from __future__ import annotations
@@ -237,9 +238,8 @@ class Worker:
                 )
                 maintenance.start_soon(self._scanner.run)
                 if self.pipeline.retention is not None:  # one worker at a time prunes
-                    retention = self.pipeline.retention
-                    keeper_ = RetentionKeeper(self.pipeline, self._given_conninfo, retention)
-                    maintenance.start_soon(keeper_.run)
+                    pruner = RetentionKeeper(self.pipeline, self._given_conninfo)
+                    maintenance.start_soon(pruner.run)
                 if self.listen:
                     self.listener = Listener(
                         self._given_conninfo,
