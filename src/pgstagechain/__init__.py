@@ -29,6 +29,7 @@ from ._pipeline import Pipeline as Pipeline
 from ._pipeline import Statuses as Statuses
 from ._recovery import RecoveryReport as RecoveryReport
 from ._recovery import RecoveryScanner as RecoveryScanner
+from ._retention import Retention as Retention
 from ._runs import WorkerStats as WorkerStats
 from ._stage import FanIn as FanIn
 from ._stage import Retry as Retry
@@ -68,6 +69,7 @@ __all__ = [
     "Pipeline",
     "RecoveryReport",
     "RecoveryScanner",
+    "Retention",
     "Retry",
     "SchemaMismatchError",
     "Stage",

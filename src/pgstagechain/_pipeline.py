@@ -8,6 +8,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import attrs
 
+from ._retention import Retention, check_retention
 from ._stage import FanIn, FunctionStage, Retry, Stage, check_name, stage
 from .errors import ConfigurationError, StageDeclarationError
 
@@ -94,6 +95,9 @@ class Pipeline:
     their group has: a group then never forms before that many members exist, even when
     they are inserted one by one and the first finishes before the last is inserted.
 
+    ``retention`` (a :class:`Retention`) lets the workers delete finished runs older than
+    a window; without it the run ledger keeps every run.
+
     >>> pipeline = Pipeline("ads", table="jobs_variants", key="job_variants_id",
     ...                     group_column="job_id", start="img_gen")
     >>> @pipeline.stage(after="img_gen")
@@ -115,12 +119,15 @@ class Pipeline:
         extra_columns: Iterable[str] = (),
         statuses: Statuses | None = None,
         stages: Iterable[Stage] = (),
+        retention: Retention | None = None,
     ) -> None:
         if not isinstance(name, str) or not PIPELINE_NAME.match(name):
             raise ConfigurationError(
                 f"pipeline name must match {PIPELINE_NAME.pattern} (got {name!r})"
             )
         self.name = name
+        #: how long finished runs are kept (None: for ever); see :class:`Retention`
+        self.retention = check_retention(retention)
         self.table = TableSpec(
             table=table,
             schema=schema,

@@ -5,7 +5,8 @@ One event loop task dispatches: it turns notifications (and scan results) into b
 claims within the concurrency limits, and starts one task per claimed run. Completions
 of runs that did not use their connection are committed in batches; the others commit
 in the handler's own transaction. A heartbeat renews the leases of every live run in one
-statement; a probe re-drives whatever a lost notification or a dead worker left.
+statement; a probe re-drives whatever a lost notification or a dead worker left; with a
+retention, a periodic pass deletes finished runs past their window.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from ._leases import LeaseKeeper
 from ._links import DB_ERRORS, HandlerConnections, Link
 from ._listener import Listener
 from ._pipeline import Pipeline
+from ._prune import RetentionKeeper
 from ._recovery import WorkerScan
 from ._runs import LiveRuns, WorkerStats
 from ._stage import Stage
@@ -254,6 +256,9 @@ class Worker:
                     retire=self._retire,
                 )
                 maintenance.start_soon(self._scanner.run)
+                if self.pipeline.retention is not None:  # one worker at a time prunes
+                    pruner = RetentionKeeper(self.pipeline, self._given_conninfo)
+                    maintenance.start_soon(pruner.run)
                 if self.listen:
                     self.listener = Listener(
                         self._given_conninfo,

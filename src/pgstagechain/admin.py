@@ -1,7 +1,7 @@
 """Operating a pipeline from Python: where its rows are, what happened to one, who is
 working on it, and putting things right.
 
-Everything ``pgstagechain status``, ``inspect``, ``retry``, ``cancel`` and ``rerun`` show or do, the
+Everything ``pgstagechain status``, ``inspect``, ``retry``, ``cancel``, ``rerun`` and ``prune`` show or do, the
 FastAPI status router and the example apps read from here. Each function takes an open
 async connection (autocommit, or commit afterwards) and the pipeline; every statement
 lives in ``sql/admin.sql``.
@@ -47,6 +47,7 @@ from ._catalog import statements_for
 from ._history import GroupIssue, History, RunRecord, group_issues, history
 from ._migrations import require_schema
 from ._pipeline import Pipeline
+from ._prune import PruneReport, prune
 from ._repair import CANCEL_REASON, CancelReport, cancel, retry
 from ._rerun import SKIP_REASONS, RerunReport, rerun
 from ._sql import pipeline_params, plain
@@ -62,6 +63,7 @@ __all__ = [
     "History",
     "PipelineLive",
     "PipelineStatus",
+    "PruneReport",
     "RecentRuns",
     "RerunReport",
     "RunRecord",
@@ -76,6 +78,7 @@ __all__ = [
     "history",
     "listeners",
     "live",
+    "prune",
     "rerun",
     "retry",
     "runs",

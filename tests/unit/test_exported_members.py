@@ -14,6 +14,7 @@ INTENDED = {
     "stage",
     "Retry",
     "FanIn",
+    "Retention",
     "StageContext",
     "FailedMember",
     # running
@@ -94,6 +95,7 @@ ADMIN = {
     "History",
     "PipelineLive",
     "PipelineStatus",
+    "PruneReport",
     "RecentRuns",
     "RerunReport",
     "RunRecord",
@@ -109,6 +111,7 @@ ADMIN = {
     "history",
     "listeners",
     "live",
+    "prune",
     "rerun",
     "retry",
     "runs",

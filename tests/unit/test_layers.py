@@ -20,6 +20,7 @@ FLOORS = {
     "_stage": 2,
     "_pipeline": 2,
     "_runs": 2,
+    "_retention": 2,
     "_sql": 3,
     "_catalog": 3,
     "_migrations": 3,
@@ -40,6 +41,7 @@ FLOORS = {
     "_repair": 5,
     "_rerun": 5,
     "_activity": 5,
+    "_prune": 5,
     "_worker": 6,
     "admin": 6,
 }
