@@ -19,8 +19,9 @@ class MalformedNotification(PgStageChainError, ValueError):
 
 @attrs.frozen
 class Event:
-    """A row (``kind == "r"``) or group (``"g"``) reached ``(step, done)``, or a run of
-    stage ``step`` was handed back and its retry is due (``"t"``).
+    """A row (``kind == "r"``) or group (``"g"``) reached ``(step, done)``, a run of
+    stage ``step`` was handed back and its retry is due (``"t"``), or a worker whose
+    listening backend is ``key`` ``"joined"`` or ``"left"`` (``"w"``, in ``step``).
 
     ``step``, ``key`` and ``group`` are text PostgreSQL accepts: valid UTF-8, no NUL.
     """
@@ -43,7 +44,7 @@ def parse_event(payload: str) -> Event:
     if not isinstance(value, list) or len(value) != 4:
         raise MalformedNotification(f"payload is not a 4-item array: {payload[:80]!r}")
     kind, step, key, group = value
-    if kind not in ("r", "g", "t"):
+    if kind not in ("r", "g", "t", "w"):
         raise MalformedNotification(f"unknown kind in {payload[:80]!r}")
     return Event(
         kind,

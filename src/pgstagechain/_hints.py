@@ -53,6 +53,10 @@ class Hints:
         self.needs_scan: dict[str, bool] = dict.fromkeys(served, True)
         self.retry_due: dict[str, bool] = dict.fromkeys(served, True)
         self._wake = wake
+        #: is this key of this stage ours to claim at once? (see _membership); None: all are
+        self.owns: Callable[[str, str], bool] | None = None
+        #: told of a ``w`` notification: a worker joined or left
+        self.on_member: Callable[[Event], None] | None = None
 
     # -- what comes in ------------------------------------------------------------------
 
@@ -70,11 +74,18 @@ class Hints:
                 self.retry_due[event.step] = True
                 self._wake()
             return
+        if event.kind == "w":
+            if self.on_member is not None:
+                self.on_member(event)
+            return
         target = self.pipeline.next_stage(event.step)
         if target is None or target.name not in self.pending:
             return
         if target.group != (event.kind == "g"):
             return  # a row reaching a fan-in step: its group's own notification follows
+        if self.owns is not None and not self.owns(target.name, event.key):
+            self.stats.left_to_peers += 1  # its owner claims it; a probe finds it otherwise
+            return
         bucket = self.pending[target.name]
         if len(bucket) >= self.max_pending:
             self.needs_scan[target.name] = True  # too many hints: the scan finds the rest
@@ -141,6 +152,8 @@ class Hints:
 
     def claimed(self, stage: str, pick: Pick, limit: int, got: int) -> None:
         """Note what a claim of ``pick`` got: fewer than asked means none are left."""
+        if not got:
+            self.stats.claims_empty += 1
         if pick.mode == "retry" and got < limit:
             self.retry_due[stage] = False
         elif pick.mode == "ready" and got < limit:

@@ -31,7 +31,7 @@ json_values = st.recursive(
 )
 #: shapes close to a real event, so that the fuzzing reaches every check of the parser
 near_events = st.tuples(
-    st.sampled_from(["r", "g", "t"]) | json_values,
+    st.sampled_from(["r", "g", "t", "w"]) | json_values,
     st.sampled_from(["img_gen", "vlm_analyze", "a", ""]) | json_values,
     st.text(st.sampled_from("0123456789"), min_size=1, max_size=6) | json_values,
     st.none() | st.sampled_from(["1", "42"]) | json_values,
@@ -80,7 +80,7 @@ def check(payload: str) -> None:
     except MalformedNotification:
         return
     assert isinstance(event, Event)
-    assert event.kind in ("r", "g", "t")
+    assert event.kind in ("r", "g", "t", "w")
     for name, field in (("step", event.step), ("key", event.key), ("group", event.group)):
         if field is None and name == "group":
             continue
