@@ -538,6 +538,7 @@ class Bench:
         if logged:
             # the workers' statements from the release to the last transition
             statements = self._logged_statements([name], w0, w1)[name]
+            kinds = self._logged_kinds(name, w0, w1)
             statements_method = "server log, release to done"
         else:
             # every worker statement is a transaction of its own (autocommit); the
@@ -546,6 +547,7 @@ class Bench:
             own = self.polls - polls0 + 3
             statements = self._quiet_xacts(name) - xacts0 - own
             statements_method = "pg_stat_database transactions, workers' whole lives"
+            kinds = {}
         seconds = max(1e-6, t_end - t0_server)
         lat, basis = self.latencies(dsn, reports, {str(j): (t_release, t_sent) for j in job_ids})
         stats = _sum_stats(reports)
@@ -566,6 +568,7 @@ class Bench:
             "statements_per_transition": round(statements / max(1, transitions), 4),
             "statements": statements,
             "statements_method": statements_method,
+            "statements_by_kind": kinds,
             "claims_lost": {
                 "of_claimed": stats.get("claimed", 0),
                 "by_key_not_got": stats.get("races_lost", 0),
@@ -767,6 +770,23 @@ class Bench:
                 (name,),
             ).fetchone()
         return int(row[0]) if row else 0
+
+    def _logged_kinds(self, name: str, w0: str, w1: str, top: int = 8) -> dict[str, int]:
+        """The statements of database ``name`` logged between ``w0`` and ``w1``, counted by
+        their first words (what each kind of statement is shows in them)."""
+        assert self.server_log is not None
+        pattern = re.compile(
+            r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC#([^#]*)#LOG:  "
+            r"(?:statement|execute [^:]*): (.*)$"
+        )
+        counts: dict[str, int] = {}
+        with open(self.server_log, errors="replace") as lines:
+            for line in lines:
+                found = pattern.match(line)
+                if found and found.group(2) == name and w0 <= found.group(1) <= w1:
+                    head = " ".join(found.group(3).split())[:60]
+                    counts[head] = counts.get(head, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: -item[1])[:top])
 
     def _xacts(self, names: list[str]) -> dict[str, int]:
         time.sleep(1.1)  # backends flush their counters at most once a second

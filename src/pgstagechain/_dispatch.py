@@ -40,8 +40,11 @@ class Wake:
 
     async def wait(self, seconds: float | None) -> None:
         """Wait until woken or ``seconds`` passed (None: until woken), then re-arm."""
-        with anyio.move_on_after(seconds):
+        if seconds is None:  # no cancel scope to enter and leave on the hand-over path
             await self._event.wait()
+        else:
+            with anyio.move_on_after(seconds):
+                await self._event.wait()
         self._event = anyio.Event()
 
 

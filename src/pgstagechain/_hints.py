@@ -52,6 +52,8 @@ class Hints:
         self.pending: dict[str, dict[str, None]] = {s: {} for s in served}
         self.needs_scan: dict[str, bool] = dict.fromkeys(served, True)
         self.retry_due: dict[str, bool] = dict.fromkeys(served, True)
+        #: keys announced for each stage since its last pick, ours or not
+        self.heard: dict[str, int] = dict.fromkeys(served, 0)
         self._wake = wake
         #: is this key of this stage ours to claim at once? (see _membership); None: all are
         self.owns: Callable[[str, str], bool] | None = None
@@ -83,6 +85,7 @@ class Hints:
             return
         if target.group != (event.kind == "g"):
             return  # a row reaching a fan-in step: its group's own notification follows
+        self.heard[target.name] += 1
         if self.owns is not None and not self.owns(target.name, event.key):
             self.stats.left_to_peers += 1  # its owner claims it; a probe finds it otherwise
             return
@@ -134,10 +137,12 @@ class Hints:
         bucket = self.pending[stage]
         if self.retry_due[stage]:
             return Pick("retry")
-        if len(bucket) > limit:
-            # More hints than one batch: claim ready rows instead, so that workers that
-            # heard the same notifications take disjoint rows (SKIP LOCKED) rather than
-            # racing for the same keys.
+        heard, self.heard[stage] = self.heard[stage], 0
+        if len(bucket) > limit or heard > limit:
+            # More announced than one batch (a burst): claim ready rows instead, in full
+            # batches, so that workers take disjoint rows (SKIP LOCKED) rather than racing
+            # for the same keys, or claiming their own share of each notification a few at a
+            # time.
             bucket.clear()
             self.needs_scan[stage] = True
             return Pick("ready")

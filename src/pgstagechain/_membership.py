@@ -86,11 +86,16 @@ class Membership:
             for stage, pids in self.members.items()
         }
 
+    def shared(self, stage: str) -> bool:
+        """Does another live worker serve ``stage`` (as far as we know)?"""
+        members = self.members.get(stage, ())
+        return self.me in members and len(members) > 1
+
     def mine(self, stage: str, key: str) -> bool:
         """Should this worker claim ``key`` of ``stage`` at once? Yes unless a live member
         other than us is its owner (and always while we know of no other member)."""
-        members = self.members.get(stage)
-        if self.me is None or not members or self.me not in members or len(members) == 1:
+        if not self.shared(stage):
             return True
+        members = self.members[stage]
         key_hash = zlib.crc32(key.encode("utf-8", "surrogatepass"))
         return max(members, key=lambda member: _score(key_hash, member)) == self.me
