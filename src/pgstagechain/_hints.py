@@ -146,13 +146,17 @@ class Hints:
             bucket.clear()
             self.needs_scan[stage] = True
             return Pick("ready")
+        if self.needs_scan[stage]:
+            # Ready rows first: they include the announced keys, and once a claim of them
+            # comes back short every key heard so far was taken, here or elsewhere (by key,
+            # those would be claims lost).
+            bucket.clear()
+            return Pick("ready")
         if bucket:
             keys = list(itertools.islice(bucket, limit))
             for key in keys:
                 del bucket[key]
             return Pick("keys", keys)
-        if self.needs_scan[stage]:
-            return Pick("ready")
         return None
 
     def claimed(self, stage: str, pick: Pick, limit: int, got: int) -> None:

@@ -24,6 +24,8 @@ from typing import Any
 JOINED, LEFT = "joined", "left"
 
 _MASK64 = (1 << 64) - 1
+#: keys are hashed into this many buckets, and the buckets shared out between the members
+BUCKETS = 4096
 
 
 def lock_number(text: str) -> int:
@@ -31,9 +33,9 @@ def lock_number(text: str) -> int:
     return zlib.crc32(f"pgstagechain:{text}".encode()) & 0x7FFFFFFF
 
 
-def _score(key_hash: int, member: int) -> int:
-    """Rendezvous score of ``member`` for a key (splitmix64 of the two mixed)."""
-    z = (key_hash ^ (member * 0x9E3779B97F4A7C15)) & _MASK64
+def _seed(member: int) -> int:
+    """A member's 64-bit seed (splitmix64 of its number), computed once per view."""
+    z = (member * 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return z ^ (z >> 31)
@@ -55,6 +57,8 @@ class Membership:
         self.me: int | None = None
         #: per stage, the live members (listening backend pids), this worker included
         self.members: dict[str, tuple[int, ...]] = {}
+        #: per stage shared with others: for each bucket, is it ours? (see :meth:`mine`)
+        self._ours: dict[str, bytes] = {}
 
     def join_params(self, channel: str) -> dict[str, Any]:
         return {
@@ -66,7 +70,7 @@ class Membership:
     def joined(self, me: int) -> None:
         """Our listening connection (backend ``me``) holds its locks now."""
         self.me = me
-        self.members = {}
+        self._set({})
 
     def update(self, found: Mapping[str, Iterable[int]] | None) -> None:
         """Take what ``pg_locks`` lists: stage number (as text) → member pids."""
@@ -75,27 +79,58 @@ class Membership:
             stage = self._stage_of.get(int(number))
             if stage is not None:
                 members[stage] = tuple(sorted(set(pids)))
-        self.members = members
+        self._set(members)
 
     def drop(self, member: int) -> None:
         """A worker said it left: stop leaving keys to it (never to ourselves)."""
         if member == self.me:
             return
-        self.members = {
-            stage: tuple(pid for pid in pids if pid != member)
-            for stage, pids in self.members.items()
-        }
+        self._set(
+            {
+                stage: tuple(pid for pid in pids if pid != member)
+                for stage, pids in self.members.items()
+            }
+        )
+
+    def _set(self, members: dict[str, tuple[int, ...]]) -> None:
+        if members == self.members and (self._ours or not members):
+            return
+        self.members = members
+        tables: dict[tuple[int, ...], bytes] = {}  # stages often have the same members
+        self._ours = {}
+        for stage, pids in members.items():
+            if self.me in pids and len(pids) > 1:
+                if pids not in tables:
+                    tables[pids] = _owned_buckets(pids, self.me)
+                self._ours[stage] = tables[pids]
 
     def shared(self, stage: str) -> bool:
         """Does another live worker serve ``stage`` (as far as we know)?"""
-        members = self.members.get(stage, ())
-        return self.me in members and len(members) > 1
+        return stage in self._ours
 
     def mine(self, stage: str, key: str) -> bool:
         """Should this worker claim ``key`` of ``stage`` at once? Yes unless a live member
-        other than us is its owner (and always while we know of no other member)."""
-        if not self.shared(stage):
+        other than us owns its bucket (and always while we know of no other member).
+
+        This runs for every notification a worker hears, so the buckets are shared out
+        once per change of members (:func:`_owned_buckets`), and here only looked up."""
+        ours = self._ours.get(stage)
+        if ours is None:
             return True
-        members = self.members[stage]
-        key_hash = zlib.crc32(key.encode("utf-8", "surrogatepass"))
-        return max(members, key=lambda member: _score(key_hash, member)) == self.me
+        return bool(ours[zlib.crc32(key.encode("utf-8", "surrogatepass")) % BUCKETS])
+
+
+def _owned_buckets(members: tuple[int, ...], me: int | None) -> bytes:
+    """For each bucket, 1 if ``me`` owns it: the member with the highest score for it
+    (rendezvous hashing), so that a member leaving moves only its own buckets."""
+    seeds = [(member, _seed(member)) for member in members]
+    owned = bytearray(BUCKETS)
+    for bucket in range(BUCKETS):
+        mixed = _seed(bucket + 1)
+        best, owner = -1, None
+        for member, seed in seeds:
+            score = ((mixed ^ seed) * 0xD6E8FEB86659FD93) & _MASK64
+            if score > best:
+                best, owner = score, member
+        owned[bucket] = owner == me
+    return bytes(owned)
