@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
@@ -22,6 +23,8 @@ logger = logging.getLogger("pgstagechain.worker")
 
 #: malformed hints logged at warning level before only every thousandth is
 LOUD_MALFORMED = 10
+#: more keys than one full claim announced for a stage within this many seconds is a burst
+BURST_WINDOW = 0.01
 
 
 @attrs.frozen
@@ -45,6 +48,7 @@ class Hints:
         wake: Callable[[], None],
         *,
         max_pending: int,
+        burst: Mapping[str, int] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.stats = stats
@@ -52,13 +56,18 @@ class Hints:
         self.pending: dict[str, dict[str, None]] = {s: {} for s in served}
         self.needs_scan: dict[str, bool] = dict.fromkeys(served, True)
         self.retry_due: dict[str, bool] = dict.fromkeys(served, True)
-        #: keys announced for each stage since its last pick, ours or not
+        #: per stage, the most one claim takes: more announced at once is a burst
+        self.burst = {s: (burst or {}).get(s, max_pending) for s in served}
+        #: keys announced for each stage in the current burst window, ours or not
         self.heard: dict[str, int] = dict.fromkeys(served, 0)
+        self._window: dict[str, float] = dict.fromkeys(served, 0.0)
         self._wake = wake
         #: is this key of this stage ours to claim at once? (see _membership); None: all are
         self.owns: Callable[[str, str], bool] | None = None
         #: told of a ``w`` notification: a worker joined or left
         self.on_member: Callable[[Event], None] | None = None
+        #: do other live workers serve this stage (and so take keys of their own)?
+        self.shared: Callable[[str], bool] | None = None
 
     # -- what comes in ------------------------------------------------------------------
 
@@ -85,7 +94,7 @@ class Hints:
             return
         if target.group != (event.kind == "g"):
             return  # a row reaching a fan-in step: its group's own notification follows
-        self.heard[target.name] += 1
+        self._count(target.name)
         if self.owns is not None and not self.owns(target.name, event.key):
             self.stats.left_to_peers += 1  # its owner claims it; a probe finds it otherwise
             return
@@ -95,6 +104,19 @@ class Hints:
         else:
             bucket[event.key] = None
         self._wake()
+
+    def _count(self, stage: str) -> None:
+        """Count a key announced for ``stage``, ours or not: in a burst (more than one full
+        claim within :data:`BURST_WINDOW`), every worker that hears it claims ready rows in
+        full batches, disjoint by SKIP LOCKED, until none are left; so they all switch at
+        about the same time, since they hear the same notifications."""
+        now = time.monotonic()
+        if now - self._window[stage] > BURST_WINDOW:
+            self._window[stage] = now
+            self.heard[stage] = 0
+        self.heard[stage] += 1
+        if self.heard[stage] > self.burst[stage]:
+            self.needs_scan[stage] = True
 
     def ignored(self, what: str, exc: Exception) -> None:
         """Count and log a hint that could not be used; a flood must not become a log
@@ -137,12 +159,11 @@ class Hints:
         bucket = self.pending[stage]
         if self.retry_due[stage]:
             return Pick("retry")
-        heard, self.heard[stage] = self.heard[stage], 0
-        if len(bucket) > limit or heard > limit:
-            # More announced than one batch (a burst): claim ready rows instead, in full
-            # batches, so that workers take disjoint rows (SKIP LOCKED) rather than racing
-            # for the same keys, or claiming their own share of each notification a few at a
-            # time.
+        if len(bucket) > limit and (self.shared is None or not self.shared(stage)):
+            # More hints than one batch: claim ready rows instead, so that workers that
+            # heard the same notifications take disjoint rows (SKIP LOCKED) rather than
+            # racing for the same keys. (Workers that know each other hold disjoint keys:
+            # they claim their own by key, a batch at a time, unless a burst is on.)
             bucket.clear()
             self.needs_scan[stage] = True
             return Pick("ready")

@@ -67,8 +67,9 @@ class Membership:
             "channel": channel,
         }
 
-    def joined(self, me: int) -> None:
-        """Our listening connection (backend ``me``) holds its locks now."""
+    def joined(self, me: int | None) -> None:
+        """Our listening connection (backend ``me``) holds its locks now (None: it could
+        not take them, and this worker claims every key)."""
         self.me = me
         self._set({})
 

@@ -130,12 +130,14 @@ class Worker:
             self.stats,
             self._wake.set,
             max_pending=max_pending,
+            burst={name: min(limit, batch_size) for name, limit in self.limits.items()},
         )
         self._runs = LiveRuns(self.limits, concurrency, self._wake.set)
         #: who else listens, so that each announced key is claimed by one worker at once
         self._membership = Membership(pipeline.name, [s.name for s in served]) if listen else None
         if self._membership is not None:
             self._hints.owns = self._membership.mine
+            self._hints.shared = self._membership.shared
             self._hints.on_member = self._on_member
         self._listening: anyio.CancelScope | None = None
         self._unlistened: anyio.Event | None = None
@@ -329,10 +331,22 @@ class Worker:
         """On the listening connection: take our membership locks and tell the others."""
         assert self._membership is not None
         me = conn.info.backend_pid
-        await conn.execute(
-            plain("join_members"),
-            {**self._membership.join_params(self.pipeline.channel), "payload": payload(JOINED, me)},
-        )
+        try:
+            await conn.execute(
+                plain("join_members"),
+                {
+                    **self._membership.join_params(self.pipeline.channel),
+                    "payload": payload(JOINED, me),
+                },
+            )
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise  # the listener reconnects
+            # Not a member (out of lock slots, say): this worker then claims every key it
+            # hears, as workers did before they knew each other.
+            logger.warning("could not join the other workers (%s); claiming every key", exc)
+            self._membership.joined(None)
+            return
         self._membership.joined(me)
 
     async def _leave(self) -> None:
