@@ -130,7 +130,9 @@ class Worker:
             self.stats,
             self._wake.set,
             max_pending=max_pending,
-            burst={name: max(1, min(limit, batch_size) // 4) for name, limit in self.limits.items()},
+            burst={
+                name: max(1, min(limit, batch_size) // 4) for name, limit in self.limits.items()
+            },
         )
         self._runs = LiveRuns(self.limits, concurrency, self._wake.set)
         #: who else listens, so that each announced key is claimed by one worker at once
