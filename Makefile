@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: demo test test-llava lint
+.PHONY: demo test test-llava test-peers lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ $(VENV)/.installed-llava: $(VENV)/.installed
 
 test-llava: $(VENV)/.installed-llava
 	FEEDLY_REQUIRE_MODELS=1 $(VENV)/bin/pytest -m model $(ARGS)
+
+# benchmarks/peers.py at a tiny size, with the other job queues (an optional extra).
+$(VENV)/.installed-peers: $(VENV)/.installed
+	$(VENV)/bin/pip install --quiet -e ".[peers]"
+	touch $@
+
+test-peers: $(VENV)/.installed-peers
+	$(VENV)/bin/pytest tests/integration/test_peers_smoke.py $(ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests examples benchmarks

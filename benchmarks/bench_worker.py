@@ -30,6 +30,8 @@ from benchmarks import bench_app
 from pgstagechain import Worker, tune_gc
 
 ACKS: dict[str, float] = {}  # by the run's claim token
+#: where a notification hand-over spends its time: see instrument_hops
+HOPS: dict[str, list[Any]] = {"notes": [], "wakes": [], "claims": []}
 
 
 def instrument_completions() -> bool:
@@ -53,6 +55,45 @@ def instrument_completions() -> bool:
     return True
 
 
+def instrument_hops() -> bool:
+    """Timestamps along a notification hand-over, taken by wrapping the worker's parts
+    (measurement only; nothing is wrapped unless recording):
+
+    - ``notes``: (time, payload) when the listener hands a notification to the hints;
+    - ``wakes``: when the dispatcher starts a pass (it was woken);
+    - ``claims``: (sent, returned, stage, [row keys]) of every claim statement.
+    """
+    try:
+        from pgstagechain._claim import Claimer
+        from pgstagechain._dispatch import Dispatcher
+        from pgstagechain._hints import Hints
+    except ImportError:
+        return False
+    on_notify = Hints.on_notify
+    dispatch_once = Dispatcher.dispatch_once
+    claim = Claimer.claim
+    notes, wakes, claims = HOPS["notes"], HOPS["wakes"], HOPS["claims"]
+
+    def noted(self: Any, channel: str, payload: str) -> None:
+        notes.append((time.time(), payload))
+        on_notify(self, channel, payload)
+
+    async def woke(self: Any, *args: Any, **kwargs: Any) -> Any:
+        wakes.append(time.time())
+        return await dispatch_once(self, *args, **kwargs)
+
+    async def claimed(self: Any, conn: Any, stage: str, **kwargs: Any) -> Any:
+        sent = time.time()
+        got = await claim(self, conn, stage, **kwargs)
+        claims.append((sent, time.time(), stage, [c.row_key for c in got]))
+        return got
+
+    Hints.on_notify = noted  # type: ignore[method-assign]
+    Dispatcher.dispatch_once = woke  # type: ignore[method-assign]
+    Claimer.claim = claimed  # type: ignore[method-assign]
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dsn", required=True)
@@ -68,6 +109,8 @@ def main() -> int:
 
     bench_app.RECORD = not args.no_record
     instrumented = not args.no_record and instrument_completions()
+    if not args.no_record:
+        instrument_hops()
     pipeline = bench_app.build_pipeline(
         args.row_stages,
         args.group_stages,
@@ -106,6 +149,8 @@ def main() -> int:
     if args.no_record:
         bench_app.STARTS.clear()
         ACKS.clear()
+        for records in HOPS.values():
+            records.clear()
     Path(args.out).write_text(
         json.dumps(
             {
@@ -113,6 +158,7 @@ def main() -> int:
                 "instrumented": instrumented,
                 "starts": bench_app.STARTS,
                 "acks": list(ACKS.items()),
+                "hops": HOPS,
                 "stats": attrs.asdict(worker.stats),
             }
         )

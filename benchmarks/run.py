@@ -11,6 +11,7 @@ of stdout is one JSON object with every figure. See docs/benchmarks.md for the m
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import math
@@ -19,6 +20,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -170,6 +172,7 @@ class Bench:
         self.admin_dsn = admin_dsn
         self.bindir = bindir
         self.counter = 0
+        self.polls = 0
         self.lock = threading.Lock()
         self.databases: list[str] = []
         self.server_cpu = ServerCpu(admin_dsn)
@@ -235,6 +238,14 @@ class Bench:
 
     # workers
 
+    def concurrency_for(self, count: int) -> int:
+        """Runs in flight per worker process: ``--concurrency`` for one or two processes;
+        for more, shared so that the total stays that of two (unless
+        ``--fixed-concurrency``)."""
+        if self.args.fixed_concurrency or count <= 2:
+            return int(self.args.concurrency)
+        return max(1, self.args.concurrency * 2 // count)
+
     def start_workers(
         self, dsn: str, count: int, connection: int, tag: str, *, record: bool = True
     ) -> list[tuple[subprocess.Popen[str], Path]]:
@@ -253,7 +264,7 @@ class Bench:
                 "--connection",
                 str(int(connection)),
                 "--concurrency",
-                str(self.args.concurrency),
+                str(self.concurrency_for(count)),
                 "--batch-size",
                 str(self.args.batch_size),
                 "--out",
@@ -292,6 +303,7 @@ class Bench:
     # measuring
 
     def done_count(self, conn: psycopg.Connection[Any]) -> int:
+        self.polls += 1  # the benchmark's own statements, left out of statements_per_transition
         if self.groups:
             row = conn.execute(
                 "SELECT count(*) FROM pgstagechain.groups WHERE pipeline = 'bench'"
@@ -384,6 +396,88 @@ class Bench:
                     found.append((kind, seconds))
         return found, basis
 
+    def hop_attribution(
+        self,
+        dsn: str,
+        reports: list[dict[str, Any]],
+        released: dict[str, tuple[float, float]],
+    ) -> dict[str, dict[str, Any]]:
+        """Where a hand-over through a notification spends its time, per kind (``release``,
+        ``fan_in``): the median of each segment, in ms, from the timestamps the benchmark
+        worker takes (see ``bench_worker.instrument_hops``):
+
+        ``notify`` commit acknowledged → notification handed to the hints; ``to_dispatcher``
+        → the dispatcher's pass that claimed it began; ``before_claim`` → claim sent;
+        ``claim`` → claim returned; ``to_handler`` → handler started; ``total``.
+        """
+        first_row, last_row = self.rows[0], self.rows[-1]
+        first_group = self.groups[0] if self.groups else None
+        acks: dict[str, float] = {}
+        for report in reports:
+            acks.update(dict(report["acks"]))
+        with psycopg.connect(dsn) as conn:
+            runs = conn.execute(
+                "SELECT token::text, group_key, extract(epoch FROM finished_at)::float8"
+                " FROM pgstagechain.runs WHERE pipeline = 'bench' AND state = 'succeeded'"
+                " AND stage = %s",
+                (last_row,),
+            ).fetchall()
+        group_ready: dict[str, float] = {}
+        for token, group_key, finished in runs:
+            if group_key is not None:
+                acked = acks.get(token, finished)
+                group_ready[group_key] = max(group_ready.get(group_key, 0.0), acked)
+        segments: dict[str, dict[str, list[float]]] = {}
+        names = ("notify", "to_dispatcher", "before_claim", "claim", "to_handler", "total")
+        for report in reports:
+            hops = report.get("hops")
+            if not hops:
+                continue
+            heard: dict[tuple[str, str], float] = {}
+            for at, payload in hops["notes"]:
+                with contextlib.suppress(ValueError, TypeError):
+                    kind, step, key, _ = json.loads(payload)
+                    heard.setdefault((kind + step, key), at)
+            claimed: dict[tuple[str, str], tuple[float, float]] = {}
+            for sent, returned, stage, keys in hops["claims"]:
+                for key in keys:
+                    claimed.setdefault((stage, key), (sent, returned))
+            wakes = sorted(hops["wakes"])
+            for stage, key, started in report["starts"]:
+                if stage == first_row:
+                    kind, base = "release", released.get(str(int(key) // 1000), (None,))[0]
+                    received = heard.get(("r" + bench_app.START_STEP, key))
+                elif stage == first_group:
+                    kind, base = "fan_in", group_ready.get(key)
+                    received = heard.get(("g" + last_row, key))
+                else:
+                    continue
+                claim = claimed.get((stage, key))
+                if base is None or received is None or claim is None:
+                    continue
+                sent, returned = claim
+                index = bisect.bisect_right(wakes, sent) - 1
+                woke = max(received, wakes[index]) if index >= 0 else received
+                values = (
+                    received - base,
+                    woke - received,
+                    sent - woke,
+                    returned - sent,
+                    started - returned,
+                    started - base,
+                )
+                into = segments.setdefault(kind, {name: [] for name in names})
+                for name, value in zip(names, values, strict=True):
+                    into[name].append(value)
+        return {
+            kind: {
+                **{name: round(statistics.median(v) * 1000, 3) for name, v in found.items()},
+                "n": len(found["total"]),
+            }
+            for kind, found in sorted(segments.items())
+            if found["total"]
+        }
+
     def cpu_snapshot(
         self, workers: list[tuple[subprocess.Popen[str], Path]]
     ) -> tuple[float, float | None]:
@@ -401,6 +495,17 @@ class Bench:
         self.install(dsn, bool(connection))
         job_ids = self.add_rows(dsn, rows)
         expected = self.expected_transitions(rows)
+        name = conninfo_to_dict(dsn)["dbname"]
+        logged = self.server_log is not None
+        if logged:  # every statement of this database, in the server log (a few hundred)
+            with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} SET log_statement = 'all'").format(
+                        sql.Identifier(name)
+                    )
+                )
+        xacts0 = self._quiet_xacts(name)
+        polls0 = self.polls
         workers = self.start_workers(dsn, count, connection, f"burst-{mode}-{count}")
         spy = None
         try:
@@ -408,6 +513,9 @@ class Bench:
                 spy = start_py_spy(workers[0][0].pid, profile)
             time.sleep(0.3)
             with psycopg.connect(dsn, autocommit=True) as conn:
+                if logged:
+                    conn.execute("SET log_statement = 'none'")  # not the benchmark's own
+                w0 = self._server_time()
                 cpu0 = self.cpu_snapshot(workers)
                 t_sent = time.time()
                 with conn.transaction():
@@ -423,6 +531,7 @@ class Bench:
                 t0_server = float(row[0])
                 finished = self.wait_done(conn, self.finish_target(rows), self.args.burst_timeout)
                 cpu1 = self.cpu_snapshot(workers)
+                w1 = self._server_time()
                 row = conn.execute(
                     "SELECT count(*), extract(epoch FROM max(finished_at))::float8"
                     " FROM pgstagechain.runs WHERE pipeline = 'bench' AND state = 'succeeded'"
@@ -433,8 +542,22 @@ class Bench:
             if spy is not None:
                 stop_py_spy(spy)
             reports = self.stop_workers(workers)
+        if logged:
+            # the workers' statements from the release to the last transition
+            statements = self._logged_statements([name], w0, w1)[name]
+            kinds = self._logged_kinds(name, w0, w1)
+            statements_method = "server log, release to done"
+        else:
+            # every worker statement is a transaction of its own (autocommit); the
+            # benchmark's own (the release, its clock read, its progress polls, the final
+            # count) are taken out; the workers' start-up and shut-down are in
+            own = self.polls - polls0 + 3
+            statements = self._quiet_xacts(name) - xacts0 - own
+            statements_method = "pg_stat_database transactions, workers' whole lives"
+            kinds = {}
         seconds = max(1e-6, t_end - t0_server)
         lat, basis = self.latencies(dsn, reports, {str(j): (t_release, t_sent) for j in job_ids})
+        stats = _sum_stats(reports)
         result = {
             "mode": mode,
             "workers": count,
@@ -448,12 +571,26 @@ class Bench:
             "latency_ms_by_kind": by_kind(lat),
             "latency_basis": basis,
             "cpu_us_per_transition": self._cpu(cpu0, cpu1, transitions),
-            "worker_stats": _sum_stats(reports),
+            "concurrency_per_worker": self.concurrency_for(count),
+            "statements_per_transition": round(statements / max(1, transitions), 4),
+            "statements": statements,
+            "statements_method": statements_method,
+            "statements_by_kind": kinds,
+            "claims_lost": {
+                "of_claimed": stats.get("claimed", 0),
+                "by_key_not_got": stats.get("races_lost", 0),
+                "pct": round(100 * stats.get("races_lost", 0) / max(1, stats.get("claimed", 0)), 3),
+                "empty_claim_statements": stats.get("claims_empty"),
+                "keys_left_to_peers": stats.get("left_to_peers"),
+            },
+            "worker_stats": stats,
             "loadavg_1min_after": round(os.getloadavg()[0], 2),
         }
         log(
             f"burst {mode} x{count}: {transitions} transitions in {seconds:.2f}s = "
-            f"{result['transitions_per_s']}/s, cpu {result['cpu_us_per_transition']}"
+            f"{result['transitions_per_s']}/s, cpu {result['cpu_us_per_transition']}, "
+            f"statements/transition {result['statements_per_transition']}, "
+            f"claims lost {result['claims_lost']}"
         )
         return result
 
@@ -513,7 +650,9 @@ class Bench:
         finally:
             reports = self.stop_workers(workers)
         lat, basis = self.latencies(dsn, reports, released)
+        attribution = self.hop_attribution(dsn, reports, released)
         result = {
+            "hop_attribution_ms": attribution,
             "rate_rows_per_s": rate,
             "rows": rows,
             "transitions": transitions,
@@ -527,6 +666,8 @@ class Bench:
         log(f"steady: {result['latency_ms']}")
         for kind, figures in result["latency_ms_by_kind"].items():
             log(f"  {kind}: {figures}")
+        for kind, figures in attribution.items():
+            log(f"  {kind} attribution (median ms): {figures}")
         return result
 
     def idle(self) -> dict[str, Any]:
@@ -617,6 +758,43 @@ class Bench:
                 if found and found.group(2) in counts and w0 <= found.group(1) <= w1:
                     counts[found.group(2)] += 1
         return counts
+
+    def _quiet_xacts(self, name: str, timeout: float = 30.0) -> int:
+        """``xact_commit + xact_rollback`` of database ``name`` once no client is connected
+        to it: a backend flushes its counters when it exits, so every statement is in."""
+        deadline = time.monotonic() + timeout
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            while True:
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = %s AND backend_type = 'client backend'",
+                    (name,),
+                ).fetchone()
+                if (row is not None and not row[0]) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+            row = conn.execute(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s",
+                (name,),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def _logged_kinds(self, name: str, w0: str, w1: str, top: int = 8) -> dict[str, int]:
+        """The statements of database ``name`` logged between ``w0`` and ``w1``, counted by
+        their first words (what each kind of statement is shows in them)."""
+        assert self.server_log is not None
+        pattern = re.compile(
+            r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) UTC#([^#]*)#LOG:  "
+            r"(?:statement|execute [^:]*): (.*)$"
+        )
+        counts: dict[str, int] = {}
+        with open(self.server_log, errors="replace") as lines:
+            for line in lines:
+                found = pattern.match(line)
+                if found and found.group(2) == name and w0 <= found.group(1) <= w1:
+                    head = " ".join(found.group(3).split())[:60]
+                    counts[head] = counts.get(head, 0) + 1
+        return dict(sorted(counts.items(), key=lambda item: -item[1])[:top])
 
     def _xacts(self, names: list[str]) -> dict[str, int]:
         time.sleep(1.1)  # backends flush their counters at most once a second
@@ -798,6 +976,30 @@ class Bench:
         return sum(counts) / (time.monotonic() - t0)
 
 
+def handover_vs_floor(
+    steady: dict[str, Any] | None, floor: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The steady phase's notification hand-overs (``release``, ``fan_in``) beside the floor
+    measured in the same run (a bare NOTIFY plus a one-row UPDATE round trip), with their
+    ratio to it, at p50 and p99."""
+    if not steady or not floor:
+        return None
+    result: dict[str, Any] = {}
+    for q in ("p50", "p99"):
+        notify, trip = floor["notify"][q], floor["update_round_trip"][q]
+        if notify is None or trip is None:
+            return None
+        result[f"floor_{q}"] = round(notify + trip, 3)
+    for kind in ("release", "fan_in"):
+        figures = steady["latency_ms_by_kind"].get(kind)
+        if not figures or figures["p50"] is None:
+            continue
+        result[kind] = {q: figures[q] for q in ("p50", "p99")} | {
+            f"ratio_{q}": round(figures[q] / result[f"floor_{q}"], 2) for q in ("p50", "p99")
+        }
+    return result
+
+
 def _mb(kb: int | None) -> float | None:
     return None if kb is None else round(kb / 1024, 1)
 
@@ -870,7 +1072,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="noconn: stages declared connection=False; conn: the default connection=True;"
         " write: connection=True, each handler writes a row on ctx.conn",
     )
-    p.add_argument("--concurrency", type=int, default=400, help="per worker process")
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=400,
+        help="per worker process; above two processes, shared so the total stays that of two",
+    )
+    p.add_argument(
+        "--fixed-concurrency",
+        action="store_true",
+        help="give every worker process --concurrency, however many there are",
+    )
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--burst-timeout", type=float, default=120.0)
     p.add_argument("--steady-rate", type=float, default=20.0, help="rows released per second")
@@ -1021,8 +1233,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpu_us_per_transition": {
                 f"{b['mode']}_x{b['workers']}": b["cpu_us_per_transition"] for b in bursts
             },
+            "scaling": {
+                f"{b['mode']}_x{b['workers']}": {
+                    "statements_per_transition": b["statements_per_transition"],
+                    "server_cpu_us_per_transition": b["cpu_us_per_transition"]["server"],
+                    "claims_lost_pct": b["claims_lost"]["pct"],
+                }
+                for b in bursts
+            },
             "server_commit_tps": commit,
             "floor_ms": floor,
+            "handover_vs_floor": handover_vs_floor(steady, floor),
             "ratio_to_commit_tps_1": (
                 {m: {k: round(v / single, 3) for k, v in per.items()} for m, per in tps.items()}
                 if single

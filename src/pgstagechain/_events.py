@@ -11,8 +11,8 @@ from .errors import PgStageChainError
 
 MAX_PAYLOAD = 8000
 MAX_KEY = 1024
-#: row done, group done, retry due now, slot freed
-KINDS = ("r", "g", "t", "s")
+#: row done, group done, retry due now, slot freed, worker joined or left
+KINDS = ("r", "g", "t", "s", "w")
 
 
 class MalformedNotification(PgStageChainError, ValueError):
@@ -22,8 +22,9 @@ class MalformedNotification(PgStageChainError, ValueError):
 @attrs.frozen
 class Event:
     """A row (``kind == "r"``) or group (``"g"``) reached ``(step, done)``, a run of
-    stage ``step`` was handed back and its retry is due (``"t"``), or a run of stage
-    ``step`` ended and freed a slot of its ``max_running`` (``"s"``, key ``"slot"``).
+    stage ``step`` was handed back and its retry is due (``"t"``), a run of stage
+    ``step`` ended and freed a slot of its ``max_running`` (``"s"``, key ``"slot"``), or a
+    worker whose listening backend is ``key`` ``"joined"`` or ``"left"`` (``"w"``, in ``step``).
 
     ``step``, ``key`` and ``group`` are text PostgreSQL accepts: valid UTF-8, no NUL.
     """

@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import attrs
 
@@ -24,6 +24,8 @@ logger = logging.getLogger("pgstagechain.worker")
 
 #: malformed hints logged at warning level before only every thousandth is
 LOUD_MALFORMED = 10
+#: more keys than one full claim announced for a stage within this many seconds is a burst
+BURST_WINDOW = 0.01
 
 
 @attrs.frozen
@@ -47,6 +49,7 @@ class Hints:
         wake: Callable[[], None],
         *,
         max_pending: int,
+        burst: Mapping[str, int] | None = None,
     ) -> None:
         self.pipeline = pipeline
         self.stats = stats
@@ -60,7 +63,18 @@ class Hints:
         self.token_due: dict[str, float] = {}
         #: slot-freed events seen per stage, so a claim can tell one came while it ran
         self.slots_freed: dict[str, int] = dict.fromkeys(served, 0)
+        #: per stage, the most one claim takes: more announced at once is a burst
+        self.burst = {s: (burst or {}).get(s, max_pending) for s in served}
+        #: keys announced for each stage in the current burst window, ours or not
+        self.heard: dict[str, int] = dict.fromkeys(served, 0)
+        self._window: dict[str, float] = dict.fromkeys(served, 0.0)
         self._wake = wake
+        #: is this key of this stage ours to claim at once? (see _membership); None: all are
+        self.owns: Callable[[str, str], bool] | None = None
+        #: told of a ``w`` notification: a worker joined or left
+        self.on_member: Callable[[Event], None] | None = None
+        #: do other live workers serve this stage (and so take keys of their own)?
+        self.shared: Callable[[str], bool] | None = None
 
     # -- what comes in ------------------------------------------------------------------
 
@@ -84,17 +98,38 @@ class Hints:
                 self.retry_due[event.step] = True
                 self._wake()
             return
+        if event.kind == "w":
+            if self.on_member is not None:
+                self.on_member(event)
+            return
         target = self.pipeline.next_stage(event.step)
         if target is None or target.name not in self.pending:
             return
         if target.group != (event.kind == "g"):
             return  # a row reaching a fan-in step: its group's own notification follows
+        self._count(target.name)
+        if self.owns is not None and not self.owns(target.name, event.key):
+            self.stats.left_to_peers += 1  # its owner claims it; a probe finds it otherwise
+            return
         bucket = self.pending[target.name]
         if len(bucket) >= self.max_pending:
             self.needs_scan[target.name] = True  # too many hints: the scan finds the rest
         else:
             bucket[event.key] = None
         self._wake()
+
+    def _count(self, stage: str) -> None:
+        """Count a key announced for ``stage``, ours or not: in a burst (more than one full
+        claim within :data:`BURST_WINDOW`), every worker that hears it claims ready rows in
+        full batches, disjoint by SKIP LOCKED, until none are left; so they all switch at
+        about the same time, since they hear the same notifications."""
+        now = time.monotonic()
+        if now - self._window[stage] > BURST_WINDOW:
+            self._window[stage] = now
+            self.heard[stage] = 0
+        self.heard[stage] += 1
+        if self.heard[stage] > self.burst[stage]:
+            self.needs_scan[stage] = True
 
     def ignored(self, what: str, exc: Exception) -> None:
         """Count and log a hint that could not be used; a flood must not become a log
@@ -173,25 +208,32 @@ class Hints:
         bucket = self.pending[stage]
         if self.retry_due[stage]:
             return Pick("retry")
-        if len(bucket) > limit:
+        if len(bucket) > limit and (self.shared is None or not self.shared(stage)):
             # More hints than one batch: claim ready rows instead, so that workers that
             # heard the same notifications take disjoint rows (SKIP LOCKED) rather than
-            # racing for the same keys.
+            # racing for the same keys. (Workers that know each other hold disjoint keys:
+            # they claim their own by key, a batch at a time, unless a burst is on.)
             bucket.clear()
             self.needs_scan[stage] = True
+            return Pick("ready")
+        if self.needs_scan[stage]:
+            # Ready rows first: they include the announced keys, and once a claim of them
+            # comes back short every key heard so far was taken, here or elsewhere (by key,
+            # those would be claims lost).
+            bucket.clear()
             return Pick("ready")
         if bucket:
             keys = list(itertools.islice(bucket, limit))
             for key in keys:
                 del bucket[key]
             return Pick("keys", keys)
-        if self.needs_scan[stage]:
-            return Pick("ready")
         return None
 
     def claimed(self, stage: str, pick: Pick, limit: int, got: int, *, held: bool = False) -> None:
         """Note what a claim of ``pick`` got: fewer than asked means none are left (or,
         when ``held``, that the stage's limits held the rest back)."""
+        if not got:
+            self.stats.claims_empty += 1
         if pick.mode == "retry" and got < limit:
             self.retry_due[stage] = False
         elif pick.mode == "ready" and got < limit:

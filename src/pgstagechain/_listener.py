@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import anyio
 import attrs
@@ -49,8 +50,9 @@ class Backoff:
 class Listener:
     """LISTEN to ``channels`` and call ``on_notify(channel, payload)`` for each notification.
 
-    Runs until its task is cancelled. ``on_listen`` runs after every successful
-    (re)LISTEN; ``probe_interval`` bounds how long a silent connection goes unchecked.
+    Runs until its task is cancelled. After every successful (re)LISTEN, ``on_connect``
+    runs on the connection (a worker joins there: see _membership), then ``on_listen``;
+    ``probe_interval`` bounds how long a silent connection goes unchecked.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Listener:
         on_notify: Callable[[str, str], None],
         *,
         on_listen: Callable[[], Awaitable[None]] | None = None,
+        on_connect: Callable[[psycopg.AsyncConnection[Any]], Awaitable[None]] | None = None,
         probe_interval: float = 10.0,
         probe_timeout: float = 5.0,
         backoff: Backoff | None = None,
@@ -70,6 +73,7 @@ class Listener:
         self.channels = tuple(channels)
         self.on_notify = on_notify
         self.on_listen = on_listen
+        self.on_connect = on_connect
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
         self.backoff = backoff or Backoff()
@@ -114,6 +118,8 @@ class Listener:
                 names: dict[str, sql.Composable] = {"channel_name": sql.Identifier(channel)}
                 await conn.execute(Statements(names).text("listen"))
             self.backend_pid = conn.info.backend_pid
+            if self.on_connect is not None:  # on this connection, after LISTEN
+                await self.on_connect(conn)
             self.stats.connects += 1
             self.connected.set()
             logger.info("listening on %s (backend %s)", ", ".join(self.channels), self.backend_pid)
@@ -121,6 +127,8 @@ class Listener:
                 await self.on_listen()
             while True:
                 async for note in conn.notifies(timeout=self.probe_interval):
+                    if note.pid == self.backend_pid:
+                        continue  # sent on this connection (by on_connect): not news
                     self.stats.received += 1
                     try:
                         self.on_notify(note.channel, note.payload)

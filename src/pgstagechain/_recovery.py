@@ -32,6 +32,7 @@ from ._graph_change import stale_stages
 from ._hints import Hints
 from ._install import fingerprint, installed_config, require_installed
 from ._links import DB_ERRORS, Link
+from ._membership import Membership
 from ._pipeline import Pipeline
 from ._runs import WorkerStats
 from ._stage import Stage
@@ -76,21 +77,31 @@ class Probe:
     rescued: int
     repaired: int
     next_retry_at: dt.datetime | None
+    #: the live workers of each stage, when asked for (see _membership)
+    members: dict[str, list[int]] | None = None
 
 
-async def probe(conn: AsyncConnection[Any], claimer: Claimer, served: Sequence[Stage]) -> Probe:
+async def probe(
+    conn: AsyncConnection[Any],
+    claimer: Claimer,
+    served: Sequence[Stage],
+    membership: Membership | None = None,
+) -> Probe:
     """One index-backed look for work a notification did not announce; when something is
-    stuck, repair it (the same repair as :meth:`RecoveryScanner.scan`)."""
+    stuck, repair it (the same repair as :meth:`RecoveryScanner.scan`). With a
+    ``membership``, the same statement also lists the live workers."""
     cur = await conn.execute(
-        claimer.text("pending"),
+        claimer.text("pending" if membership is None else "pending_and_members"),
         claimer.params(
             row_steps=[s.after for s in served if not s.group],
             group_steps=[s.after for s in served if s.group],
+            pipeline_number=None if membership is None else membership.pipeline_number,
         ),
     )
     found = await cur.fetchone()
     assert found is not None
-    ready_rows, ready_groups, stuck, next_retry_at = found
+    ready_rows, ready_groups, stuck, next_retry_at, *more = found
+    members = more[0] if more else None
     rescued = repaired = 0
     if stuck:
         closed = await claimer.expire(conn)
@@ -109,6 +120,7 @@ async def probe(conn: AsyncConnection[Any], claimer: Claimer, served: Sequence[S
         rescued=rescued,
         repaired=repaired,
         next_retry_at=next_retry_at,
+        members=members,
     )
 
 
@@ -126,7 +138,9 @@ class WorkerScan:
         *,
         interval: float,
         retire: Callable[[NotInstalledError], None] = lambda error: None,
+        membership: Membership | None = None,
     ) -> None:
+        self.membership = membership
         self.claimer = claimer
         self.control = control
         self.served = tuple(served)
@@ -160,7 +174,9 @@ class WorkerScan:
         await self._check_graph(conn)
         await self.claimer.refresh_limits(conn)
         await self.claimer.free_stale_slots(conn)
-        found = await probe(conn, self.claimer, self.served)
+        found = await probe(conn, self.claimer, self.served, self.membership)
+        if self.membership is not None:
+            self.membership.update(found.members)
         self.stats.rescued += found.rescued
         self.stats.repaired += found.repaired
         pipeline = self.claimer.pipeline

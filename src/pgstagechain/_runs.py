@@ -21,6 +21,10 @@ class WorkerStats:
     malformed: int = 0
     claimed: int = 0
     races_lost: int = 0
+    #: claim statements that got nothing at all (any kind: by key, ready rows, retries)
+    claims_empty: int = 0
+    #: announced keys left to the worker they hash to
+    left_to_peers: int = 0
     succeeded: int = 0
     failed: int = 0
     retried: int = 0

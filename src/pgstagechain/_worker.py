@@ -16,6 +16,7 @@ import os
 import random
 import socket
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -26,16 +27,19 @@ from ._claim import DEFAULT_LEASE, Claimer, claimer_for
 from ._connect import access_problem, conninfo_with_defaults, redact
 from ._context import Claim
 from ._dispatch import Dispatcher, Wake
+from ._events import Event
 from ._execute import RunExecutor, RunObserver
 from ._hints import Hints
 from ._install import require_installed
 from ._leases import LeaseKeeper
 from ._links import DB_ERRORS, HandlerConnections, Link
 from ._listener import Listener
+from ._membership import JOINED, LEFT, Membership, payload
 from ._pipeline import Pipeline
 from ._prune import RetentionKeeper
 from ._recovery import WorkerScan
 from ._runs import LiveRuns, WorkerStats
+from ._sql import plain
 from ._stage import Stage
 from .errors import (
     ConfigurationError,
@@ -137,8 +141,19 @@ class Worker:
             self.stats,
             self._wake.set,
             max_pending=max_pending,
+            burst={
+                name: max(1, min(limit, batch_size) // 4) for name, limit in self.limits.items()
+            },
         )
         self._runs = LiveRuns(self.limits, concurrency, self._wake.set)
+        #: who else listens, so that each announced key is claimed by one worker at once
+        self._membership = Membership(pipeline.name, [s.name for s in served]) if listen else None
+        if self._membership is not None:
+            self._hints.owns = self._membership.mine
+            self._hints.shared = self._membership.shared
+            self._hints.on_member = self._on_member
+        self._listening: anyio.CancelScope | None = None
+        self._unlistened: anyio.Event | None = None
         # Claims need not wait for their WAL flush: a claim lost in a crash leaves the row at
         # (previous step, done), where the scan finds it, and a completion for a run that
         # was never stored is refused, since it names the run by its claim's token, which
@@ -254,6 +269,7 @@ class Worker:
                     self.stats,
                     interval=self.scan_interval,
                     retire=self._retire,
+                    membership=self._membership,
                 )
                 maintenance.start_soon(self._scanner.run)
                 if self.pipeline.retention is not None:  # one worker at a time prunes
@@ -265,9 +281,10 @@ class Worker:
                         [self.pipeline.channel],
                         self._hints.on_notify,
                         on_listen=self._on_listen,
+                        on_connect=self._join,
                         probe_interval=self.probe_interval,
                     )
-                    maintenance.start_soon(self.listener.run)
+                    maintenance.start_soon(self._listen, self.listener)
                 async with anyio.create_task_group() as handlers:
                     executor = RunExecutor(
                         claimer=claimer,
@@ -303,6 +320,7 @@ class Worker:
                     )
                     self._started.set()
                     await self._dispatch_loop(dispatcher, self._scanner, until_idle)
+                    await self._leave()
                     await self._drain()
                 # Every handler task has returned, so every batched completion is flushed.
                 maintenance.cancel_scope.cancel()
@@ -324,6 +342,66 @@ class Worker:
                 len(self._runs.scopes),
             )
             self._runs.cancel_all()  # a run whose completion is about to land is left to it
+
+    # -- membership ---------------------------------------------------------------------
+
+    async def _listen(self, listener: Listener) -> None:
+        self._listening, self._unlistened = anyio.CancelScope(), anyio.Event()
+        try:
+            with self._listening:
+                await listener.run()
+        finally:
+            self._unlistened.set()
+
+    async def _join(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """On the listening connection: take our membership locks and tell the others."""
+        assert self._membership is not None
+        me = conn.info.backend_pid
+        try:
+            await conn.execute(
+                plain("join_members"),
+                {
+                    **self._membership.join_params(self.pipeline.channel),
+                    "payload": payload(JOINED, me),
+                },
+            )
+        except psycopg.Error as exc:
+            if conn.broken or conn.closed:
+                raise  # the listener reconnects
+            # Not a member (out of lock slots, say): this worker then claims every key it
+            # hears, as workers did before they knew each other.
+            logger.warning("could not join the other workers (%s); claiming every key", exc)
+            self._membership.joined(None)
+            return
+        self._membership.joined(me)
+
+    async def _leave(self) -> None:
+        """Stop listening (the server drops our locks with the connection), then tell the
+        others, who scan for what was left to us. Best effort: their probes find it anyway."""
+        if self._listening is None or self._unlistened is None or self._membership is None:
+            return
+        me = self._membership.me
+        self._listening.cancel()
+        await self._unlistened.wait()
+        if me is None:
+            return
+        try:
+            conn = await self._control.get()
+            await conn.execute(
+                plain("left_members"),
+                {"channel": self.pipeline.channel, "payload": payload(LEFT, me)},
+            )
+        except DB_ERRORS as exc:
+            logger.info("could not tell the other workers that this one left (%s)", exc)
+
+    def _on_member(self, event: Event) -> None:
+        """Another worker joined (read the members again) or left (scan for its keys)."""
+        assert self._membership is not None
+        if event.step == LEFT and event.key.isdigit():
+            self._membership.drop(int(event.key))
+            self._hints.scan_all()
+        elif event.step == JOINED and self._scanner is not None:
+            self._scanner.now()
 
     # -- dispatch and recovery ----------------------------------------------------------
 

@@ -420,6 +420,8 @@ async def test_malformed_and_forged_notifications_never_run_a_stage(
     ]
     worker = Worker(pipeline, pgstagechain_dsn, scan_interval=3600)
     async with serving(worker):
+        # its start-up scans done (while one is due, ready rows go before announced keys)
+        await wait_until(holds(lambda: worker.idle), "the start-up scans")
         async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as c:
             await c.execute(
                 "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) p", (pipeline.channel, uncastable)

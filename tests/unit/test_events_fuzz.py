@@ -31,7 +31,7 @@ json_values = st.recursive(
 )
 #: shapes close to a real event, so that the fuzzing reaches every check of the parser
 near_events = st.tuples(
-    st.sampled_from(["r", "g", "t", "s"]) | json_values,
+    st.sampled_from(["r", "g", "t", "s", "w"]) | json_values,
     st.sampled_from(["img_gen", "vlm_analyze", "a", ""]) | json_values,
     st.text(st.sampled_from("0123456789"), min_size=1, max_size=6) | st.just("slot") | json_values,
     st.none() | st.sampled_from(["1", "42"]) | json_values,

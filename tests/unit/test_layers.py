@@ -37,6 +37,7 @@ FLOORS = {
     "_leases": 5,
     "_execute": 5,
     "_recovery": 5,
+    "_membership": 5,
     "_history": 5,
     "_repair": 5,
     "_rerun": 5,
