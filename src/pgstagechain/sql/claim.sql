@@ -34,9 +34,7 @@ WITH picked AS (
 claimed AS (
     UPDATE {table} t SET {step} = %(stage)s, {status} = %(running)s
     WHERE t.{key} = ANY(ARRAY(SELECT k FROM picked))
-    RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
-              1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
-              {new_token} AS token, NULL::bigint AS series {extras}
+    RETURNING {claimed_row_columns}
 ),
 {record_runs}
 SELECT c.*, earlier.results FROM claimed c {earlier_results}
@@ -83,13 +81,7 @@ consumed AS (
     UPDATE pgstagechain.runs r SET retry_at = NULL FROM due WHERE r.id = due.id
     RETURNING r.row_key, r.attempt, r.series
 ),
-claimed AS (
-    SELECT t.{key} AS key, c.row_key, {group_expr} AS group_key,
-           c.attempt + 1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
-           {new_token} AS token, c.series {extras}
-    FROM consumed c JOIN {table} t ON t.{key} = c.row_key::{key_type}
-    WHERE t.{step} = %(stage)s AND t.{status} = %(running)s
-),
+{retried_rows}
 {record_runs}
 SELECT c.*, earlier.results FROM claimed c {earlier_results}
 
@@ -99,6 +91,22 @@ consumed AS (
     UPDATE pgstagechain.runs r SET retry_at = NULL FROM due WHERE r.id = due.id
     RETURNING r.row_key, r.attempt, r.series
 ),
+{retried_groups}
+{record_runs}
+SELECT c.*, earlier.results, mem.members, mem.failed_members
+FROM claimed c {earlier_results} {members}
+
+-- fragment: retried_rows
+-- the next attempt of each consumed retry, provided its row is still at (stage, running)
+claimed AS (
+    SELECT t.{key} AS key, c.row_key, {group_expr} AS group_key,
+           c.attempt + 1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
+           {new_token} AS token, c.series {extras}
+    FROM consumed c JOIN {table} t ON t.{key} = c.row_key::{key_type}
+    WHERE t.{step} = %(stage)s AND t.{status} = %(running)s
+),
+
+-- fragment: retried_groups
 claimed AS (
     SELECT g.group_key AS key, c.row_key, g.group_key, c.attempt + 1 AS attempt,
            nextval('pgstagechain.runs_id_seq') AS run_id, {new_token} AS token, c.series
@@ -106,9 +114,11 @@ claimed AS (
       ON g.pipeline = %(pipeline)s AND g.group_key = c.row_key
     WHERE g.step = %(stage)s AND g.status = 'running'
 ),
-{record_runs}
-SELECT c.*, earlier.results, mem.members, mem.failed_members
-FROM claimed c {earlier_results} {members}
+
+-- fragment: claimed_row_columns
+t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
+1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
+{new_token} AS token, NULL::bigint AS series {extras}
 
 -- fragment: due_retries
 SELECT r.id FROM pgstagechain.runs r

@@ -15,6 +15,33 @@
 -- runs' tokens, then the new claims (the result just stored is not visible here: the
 -- caller adds it).
 WITH {close_runs},
+{rows_done_or_on}
+{record_chained_runs},
+{chained_rows}
+{completed_then_chained}
+
+-- name: complete_groups
+-- The same for group stages, on the group table; a group may go straight on to the next
+-- group stage, with its members.
+WITH {close_runs},
+{groups_done_or_on}
+{record_chained_runs},
+{chained_groups}
+{completed_then_chained}
+
+-- fragment: close_runs
+-- The runs by id (the primary key serves, whatever the statistics say), each proven by its
+-- token; the results come as one JSON object keyed by token.
+run AS (
+    UPDATE pgstagechain.runs r SET state = 'succeeded', finished_at = clock_timestamp(),
+                                   result = %(results)s::jsonb -> r.token::text
+    WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.token = ANY(%(tokens)s::bigint[])
+      AND r.state = 'running'
+    RETURNING r.token, r.row_key, r.slot
+)
+
+-- fragment: rows_done_or_on
+-- The rows of the runs `run` closed: done, or with `chain` straight on to the next stage.
 claimed AS (
     UPDATE {table} t
     SET {step} = CASE WHEN %(chain)s::bool THEN %(next)s ELSE t.{step} END,
@@ -28,16 +55,8 @@ claimed AS (
                    THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
               CASE WHEN t.{status} = %(running)s THEN {new_token} END AS token {extras}
 ),
-{record_chained_runs},
-chained AS (
-    SELECT c.*, earlier.results FROM claimed c {earlier_results} WHERE c.chain
-)
-{completed_then_chained}
 
--- name: complete_groups
--- The same for group stages, on the group table; a group may go straight on to the next
--- group stage, with its members.
-WITH {close_runs},
+-- fragment: groups_done_or_on
 claimed AS (
     UPDATE pgstagechain.groups g
     SET step = CASE WHEN %(chain)s::bool THEN %(next)s ELSE g.step END,
@@ -53,22 +72,16 @@ claimed AS (
                    THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
               CASE WHEN g.status = 'running' THEN {new_token} END AS token
 ),
-{record_chained_runs},
+
+-- fragment: chained_rows
+chained AS (
+    SELECT c.*, earlier.results FROM claimed c {earlier_results} WHERE c.chain
+)
+
+-- fragment: chained_groups
 chained AS (
     SELECT c.*, earlier.results, mem.members, mem.failed_members
     FROM claimed c {earlier_results} {members} WHERE c.chain
-)
-{completed_then_chained}
-
--- fragment: close_runs
--- The runs by id (the primary key serves, whatever the statistics say), each proven by its
--- token; the results come as one JSON object keyed by token.
-run AS (
-    UPDATE pgstagechain.runs r SET state = 'succeeded', finished_at = clock_timestamp(),
-                                   result = %(results)s::jsonb -> r.token::text
-    WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.token = ANY(%(tokens)s::bigint[])
-      AND r.state = 'running'
-    RETURNING r.token, r.row_key
 )
 
 -- fragment: record_chained_runs

@@ -88,13 +88,7 @@ consumed AS (
     WHERE r.id = ANY(ARRAY(SELECT id FROM picked LIMIT (SELECT n FROM allowed)))
     RETURNING r.row_key, r.attempt, r.series
 ),
-claimed AS (
-    SELECT t.{key} AS key, c.row_key, {group_expr} AS group_key,
-           c.attempt + 1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
-           {new_token} AS token, c.series {extras}
-    FROM consumed c JOIN {table} t ON t.{key} = c.row_key::{key_type}
-    WHERE t.{step} = %(stage)s AND t.{status} = %(running)s
-),
+{retried_rows}
 {limit_spend}
 {limit_result_rows}
 
@@ -107,20 +101,9 @@ consumed AS (
     WHERE r.id = ANY(ARRAY(SELECT id FROM picked LIMIT (SELECT n FROM allowed)))
     RETURNING r.row_key, r.attempt, r.series
 ),
-claimed AS (
-    SELECT g.group_key AS key, c.row_key, g.group_key, c.attempt + 1 AS attempt,
-           nextval('pgstagechain.runs_id_seq') AS run_id, {new_token} AS token, c.series
-    FROM consumed c JOIN pgstagechain.groups g
-      ON g.pipeline = %(pipeline)s AND g.group_key = c.row_key
-    WHERE g.step = %(stage)s AND g.status = 'running'
-),
+{retried_groups}
 {limit_spend}
 {limit_result_groups}
-
--- fragment: claimed_row_columns
-t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
-1 AS attempt, nextval('pgstagechain.runs_id_seq') AS run_id,
-{new_token} AS token, NULL::bigint AS series {extras}
 
 -- fragment: claimed_groups_limited
 claimed AS (
@@ -222,61 +205,20 @@ FROM (SELECT 1) one LEFT JOIN claimed c ON TRUE {earlier_results} {members}
 
 -- name: complete_rows_limited
 -- complete_rows, freeing the slots of the runs it closes (and announcing them)
-WITH {close_slotted_runs},
+WITH {close_runs},
 {release_slots},
-claimed AS (
-    UPDATE {table} t
-    SET {step} = CASE WHEN %(chain)s::bool THEN %(next)s ELSE t.{step} END,
-        {status} = CASE WHEN %(chain)s::bool THEN %(running)s ELSE %(done)s END
-    WHERE t.{key} = ANY(ARRAY(SELECT run.row_key::{key_type} FROM run))
-      AND t.{step} IS NOT DISTINCT FROM %(stage)s
-      AND t.{status} IS NOT DISTINCT FROM %(running)s
-    RETURNING t.{key} AS key, t.{key}::text AS row_key, {group_expr} AS group_key,
-              1 AS attempt, t.{status} = %(running)s AS chain,
-              CASE WHEN t.{status} = %(running)s
-                   THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
-              CASE WHEN t.{status} = %(running)s THEN {new_token} END AS token {extras}
-),
+{rows_done_or_on}
 {record_chained_runs},
-chained AS (
-    SELECT c.*, earlier.results FROM claimed c {earlier_results} WHERE c.chain
-)
+{chained_rows}
 {completed_then_chained}
 
 -- name: complete_groups_limited
-WITH {close_slotted_runs},
+WITH {close_runs},
 {release_slots},
-claimed AS (
-    UPDATE pgstagechain.groups g
-    SET step = CASE WHEN %(chain)s::bool THEN %(next)s ELSE g.step END,
-        status = CASE WHEN %(chain)s::bool THEN 'running' ELSE 'done' END,
-        updated_at = clock_timestamp()
-    WHERE g.group_key = ANY(ARRAY(SELECT row_key FROM run))
-      AND g.pipeline IS NOT DISTINCT FROM %(pipeline)s
-      AND g.step IS NOT DISTINCT FROM %(stage)s
-      AND g.status IS NOT DISTINCT FROM 'running'
-    RETURNING g.group_key AS key, g.group_key AS row_key, g.group_key, 1 AS attempt,
-              g.status = 'running' AS chain,
-              CASE WHEN g.status = 'running'
-                   THEN nextval('pgstagechain.runs_id_seq') END AS run_id,
-              CASE WHEN g.status = 'running' THEN {new_token} END AS token
-),
+{groups_done_or_on}
 {record_chained_runs},
-chained AS (
-    SELECT c.*, earlier.results, mem.members, mem.failed_members
-    FROM claimed c {earlier_results} {members} WHERE c.chain
-)
+{chained_groups}
 {completed_then_chained}
-
--- fragment: close_slotted_runs
--- close_runs, with the slot each run holds
-run AS (
-    UPDATE pgstagechain.runs r SET state = 'succeeded', finished_at = clock_timestamp(),
-                                   result = %(results)s::jsonb -> r.token::text
-    WHERE r.id = ANY(%(run_ids)s::bigint[]) AND r.token = ANY(%(tokens)s::bigint[])
-      AND r.state = 'running'
-    RETURNING r.token, r.row_key, r.slot
-)
 
 -- fragment: release_slots
 -- The slots of the runs `run` closed, found by their key and still holding the run's
@@ -380,7 +322,7 @@ released AS (
 -- written into a slot and a token spent for each, in this statement; the others land on
 -- done, where the trigger announces them to whoever claims them. The slots of the runs
 -- closed here are freed as in complete_rows_limited.
-WITH {close_slotted_runs},
+WITH {close_runs},
 {release_slots},
 next_bucket AS (
     SELECT l.max_per_second,
@@ -452,7 +394,5 @@ next_spent AS (
     FROM next_bucket b
     WHERE l.pipeline = %(pipeline)s AND l.stage = %(next)s
 ),
-chained AS (
-    SELECT c.*, earlier.results FROM claimed c {earlier_results} WHERE c.chain
-)
+{chained_rows}
 {completed_then_chained}
