@@ -93,7 +93,9 @@ def test_hostile_notifications_never_stop_a_worker(pgstagechain_dsn: str) -> Non
         conn.execute(
             "UPDATE jobs_variants SET current_step = 'overlay', status = 'failed' WHERE job_id = 2"
         )
-    worker = Worker(pipeline, dsn, scan_interval=0.5, concurrency=4)
+    # Each named payload must be tried: with a concurrency of 4, two keys within 10 ms
+    # would count as a burst, which is claimed as ready rows, the keys left untried.
+    worker = Worker(pipeline, dsn, scan_interval=0.5, concurrency=40)
     sent = 0
 
     with (
