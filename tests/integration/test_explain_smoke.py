@@ -1,4 +1,5 @@
-"""benchmarks/explain_scanner.py keeps working (tiny size); its plans are read by people."""
+"""benchmarks/explain_scanner.py and explain_complete.py keep working (tiny size); their plans
+are read by people."""
 
 from __future__ import annotations
 
@@ -51,3 +52,24 @@ def test_explain_script_prints_a_plan_for_people(pgstagechain_server: Any) -> No
     shown = explain(pgstagechain_server)
     for statement in ("pending", "claim_rows_ready", "renotify_rows", "expire_leases"):
         assert f"=== {statement} " in shown
+
+
+def test_explain_complete_shows_each_part_of_a_chained_completion(pgstagechain_server: Any) -> None:
+    name = pgstagechain_server.create_database("explain_complete")
+    try:
+        shown = subprocess.run(
+            [sys.executable, "benchmarks/explain_complete.py", "--rows", "200", "--batch", "50"],
+            cwd=ROOT,
+            env={**os.environ, "PGSTAGECHAIN_DSN": pgstagechain_server.dsn_for(name)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout
+    finally:
+        pgstagechain_server.drop_database(name)
+    # the runs closed, the user's rows moved on and the next runs recorded: one batch each
+    for part in ("Update on runs", "Update on bench_variants"):
+        assert any(part in line and "rows=50 " in line for line in shown.splitlines()), part
+    assert "Insert on runs" in shown
+    assert "Execution Time" in shown
