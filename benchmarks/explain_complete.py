@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import anyio
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_app
 from pgstagechain import migrate
