@@ -79,6 +79,9 @@ class Probe:
     next_retry_at: dt.datetime | None
     #: the live workers of each stage, when asked for (see _membership)
     members: dict[str, list[int]] | None = None
+    #: the installed graph's digest, and a digest of the stage limits in the database
+    digest: str | None = None
+    limits_stamp: str | None = None
 
 
 async def probe(
@@ -88,10 +91,11 @@ async def probe(
     membership: Membership | None = None,
 ) -> Probe:
     """One index-backed look for work a notification did not announce; when something is
-    stuck, repair it (the same repair as :meth:`RecoveryScanner.scan`). With a
-    ``membership``, the same statement also lists the live workers."""
+    stuck, repair it (the same repair as :meth:`RecoveryScanner.scan`). The same statement
+    lists the live workers (with a ``membership``) and stamps of the installed graph and
+    limits."""
     cur = await conn.execute(
-        claimer.text("pending" if membership is None else "pending_and_members"),
+        claimer.text("worker_probe"),
         claimer.params(
             row_steps=[s.after for s in served if not s.group],
             group_steps=[s.after for s in served if s.group],
@@ -100,8 +104,7 @@ async def probe(
     )
     found = await cur.fetchone()
     assert found is not None
-    ready_rows, ready_groups, stuck, next_retry_at, *more = found
-    members = more[0] if more else None
+    ready_rows, ready_groups, stuck, next_retry_at, members, digest, limits_stamp = found
     rescued = repaired = 0
     if stuck:
         closed = await claimer.expire(conn)
@@ -120,7 +123,9 @@ async def probe(
         rescued=rescued,
         repaired=repaired,
         next_retry_at=next_retry_at,
-        members=members,
+        members=members if membership is not None else None,
+        digest=digest,
+        limits_stamp=limits_stamp,
     )
 
 
@@ -151,6 +156,7 @@ class WorkerScan:
         self._retire = retire
         self._digest = fingerprint(claimer.pipeline)["digest"]
         self._graph_seen: str | None = None
+        self._limits_seen: str | None = None
 
     def now(self) -> None:
         """Scan at once (the listener just (re)connected: notifications may be lost)."""
@@ -171,10 +177,15 @@ class WorkerScan:
         """Find work a notification did not announce; return seconds to the next retry."""
         self.stats.scans += 1
         conn = await self.control.get()
-        await self._check_graph(conn)
-        await self.claimer.refresh_limits(conn)
-        await self.claimer.free_stale_slots(conn)
         found = await probe(conn, self.claimer, self.served, self.membership)
+        # An idle worker's scan is one statement: the graph and the limits are read only
+        # when their stamps in the probe changed.
+        if found.digest not in (None, self._digest, self._graph_seen):
+            await self._check_graph(conn)
+        if found.limits_stamp != self._limits_seen:
+            await self.claimer.refresh_limits(conn)
+            self._limits_seen = found.limits_stamp
+        await self.claimer.free_stale_slots(conn)
         if self.membership is not None:
             self.membership.update(found.members)
         self.stats.rescued += found.rescued

@@ -23,6 +23,15 @@ SELECT pg_notify(%(channel)s, %(payload)s)
       AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
     GROUP BY l.objid) AS m)
 
--- name: pending_and_members
--- The probe (see recovery.sql) and the members, in one statement.
-SELECT p.*, {live_members} AS members FROM ({pending}) AS p
+-- name: worker_probe
+-- A worker's scan in one statement: the probe (see recovery.sql), the live members (none
+-- without a pipeline number: a worker that does not listen), and what tells the worker
+-- whether `migrate` installed another graph or the stage limits changed, so that it reads
+-- them only then.
+SELECT p.*, {live_members} AS members,
+       (SELECT c.config ->> 'digest' FROM pgstagechain.pipelines c
+        WHERE c.name = %(pipeline)s) AS digest,
+       (SELECT md5(string_agg(format('%%s:%%s:%%s:%%s', l.stage, l.max_running,
+                                     l.max_per_second, l.burst), ',' ORDER BY l.stage))
+        FROM pgstagechain.stage_limits l WHERE l.pipeline = %(pipeline)s) AS limits_stamp
+FROM ({pending}) AS p
