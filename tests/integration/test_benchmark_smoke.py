@@ -98,6 +98,14 @@ def test_benchmark_command_reports_every_figure(pgstagechain_server: plugin.Test
         for found in figures["latency_ms_by_kind"].values():
             _percentiles(found)
     assert report["latency_ms"]["basis"] in ("commit_ack", "finished_at")
+    # Where a hand-over through a notification spends its time: every segment, both kinds.
+    attribution = report["steady"]["hop_attribution_ms"]
+    assert set(attribution) == {"release", "fan_in"}, attribution
+    segments = ("notify", "to_dispatcher", "before_claim", "claim", "to_handler", "total")
+    for found in attribution.values():
+        assert found["n"] > 0
+        assert all(isinstance(found[name], float | int) for name in segments), found
+        assert _number(found["claim"]) and _number(found["total"])
     for clients in ("1", "4"):
         assert (
             _number(report["server_commit_tps"][clients])
