@@ -71,7 +71,7 @@ def instrument_hops() -> bool:
         return False
     on_notify = Hints.on_notify
     dispatch_once = Dispatcher.dispatch_once
-    claim = Claimer.claim
+    claim = Claimer.claim_within_limits  # what the dispatcher calls (claim calls it too)
     notes, wakes, claims = HOPS["notes"], HOPS["wakes"], HOPS["claims"]
 
     def noted(self: Any, channel: str, payload: str) -> None:
@@ -85,12 +85,12 @@ def instrument_hops() -> bool:
     async def claimed(self: Any, conn: Any, stage: str, **kwargs: Any) -> Any:
         sent = time.time()
         got = await claim(self, conn, stage, **kwargs)
-        claims.append((sent, time.time(), stage, [c.row_key for c in got]))
+        claims.append((sent, time.time(), stage, [c.row_key for c in got[0]]))
         return got
 
     Hints.on_notify = noted  # type: ignore[method-assign]
     Dispatcher.dispatch_once = woke  # type: ignore[method-assign]
-    Claimer.claim = claimed  # type: ignore[method-assign]
+    Claimer.claim_within_limits = claimed  # type: ignore[method-assign]
     return True
 
 

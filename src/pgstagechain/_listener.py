@@ -8,6 +8,7 @@ that vanished without a FIN is noticed in seconds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -113,7 +114,10 @@ class Listener:
 
     async def _session(self) -> None:
         conn = await connect(self.conninfo, autocommit=True, application_name=APPLICATION_NAME)
-        async with conn:
+        try:
+            # Whatever arrives while a statement runs here (LISTEN, on_connect, a probe)
+            # comes through this handler; between statements, through the socket's reader.
+            conn.add_notify_handler(self._handle)
             for channel in self.channels:
                 names: dict[str, sql.Composable] = {"channel_name": sql.Identifier(channel)}
                 await conn.execute(Statements(names).text("listen"))
@@ -125,18 +129,77 @@ class Listener:
             logger.info("listening on %s (backend %s)", ", ".join(self.channels), self.backend_pid)
             if self.on_listen is not None:
                 await self.on_listen()
+            reader = SocketReader(conn, self._take)
             while True:
-                async for note in conn.notifies(timeout=self.probe_interval):
-                    if note.pid == self.backend_pid:
-                        continue  # sent on this connection (by on_connect): not news
-                    self.stats.received += 1
-                    try:
-                        self.on_notify(note.channel, note.payload)
-                    except Exception:  # one bad notification must not cost the connection
-                        logger.exception("notification handler failed on %s", note.channel)
+                await reader.read_for(self.probe_interval)
                 try:
                     with anyio.fail_after(self.probe_timeout):
                         await conn.execute(plain("liveness"))
                 except TimeoutError:
                     self.stats.probes_failed += 1
                     raise
+        finally:
+            # Closed without a statement first (``async with`` rolls back, which may
+            # yield and so be cancelled again before it closes).
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
+    def _handle(self, note: psycopg.Notify) -> None:
+        self._take(note.channel, note.payload, note.pid)
+
+    def _take(self, channel: str, payload: str, pid: int) -> None:
+        if pid == self.backend_pid:
+            return  # sent on this connection (by on_connect): not news
+        self.stats.received += 1
+        try:
+            self.on_notify(channel, payload)
+        except Exception:  # one bad notification must not cost the connection
+            logger.exception("notification handler failed on %s", channel)
+
+
+class SocketReader:
+    """Read notifications as the event loop finds the connection's socket readable, in
+    the loop's reader callback: the callback hands them on at once, where psycopg's
+    ``notifies()`` would resolve a future and leave them to the next turn of the loop,
+    one turn later for the dispatcher they wake."""
+
+    def __init__(
+        self, conn: psycopg.AsyncConnection[Any], take: Callable[[str, str, int], None]
+    ) -> None:
+        self.pgconn = conn.pgconn
+        self.encoding = conn.info.encoding
+        self.take = take
+        self._failed: BaseException | None = None
+        self._broken = anyio.Event()
+
+    async def read_for(self, seconds: float) -> None:
+        """Hand on notifications for ``seconds``; raise what broke the connection. The
+        reader is off when this returns, so that a statement can use the socket."""
+        loop = asyncio.get_running_loop()
+        fd = self.pgconn.socket
+        loop.add_reader(fd, self._readable)
+        try:
+            with anyio.move_on_after(seconds):
+                await self._broken.wait()
+        finally:
+            loop.remove_reader(fd)
+        if self._failed is not None:
+            raise self._failed
+
+    def _readable(self) -> None:
+        if self._failed is not None:
+            return
+        try:
+            self.pgconn.consume_input()
+        except psycopg.OperationalError as exc:  # the server or the network went away
+            self._failed = exc
+            self._broken.set()
+            return
+        while (note := self.pgconn.notifies()) is not None:
+            try:
+                channel = note.relname.decode(self.encoding)
+                payload = note.extra.decode(self.encoding)
+            except UnicodeDecodeError:
+                logger.exception("undecodable notification")
+                continue
+            self.take(channel, payload, note.be_pid)

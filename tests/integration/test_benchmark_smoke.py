@@ -103,6 +103,14 @@ def test_benchmark_command_reports_every_figure(pgstagechain_server: plugin.Test
         for found in figures["latency_ms_by_kind"].values():
             _percentiles(found)
     assert report["latency_ms"]["basis"] in ("commit_ack", "finished_at")
+    # Where a hand-over through a notification spends its time: every segment, both kinds.
+    attribution = report["steady"]["hop_attribution_ms"]
+    assert set(attribution) == {"release", "fan_in"}, attribution
+    segments = ("notify", "to_dispatcher", "before_claim", "claim", "to_handler", "total")
+    for found in attribution.values():
+        assert found["n"] > 0
+        assert all(isinstance(found[name], float | int) for name in segments), found
+        assert _number(found["claim"]) and _number(found["total"])
     for clients in ("1", "4"):
         assert (
             _number(report["server_commit_tps"][clients])
@@ -123,3 +131,21 @@ def test_benchmark_command_reports_every_figure(pgstagechain_server: plugin.Test
             "SELECT count(*) FROM pg_database WHERE datname LIKE 'pgsc_bench_%'"
         ).fetchone()
     assert left == (0,)
+
+
+def test_claim_after_idle_reports_every_statement() -> None:
+    """benchmarks/claim_after_idle.py runs at a tiny size (its own server); no timing asserted."""
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "claim_after_idle.py"), "--samples", "24"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    for phase in ("after_gap", "back_to_back"):
+        kinds = report[phase]
+        assert set(kinds) == {"select_1", "update_1_row", "update_4_rows", "claim_4_rows"}
+        for found in kinds.values():
+            assert _number(found["p50"]) and _number(found["p90"]) and found["p50"] > 0
