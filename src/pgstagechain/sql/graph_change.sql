@@ -42,22 +42,7 @@ WITH held AS (
     SELECT t.{key}::text AS key FROM {table} t
     WHERE t.{step} = %(old)s AND t.{status} = %(running)s
 ),
-closed AS (
-    UPDATE pgstagechain.runs r SET state = 'cancelled', finished_at = clock_timestamp(),
-                                   error = %(reason)s
-    FROM held
-    WHERE r.pipeline = %(pipeline)s AND r.row_key = held.key AND r.stage = %(old)s
-      AND r.state = 'running'
-    RETURNING r.id
-),
-dropped AS (
-    UPDATE pgstagechain.runs r SET retry_at = NULL,
-                                   error = concat_ws(E'\n', r.error, %(reason)s)
-    FROM held
-    WHERE r.pipeline = %(pipeline)s AND r.row_key = held.key AND r.stage = %(old)s
-      AND r.retry_at IS NOT NULL
-    RETURNING r.id
-),
+{close_held_runs},
 moved AS (
     UPDATE {table} t
     SET {step} = CASE WHEN t.{status} = %(running)s THEN %(rerun_from)s ELSE %(new)s END,
@@ -72,6 +57,26 @@ WITH held AS (
     SELECT g.group_key AS key FROM pgstagechain.groups g
     WHERE g.pipeline = %(pipeline)s AND g.step = %(old)s AND g.status = 'running'
 ),
+{close_held_runs},
+moved AS (
+    UPDATE pgstagechain.groups g
+    SET step = CASE WHEN g.status = 'running' THEN %(rerun_from)s ELSE %(new)s END,
+        status = CASE WHEN g.status = 'running' THEN 'done' ELSE g.status END,
+        updated_at = clock_timestamp()
+    WHERE g.pipeline = %(pipeline)s AND g.step = %(old)s
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM closed), (SELECT count(*) FROM dropped)
+
+-- name: rename_runs
+-- A stage renamed: its runs take the new name, so that later stages find its results under
+-- it (`ctx.results`) and the status counts them.
+UPDATE pgstagechain.runs SET stage = %(new)s WHERE pipeline = %(pipeline)s AND stage = %(old)s
+
+-- fragment: close_held_runs
+-- The runs of OLD on the rows (groups) in `held`: a live one (its worker is dead: migrate
+-- refuses while one is not) closed as cancelled, a pending retry dropped, each with the
+-- reason, so that a completion that comes late is refused by its token.
 closed AS (
     UPDATE pgstagechain.runs r SET state = 'cancelled', finished_at = clock_timestamp(),
                                    error = %(reason)s
@@ -87,18 +92,4 @@ dropped AS (
     WHERE r.pipeline = %(pipeline)s AND r.row_key = held.key AND r.stage = %(old)s
       AND r.retry_at IS NOT NULL
     RETURNING r.id
-),
-moved AS (
-    UPDATE pgstagechain.groups g
-    SET step = CASE WHEN g.status = 'running' THEN %(rerun_from)s ELSE %(new)s END,
-        status = CASE WHEN g.status = 'running' THEN 'done' ELSE g.status END,
-        updated_at = clock_timestamp()
-    WHERE g.pipeline = %(pipeline)s AND g.step = %(old)s
-    RETURNING 1
 )
-SELECT (SELECT count(*) FROM moved), (SELECT count(*) FROM closed), (SELECT count(*) FROM dropped)
-
--- name: rename_runs
--- A stage renamed: its runs take the new name, so that later stages find its results under
--- it (`ctx.results`) and the status counts them.
-UPDATE pgstagechain.runs SET stage = %(new)s WHERE pipeline = %(pipeline)s AND stage = %(old)s
