@@ -19,12 +19,12 @@ from ._context import FailedMember as FailedMember
 from ._context import StageContext as StageContext
 from ._events import MalformedNotification as MalformedNotification
 from ._gc import tune_gc as tune_gc
-from ._graph_change import GraphPlan as GraphPlan
 from ._install import migrate as migrate
 from ._install import plan_migration as plan_migration
 from ._install import uninstall as uninstall
 from ._listener import Backoff as Backoff
 from ._listener import Listener as Listener
+from ._migration_plan import GraphPlan as GraphPlan
 from ._pipeline import Pipeline as Pipeline
 from ._pipeline import Statuses as Statuses
 from ._recovery import RecoveryReport as RecoveryReport

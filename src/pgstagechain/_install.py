@@ -17,8 +17,9 @@ from psycopg.rows import dict_row
 
 from ._catalog import statements_for
 from ._connect import connect
-from ._graph_change import Graph, GraphPlan, apply_plan, diff_lines, policy_of, read_plan
+from ._graph_change import Graph, diff_lines, policy_of
 from ._limits import LIMITS_VERSION, write_limits
+from ._migration_plan import GraphPlan, apply_plan, read_plan
 from ._migrations import applied_version, migrate_schema, require_schema
 from ._pipeline import Pipeline
 from ._sql import Statements, object_names, owned_names, pipeline_params, plain

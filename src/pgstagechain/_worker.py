@@ -15,7 +15,7 @@ import logging
 import os
 import random
 import socket
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -23,14 +23,13 @@ import anyio.lowlevel
 import psycopg
 
 from ._batcher import COMPLETERS, CompletionBatcher
-from ._claim import DEFAULT_LEASE, Claimer, claimer_for
-from ._connect import access_problem, conninfo_with_defaults, redact
+from ._claim import DEFAULT_LEASE, Claimer
+from ._connect import conninfo_with_defaults, redact
 from ._context import Claim
 from ._dispatch import Dispatcher, Wake
 from ._events import Event
 from ._execute import RunExecutor, RunObserver
 from ._hints import Hints
-from ._install import require_installed
 from ._leases import LeaseKeeper
 from ._links import DB_ERRORS, HandlerConnections, Link
 from ._listener import Listener
@@ -41,11 +40,10 @@ from ._recovery import WorkerScan
 from ._runs import LiveRuns, WorkerStats
 from ._sql import plain
 from ._stage import Stage
+from ._startup import check_settings, served_stages, start_up
 from .errors import (
-    ConfigurationError,
     DatabaseAccessError,
     NotInstalledError,
-    StartupTimeoutError,
     found_in,
 )
 
@@ -103,8 +101,8 @@ class Worker:
         # As given, so each connection below carries its own application_name (listener,
         # control, finisher) unless the caller's DSN sets one.
         self._given_conninfo = conninfo
-        served = _served(pipeline, stages)
-        _check(concurrency, batch_size, lease, pool_size, startup_timeout)
+        served = served_stages(pipeline, stages)
+        check_settings(concurrency, batch_size, lease, pool_size, startup_timeout)
         self.startup_timeout = startup_timeout
         self.served = served
         self.concurrency = concurrency
@@ -451,72 +449,3 @@ class Worker:
     def _claimer_(self) -> Claimer:
         assert self._claimer is not None
         return self._claimer
-
-
-def _served(pipeline: Pipeline, names: Iterable[str] | None) -> tuple[Stage, ...]:
-    """The stages a worker is asked to serve (default: all), checked."""
-    chosen = list(names) if names is not None else [s.name for s in pipeline]
-    for name in chosen:
-        if name not in pipeline:
-            raise ConfigurationError(
-                f"worker asked to serve unknown stage {name!r} of pipeline {pipeline.name!r}"
-            )
-    if not chosen:
-        raise ConfigurationError("a worker must serve at least one stage")
-    return tuple(pipeline[n] for n in chosen)
-
-
-def _check(
-    concurrency: int,
-    batch_size: int,
-    lease: float,
-    pool_size: int | None,
-    startup_timeout: float | None,
-) -> None:
-    if concurrency < 1 or batch_size < 1 or lease <= 0:
-        raise ConfigurationError("concurrency, batch_size and lease must be positive")
-    if pool_size is not None and pool_size < 1:
-        raise ConfigurationError(f"pool_size must be at least 1, got {pool_size}")
-    if startup_timeout is not None and startup_timeout <= 0:
-        raise ConfigurationError(f"startup_timeout must be positive, got {startup_timeout}")
-
-
-async def start_up(
-    control: Link,
-    pipeline: Pipeline,
-    *,
-    wait: float | None,
-    stopping: Callable[[], bool],
-    stats: WorkerStats,
-) -> Claimer:
-    """Connect and check the database side, waiting for the database (it may be
-    restarting) up to ``wait`` seconds; a refusal for good ends the wait at once, as a
-    library error."""
-    last = ""
-    try:
-        with anyio.move_on_after(wait):
-            while True:
-                try:
-                    conn = await control.get()
-                    await require_installed(conn, pipeline)
-                    claimer = await claimer_for(conn, pipeline)
-                    await claimer.refresh_limits(conn, write=True)
-                    return claimer
-                except DB_ERRORS as exc:
-                    if stopping():
-                        raise
-                    stats.db_errors += 1
-                    last = str(exc).strip() or type(exc).__name__
-                    await control.broke(exc)  # raises if refused for good
-    except psycopg.Error as exc:
-        await control.close()
-        problem = access_problem(exc)
-        if problem is None:
-            raise
-        raise DatabaseAccessError(problem, redact(control.conninfo)) from None
-    except BaseException:
-        await control.close()
-        raise
-    await control.close()
-    assert wait is not None
-    raise StartupTimeoutError(wait, redact(control.conninfo), last)

@@ -49,7 +49,8 @@ from ._migrations import require_schema
 from ._pipeline import Pipeline
 from ._prune import PruneReport, prune
 from ._repair import CANCEL_REASON, CancelReport, cancel, retry
-from ._rerun import SKIP_REASONS, RerunReport, rerun
+from ._rerun import rerun
+from ._rerun_plan import SKIP_REASONS, RerunReport
 from ._sql import pipeline_params, plain
 from ._stage import Stage
 

@@ -16,7 +16,6 @@ from pgstagechain._graph_change import (
     check_maps,
     diff_lines,
     fates,
-    plan,
     policy_lines,
     policy_of,
     positions_to_count,
@@ -24,6 +23,7 @@ from pgstagechain._graph_change import (
     stale_stages,
 )
 from pgstagechain._install import fingerprint
+from pgstagechain._migration_plan import plan
 
 
 def pipeline(

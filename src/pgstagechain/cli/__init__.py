@@ -11,10 +11,9 @@ database error, printed as one line on stderr; 70 an unexpected failure, with it
 traceback; 130 interrupted.
 
 The commands live in :mod:`._run` (migrate, uninstall, recover, worker) and
-:mod:`._operate` (status, inspect, retry, cancel, rerun), :mod:`._prune` (prune) and
-:mod:`._show` (graph, dashboard);
-this module parses the command line
-and turns errors into exit statuses.
+:mod:`._operate` (status, inspect, retry, cancel), :mod:`._rerun` (rerun), :mod:`._prune`
+(prune) and :mod:`._show` (graph, dashboard); this module parses the command line and turns
+errors into exit statuses.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ from .. import PgStageChainError
 from .._connect import ENV_DSN, redact
 from .._logging import JsonFormatter
 from ..errors import found_in
-from . import _operate, _prune, _run, _show
+from . import _operate, _prune, _rerun, _run, _show
 from ._common import (
     EXIT_ERROR,
     EXIT_INTERNAL,
@@ -98,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _run.register(sub)
     _operate.register(sub)
+    _rerun.register(sub)
     _prune.register(sub)
     _show.register(sub)
     return parser

@@ -7,7 +7,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import ConfigurationError, Pipeline, Worker
@@ -67,3 +67,9 @@ def dsn(args: argparse.Namespace) -> str:
 def worker_default(option: str) -> Any:
     """The :class:`~pgstagechain.Worker`'s own default for ``option``: the CLI repeats none."""
     return inspect.signature(Worker).parameters[option].default
+
+
+def shown_keys(keys: Sequence[str], limit: int = 20) -> str:
+    """The first ``limit`` keys, for a line a person reads."""
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
