@@ -37,6 +37,8 @@ class RunRecord:
     retry_at: dt.datetime | None
     error: str | None
     result: Any
+    #: when a re-run of this run's stage set its result aside (``ctx.results`` skips it)
+    superseded_at: dt.datetime | None = None
 
     @property
     def seconds(self) -> float | None:

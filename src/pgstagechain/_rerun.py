@@ -319,8 +319,9 @@ async def _write(
     apart: set[str],
     tally: Tally,
 ) -> None:
-    """Cancel the runs, move the rows (groups) back, take their groups apart: all held by
-    this transaction, so none of it waits."""
+    """Cancel the runs, set aside the results of those that run again, move the rows
+    (groups) back, take their groups apart: all held by this transaction, so none of it
+    waits."""
     if stopping:
         await cur.execute(
             q.text("rerun_close_runs"),
@@ -331,6 +332,13 @@ async def _write(
         assert closed is not None
         tally.runs_cancelled += closed["closed"]
         tally.retries_dropped += closed["dropped"]
+    for keys, stages in ((chosen, plan.reached), (sorted(apart), plan.group_stages)):
+        if keys and stages:
+            await cur.execute(
+                q.text("rerun_supersede_results"),
+                {**params, "keys": keys, "stages": list(stages)},
+                prepare=False,
+            )
     if chosen and plan.stage.group:
         await cur.execute(q.text("rerun_move_groups"), {**params, "groups": chosen}, prepare=False)
     elif chosen:

@@ -93,6 +93,24 @@ class _Families:
             p,
             registry=registry,
         )
+        self.claims_empty = counter(
+            "pgstagechain_claims_empty",
+            "Claim statements that found nothing to claim",
+            p,
+            registry=registry,
+        )
+        self.left_to_peers = counter(
+            "pgstagechain_keys_left_to_peers",
+            "Announced rows left to the live worker they hash to",
+            p,
+            registry=registry,
+        )
+        self.chained = counter(
+            "pgstagechain_runs_chained",
+            "Runs claimed by the completion of the stage before, on the same worker",
+            p,
+            registry=registry,
+        )
         self.notifications = counter(
             "pgstagechain_notifications", "Notifications received", p, registry=registry
         )
@@ -140,6 +158,9 @@ _families: weakref.WeakKeyDictionary[Any, _Families] = weakref.WeakKeyDictionary
 _SAMPLED = {
     "claimed": "claimed",
     "races_lost": "races_lost",
+    "claims_empty": "claims_empty",
+    "left_to_peers": "left_to_peers",
+    "chained": "chained",
     "notifications": "notifications",
     "malformed": "malformed",
     "rescued": "rescued",

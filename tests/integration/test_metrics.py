@@ -102,6 +102,12 @@ async def test_sampling_a_worker_counts_each_event_once(pgstagechain_dsn: str) -
     assert get("pgstagechain_worker_runs_total", outcome="failed") == 1
     assert get("pgstagechain_claims_total") == stats.claimed == 12
     assert get("pgstagechain_notifications_total") == stats.notifications
+    # how claims came about: straight on from the stage before, or found nothing
+    assert stats.chained > 0
+    assert get("pgstagechain_runs_chained_total") == stats.chained
+    assert stats.claims_empty > 0  # the start-up scans of stages with nothing ready
+    assert get("pgstagechain_claims_empty_total") == stats.claims_empty
+    assert get("pgstagechain_keys_left_to_peers_total") == stats.left_to_peers == 0
     assert get("pgstagechain_runs_in_flight") == 0
 
 

@@ -745,3 +745,72 @@ def test_status_names_of_a_pipeline_with_its_own_statuses(pgstagechain_dsn: str)
     assert succeeded(dsn, "bundle") == Counter({"0": 2, "1": 2})
     with pytest.raises(ConfigurationError, match="status 'done' is not one of busy, ok, bad"):
         anyio.run(functools.partial(rerun, stage="check", status="done"))
+
+
+def test_a_rerun_stage_that_now_returns_none_replaces_its_first_result(
+    pgstagechain_dsn: str,
+) -> None:
+    """Later stages see the newest pass: a stage whose re-run returns None no longer
+    hands on what its first run returned (its first run stays in the history)."""
+    from tests.apps import second_pass_app
+
+    dsn = pgstagechain_dsn
+    second_pass_app.create_tables(dsn)
+    photos = second_pass_app.pipeline
+    anyio.run(migrate, dsn, photos)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO found SELECT i, i FROM generate_series(1, 4) i")
+        conn.execute("INSERT INTO photos (id) SELECT generate_series(1, 4)")
+
+    def drain() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(anyio.run, Worker(photos, dsn, scan_interval=0.5).run_until_idle).result()
+
+    def given() -> dict[int, dict[str, Any]]:
+        found = rows(
+            dsn, "SELECT DISTINCT ON (photo) photo, results FROM described ORDER BY photo, id DESC"
+        )
+        return {photo: results for photo, results in found}
+
+    drain()
+    assert given() == {i: {"detect": {"boxes": i}} for i in range(1, 5)}
+    # the detector changed: photos 1 and 2 have nothing now, 3 has another count
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("UPDATE found SET boxes = NULL WHERE id <= 2")
+        conn.execute("UPDATE found SET boxes = 30 WHERE id = 3")
+
+    async def rerun() -> admin.RerunReport:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            return await admin.rerun(conn, photos, stage="detect", keys=["1", "2", "3"])
+
+    assert sorted(anyio.run(rerun).keys) == ["1", "2", "3"]
+    drain()
+    assert given() == {
+        1: {},  # as on a first pass that returned None
+        2: {},
+        3: {"detect": {"boxes": 30}},
+        4: {"detect": {"boxes": 4}},  # not re-run
+    }
+    # both passes stay in the history
+    counts = dict(
+        rows(
+            dsn,
+            "SELECT row_key, count(*) FROM pgstagechain.runs"
+            " WHERE stage = 'detect' AND state = 'succeeded' GROUP BY 1",
+        )
+    )
+    assert counts == {"1": 2, "2": 2, "3": 2, "4": 1}
+
+    async def detect_runs(key: str) -> list[admin.RunRecord]:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            found = await admin.history(conn, photos, key)
+        return [run for run in found.runs if run.stage == "detect"]
+
+    first, second = anyio.run(detect_runs, "1")
+    assert first.result == {"boxes": 1} and first.superseded_at is not None
+    assert second.result is None and second.superseded_at is None
+    (only,) = anyio.run(detect_runs, "4")
+    assert only.superseded_at is None
+    shown = cli(dsn, "inspect", "tests.apps.second_pass_app:pipeline", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert "superseded by a re-run" in shown.stdout

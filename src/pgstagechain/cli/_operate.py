@@ -175,6 +175,8 @@ def runs_table(title: str, runs: Sequence[admin.RunRecord]) -> Table:
             detail = (detail + "  " if detail else "") + (
                 shown if len(shown) <= 80 else shown[:79] + "…"
             )
+            if run.superseded_at is not None:
+                detail += " (superseded by a re-run)"
         style = {"failed": "red", "expired": "yellow", "cancelled": "magenta"}.get(run.state, "")
         table.add_row(
             str(run.id),

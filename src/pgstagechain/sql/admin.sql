@@ -141,14 +141,14 @@ WHERE datname = current_database() AND application_name = %(name)s
 
 -- name: runs_of_groups
 SELECT id, stage, row_key, group_key, attempt, state, worker_id, started_at, finished_at,
-       retry_at, error, result
+       retry_at, error, result, superseded_at
 FROM pgstagechain.runs
 WHERE pipeline = %(pipeline)s AND group_key = ANY(%(groups)s::text[])
 ORDER BY id
 
 -- name: runs_of
 SELECT id, stage, row_key, group_key, attempt, state, worker_id, started_at, finished_at,
-       retry_at, error, result
+       retry_at, error, result, superseded_at
 FROM pgstagechain.runs
 WHERE pipeline = %(pipeline)s AND row_key = %(key)s AND stage = ANY(%(stages)s::text[])
 ORDER BY id

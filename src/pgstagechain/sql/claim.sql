@@ -140,14 +140,15 @@ runs AS (
 
 -- fragment: earlier_results
 -- The results of the earlier stages of the claimed row `c`, looked up per key through the
--- history index (not even looked up for a first stage).
+-- history index (not even looked up for a first stage); a re-run superseded those of the
+-- runs it runs again.
 LEFT JOIN LATERAL (
     SELECT jsonb_object_agg(r.stage, r.result ORDER BY r.id) AS results
     FROM pgstagechain.runs r
     WHERE cardinality(%(ancestors)s::text[]) > 0
       AND r.pipeline = %(pipeline)s AND r.row_key = c.row_key
       AND r.stage = ANY(%(ancestors)s::text[]) AND r.state = 'succeeded'
-      AND r.result IS NOT NULL
+      AND r.result IS NOT NULL AND r.superseded_at IS NULL
 ) earlier ON c.run_id IS NOT NULL
 
 -- fragment: members
@@ -168,7 +169,7 @@ LEFT JOIN LATERAL (
         FROM pgstagechain.runs r
         WHERE r.pipeline = %(pipeline)s AND r.row_key = m.row_key
           AND r.stage = ANY(%(row_stages)s::text[]) AND r.state = 'succeeded'
-          AND r.result IS NOT NULL
+          AND r.result IS NOT NULL AND r.superseded_at IS NULL
     ) mr ON NOT m.failed
     LEFT JOIN LATERAL (
         SELECT r.error FROM pgstagechain.runs r

@@ -147,6 +147,14 @@ dropped AS (
 )
 SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM dropped) AS dropped
 
+-- name: rerun_supersede_results
+-- The results of the runs about to run again leave `ctx.results` (they stay in the
+-- history): a stage that now returns nothing must not hand on what it returned before.
+UPDATE pgstagechain.runs r SET superseded_at = clock_timestamp()
+WHERE r.pipeline = %(pipeline)s AND r.row_key = ANY(%(keys)s::text[])
+  AND r.stage = ANY(%(stages)s::text[]) AND r.result IS NOT NULL
+  AND r.superseded_at IS NULL
+
 -- name: rerun_move_rows
 -- The rows back to (the step before the stage, done): the trigger announces them.
 UPDATE {table} t SET {step} = %(after)s, {status} = %(done)s
