@@ -20,7 +20,7 @@ from ._connect import connect
 from ._graph_change import Graph, diff_lines, policy_of
 from ._limits import LIMITS_VERSION, write_limits
 from ._migration_plan import GraphPlan, apply_plan, read_plan
-from ._migrations import applied_version, migrate_schema, require_schema
+from ._migrations import LATEST, applied_version, migrate_schema, require_schema
 from ._pipeline import Pipeline
 from ._sql import Statements, object_names, owned_names, pipeline_params, plain
 from ._stage import FanIn
@@ -320,3 +320,22 @@ async def plan_migration(
             q = await statements_for(target, pipeline)
             plans.append(await read_plan(target, q, pipeline, config, maps or {}))
     return plans
+
+
+async def migration_report(
+    target: str | AsyncConnection[Any],
+    *pipelines: Pipeline,
+    maps: Mapping[str, str] | None = None,
+) -> list[str]:
+    """What :func:`migrate` would do, in words (``migrate --plan``): the schema migrations
+    it would apply, then each pipeline's plan."""
+    if not isinstance(target, AsyncConnection):
+        async with await connect(target, autocommit=True) as conn:
+            return await migration_report(conn, *pipelines, maps=maps)
+    version = await applied_version(target)
+    plans = await plan_migration(target, *pipelines, maps=maps)
+    missing = ", ".join(map(str, range(version + 1, LATEST + 1)))
+    lines = [f"schema: would apply migration(s) {missing}" if missing else "schema: up to date"]
+    for found in plans:
+        lines += found.lines()
+    return lines

@@ -29,6 +29,7 @@ from ._graph_change import (
 )
 from ._pipeline import Pipeline
 from ._sql import Statements, pipeline_params
+from .errors import ConfigurationError
 
 
 @attrs.frozen
@@ -90,6 +91,19 @@ class GraphPlan:
             found.append("  refused:")
             found += [f"    {why}" for why in refused]
         return found
+
+
+def parse_maps(given: Iterable[str]) -> dict[str, str]:
+    """``OLD=NEW`` values (``--map`` on a command line) as a dict, each OLD once."""
+    found: dict[str, str] = {}
+    for each in given:
+        old, sep, new = each.partition("=")
+        if not sep or not old or not new:
+            raise ConfigurationError(f"--map takes OLD=NEW (a step of each graph), got {each!r}")
+        if old in found:
+            raise ConfigurationError(f"--map {old}=... is given twice")
+        found[old] = new
+    return found
 
 
 def plan(

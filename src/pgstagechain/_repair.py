@@ -120,6 +120,8 @@ async def cancel(
         async with conn.transaction():
             cur = await conn.execute(q.text("cancel_groups" if is_group else "cancel_rows"), params)
             found = await cur.fetchone()
+            # the closed runs' slots of a max_running stage, freed and announced now
+            await conn.execute(q.text("free_stale_slots"), params)
     except psycopg.errors.DataError:
         raise await bad_key(conn, pipeline, str(key)) from None
     assert found is not None

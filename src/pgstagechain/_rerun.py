@@ -332,6 +332,8 @@ async def _write(
         assert closed is not None
         tally.runs_cancelled += closed["closed"]
         tally.retries_dropped += closed["dropped"]
+        # the closed runs' slots of a max_running stage, freed and announced now
+        await cur.execute(q.text("free_stale_slots"), params, prepare=False)
     for keys, stages in ((chosen, plan.reached), (sorted(apart), plan.group_stages)):
         if keys and stages:
             await cur.execute(

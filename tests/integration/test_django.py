@@ -307,3 +307,50 @@ def test_worker_command_says_to_run_manage_py_migrate(migrated: str) -> None:
     assert "python manage.py migrate" in done.stderr
     assert "APP:PIPELINE" not in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_migrate_plans_then_maps_a_renamed_stage(migrated: str) -> None:
+    """``pgstagechain_migrate --plan`` says what a rename does and changes nothing; without
+    ``--map`` the rename is refused with the plan; with it, the rows at the old step move."""
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from django.test import override_settings
+
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute("INSERT INTO jobs (job_id, tenant_id) VALUES (9100, 't')")
+        conn.execute(
+            "INSERT INTO jobs_variants (job_variants_id, job_id, tenant_id, current_step, status)"
+            " VALUES (9101, 9100, 't', 'judge', 'done'), (9102, 9100, 't', 'judge', 'failed')"
+        )
+
+    def steps() -> list[tuple[Any, ...]]:
+        with psycopg.connect(migrated) as conn:
+            return conn.execute(
+                "SELECT job_variants_id, current_step, status FROM jobs_variants"
+                " WHERE job_id = 9100 ORDER BY 1"
+            ).fetchall()
+
+    def command(*args: str) -> str:
+        out = io.StringIO()
+        call_command("pgstagechain_migrate", *args, stdout=out)
+        return out.getvalue()
+
+    with override_settings(PGSTAGECHAIN_PIPELINES=["tests.apps.ads_renamed:pipeline"]):
+        planned = command("--plan", "--map", "judge=assess")
+        assert planned.startswith("schema: up to date")
+        assert "judge" in planned and "assess" in planned
+        assert steps() == [(9101, "judge", "done"), (9102, "judge", "failed")]  # unchanged
+        with pytest.raises(CommandError, match="judge"):
+            command()  # rows sit at a step the new graph does not have
+        with pytest.raises(CommandError, match="--map takes OLD=NEW"):
+            command("--map", "judge")
+        assert command("--map", "judge=assess").splitlines()[-1] == (
+            "pipeline ads: trigger installed on public.jobs_variants"
+        )
+        assert steps() == [(9101, "assess", "done"), (9102, "assess", "failed")]
+    # back to the example's graph, for whatever runs after
+    command("--map", "assess=judge")
+    assert steps() == [(9101, "judge", "done"), (9102, "judge", "failed")]
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute("DELETE FROM jobs_variants WHERE job_id = 9100")
+        conn.execute("DELETE FROM jobs WHERE job_id = 9100")

@@ -325,15 +325,27 @@ async def test_a_hand_claim_obeys_the_limit_and_a_cancelled_run_frees_its_slot(
         )
         assert held_slots in ([("1", 1), ("2", 2)], [("1", 2), ("2", 1)])
         await admin.cancel(conn, limits_app.slots, key="1")
-        # The operator's cancel closed the run but not its slot: the recovery scan does.
-        assert await claim(conn, limits_app.slots, "work", 3) is None
-        report = await RecoveryScanner(limits_app.slots, pgstagechain_dsn).scan()
-        assert report.freed_slots == 1
+        # the operator's cancel frees the run's slot in the same transaction: no scan needed
         assert await slots_taken(pgstagechain_dsn, "slots") == 1
         third = await claim(conn, limits_app.slots, "work", 3)
         assert third is not None
-        await complete(conn, limits_app.slots, second)
+        # so does a re-run that cancels a live run
+        report = await admin.rerun(conn, limits_app.slots, stage="work", keys=["3"])
+        assert report.runs_cancelled == 1
+        assert await slots_taken(pgstagechain_dsn, "slots") == 1  # the second's
+        third = await claim(conn, limits_app.slots, "work", 3)
+        assert third is not None
+        # a run closed some other way (here by hand, in SQL) keeps its slot until the scan
+        await conn.execute(
+            "UPDATE pgstagechain.runs SET state = 'cancelled'"
+            " WHERE row_key = '2' AND stage = 'work' AND state = 'running'"
+        )
+        assert await slots_taken(pgstagechain_dsn, "slots") == 2
+        scanned = await RecoveryScanner(limits_app.slots, pgstagechain_dsn).scan()
+        assert scanned.freed_slots == 1
         assert await slots_taken(pgstagechain_dsn, "slots") == 1  # the third's
+        await complete(conn, limits_app.slots, third)
+        assert await slots_taken(pgstagechain_dsn, "slots") == 0
 
 
 async def test_a_running_worker_warns_when_the_database_holds_other_limits(

@@ -13,16 +13,17 @@ import anyio
 import anyio.abc
 
 from .. import (
+    ConfigurationError,
     GraphChangeError,
     RecoveryScanner,
     Worker,
     migrate,
-    plan_migration,
     tune_gc,
     uninstall,
 )
 from .._connect import connect
-from .._migrations import LATEST, applied_version
+from .._install import migration_report
+from .._migration_plan import parse_maps
 from ._common import UsageError, dsn, load_pipeline, worker_default
 
 logger = logging.getLogger("pgstagechain.cli")
@@ -30,15 +31,10 @@ logger = logging.getLogger("pgstagechain.cli")
 
 def _maps(given: list[str]) -> dict[str, str]:
     """``--map OLD=NEW`` options as a dict, each OLD once."""
-    found: dict[str, str] = {}
-    for each in given:
-        old, sep, new = each.partition("=")
-        if not sep or not old or not new:
-            raise UsageError(f"--map takes OLD=NEW (a step of each graph), got {each!r}")
-        if old in found:
-            raise UsageError(f"--map {old}=... is given twice")
-        found[old] = new
-    return found
+    try:
+        return parse_maps(given)
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -65,20 +61,7 @@ def _migrate(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace, pipelines: list[Any], maps: dict[str, str]) -> int:
     """``migrate --plan``: what migrate would do, changing nothing."""
-
-    async def read() -> tuple[int, list[Any]]:
-        async with await connect(dsn(args), autocommit=True) as conn:
-            return await applied_version(conn), await plan_migration(conn, *pipelines, maps=maps)
-
-    version, plans = anyio.run(read)
-    if version < LATEST:
-        print(
-            f"schema: would apply migration(s) {', '.join(map(str, range(version + 1, LATEST + 1)))}"
-        )
-    else:
-        print("schema: up to date")
-    for found in plans:
-        print("\n".join(found.lines()))
+    print("\n".join(anyio.run(partial(migration_report, dsn(args), *pipelines, maps=maps))))
     return 0
 
 

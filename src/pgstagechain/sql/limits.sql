@@ -237,8 +237,9 @@ released AS (
 pg_notify(%(channel)s, json_build_array('s', s.stage, 'slot', NULL)::text)
 
 -- name: free_stale_slots
--- The recovery scan's part: a slot whose run is closed (cancelled by an operator, the
--- group re-formed), or is gone from the ledger and was taken over a minute ago, is freed.
+-- A slot whose run is closed (cancelled by an operator, the group re-formed), or is gone
+-- from the ledger and was taken over a minute ago, is freed: by the recovery scan, and by
+-- a cancel or a re-run in the transaction that closes runs.
 -- A slot taken since this statement's snapshot names a run the snapshot cannot see, so
 -- it is never freed by the first test, and the minute keeps it from the second.
 UPDATE pgstagechain.stage_slots s SET run_id = NULL, token = NULL, taken_at = NULL

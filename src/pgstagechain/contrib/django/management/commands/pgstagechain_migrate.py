@@ -13,7 +13,9 @@ from django.core.management.base import (  # type: ignore[import-untyped]
     CommandParser,
 )
 
-from ..... import ExistingRowsError, GraphChangeError, migrate
+from ..... import ConfigurationError, GraphChangeError, migrate
+from ....._install import migration_report
+from ....._migration_plan import parse_maps
 from ... import conf
 
 
@@ -31,16 +33,35 @@ class Command(BaseCommand):  # type: ignore[misc]
             help="a stage added after the last one: run it on rows already finished there "
             "(--backfill) or only on rows that get there from now on (--no-backfill)",
         )
+        parser.add_argument(
+            "--plan",
+            action="store_true",
+            help="say what a changed stage graph does to rows in flight, and change nothing",
+        )
+        parser.add_argument(
+            "--map",
+            action="append",
+            default=[],
+            metavar="OLD=NEW",
+            help="rows and groups at step OLD, which the new graph no longer has, go to step "
+            "NEW (repeatable; one pipeline at a time)",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         pipelines = conf.pipelines(options["pipelines"] or None)
-        install = partial(migrate, backfill=options["backfill"])
+        conninfo = conf.conninfo(options["database"])
         try:
-            applied = anyio.run(install, conf.conninfo(options["database"]), *pipelines)
-        except ExistingRowsError as exc:
-            raise CommandError(str(exc)) from None
+            maps = parse_maps(options["map"])
+            if options["plan"]:
+                report = anyio.run(partial(migration_report, conninfo, *pipelines, maps=maps))
+                self.stdout.write("\n".join(report))
+                return
+            install = partial(migrate, backfill=options["backfill"], maps=maps)
+            applied = anyio.run(install, conninfo, *pipelines)
         except GraphChangeError as exc:  # the whole plan, then why it was refused
             raise CommandError("\n".join([*exc.plan.lines(), str(exc)])) from None
+        except ConfigurationError as exc:  # rows in the way, a malformed --map, ...
+            raise CommandError(str(exc)) from None
         if applied:
             self.stdout.write(f"schema: applied migration(s) {', '.join(map(str, applied))}")
         else:
