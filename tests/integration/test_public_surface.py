@@ -25,7 +25,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CONTRIB = ROOT / "src" / "pgstagechain" / "contrib"
 EXAMPLES = ROOT / "examples"
 
-CONTRIB_INTERNALS = {"pgstagechain._connect", "pgstagechain._execute", "pgstagechain._sql"}
+CONTRIB_INTERNALS = {
+    "pgstagechain._connect",
+    "pgstagechain._execute",
+    "pgstagechain._sql",
+    # the command line's own: what `migrate --plan` prints, `--map OLD=NEW` read
+    "pgstagechain._install",
+    "pgstagechain._migration_plan",
+}
 LIBRARY_TABLES = re.compile(r"\bpgstagechain\.(runs|groups|pipelines|migrations)\b")
 LIBRARY_CONNECTIONS = re.compile(r"pgstagechain-(listener|control|finisher|handler)")
 
