@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import psycopg
+import psycopg.sql
 
-from pgstagechain import Worker
+from pgstagechain import Pipeline, Worker
+from pgstagechain._membership import listened_channels
 
 if TYPE_CHECKING:
     import uvicorn
@@ -23,6 +25,15 @@ T = TypeVar("T")
 
 #: how long a test waits for something that should happen before it fails
 WAIT_SECONDS = 60.0
+
+
+def listen_to_all(pipeline: Pipeline) -> psycopg.sql.Composed:
+    """LISTEN to a pipeline's own channel and every partition channel: what a test that
+    wants to hear everything the pipeline announces runs."""
+    return psycopg.sql.SQL("; ").join(
+        psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel))
+        for channel in listened_channels(pipeline, None)
+    )
 
 
 async def query(dsn: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:

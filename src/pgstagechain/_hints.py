@@ -17,7 +17,7 @@ import attrs
 
 from ._claim import Held
 from ._events import Event, MalformedNotification, parse_event
-from ._pipeline import Pipeline
+from ._pipeline import PARTITIONS, Pipeline
 from ._runs import WorkerStats
 
 logger = logging.getLogger("pgstagechain.worker")
@@ -65,12 +65,16 @@ class Hints:
         self.slots_freed: dict[str, int] = dict.fromkeys(served, 0)
         #: per stage, the most one claim takes: more announced at once is a burst
         self.burst = {s: (burst or {}).get(s, max_pending) for s in served}
-        #: keys announced for each stage in the current burst window, ours or not
-        self.heard: dict[str, int] = dict.fromkeys(served, 0)
+        #: keys announced for each stage in the current burst window, ours or not (estimated)
+        self.heard: dict[str, float] = dict.fromkeys(served, 0.0)
+        #: the share of the partitions this worker listens to (see _membership)
+        self.hearing = 1.0
         self._window: dict[str, float] = dict.fromkeys(served, 0.0)
         self._wake = wake
-        #: is this key of this stage ours to claim at once? (see _membership); None: all are
-        self.owns: Callable[[str, str], bool] | None = None
+        #: is this key of this stage (announced on this partition's channel, None: on the
+        #: pipeline's) ours to claim at once? (see _membership); None: all are
+        self.owns: Callable[[str, str, int | None], bool] | None = None
+        self._partitions = {pipeline.partition_channel(p): p for p in range(PARTITIONS)}
         #: told of a ``w`` notification: a worker joined or left
         self.on_member: Callable[[Event], None] | None = None
         #: do other live workers serve this stage (and so take keys of their own)?
@@ -82,11 +86,13 @@ class Hints:
         """Take a notification; nothing it holds may raise out of here."""
         self.stats.notifications += 1
         try:
-            self.take(parse_event(payload))
+            self.take(parse_event(payload), self._partitions.get(channel))
         except Exception as exc:  # a notification is a hint: none may stop the worker
             self.ignored(f"a malformed notification on {channel}", exc)
 
-    def take(self, event: Event) -> None:
+    def take(self, event: Event, partition: int | None = None) -> None:
+        """Take an event; ``partition`` is the one whose channel announced it (None: the
+        pipeline's own channel)."""
         if event.kind == "s":  # a slot of a limited stage was freed
             if event.step in self.slots_freed:
                 self.slots_freed[event.step] += 1
@@ -108,7 +114,7 @@ class Hints:
         if target.group != (event.kind == "g"):
             return  # a row reaching a fan-in step: its group's own notification follows
         self._count(target.name)
-        if self.owns is not None and not self.owns(target.name, event.key):
+        if self.owns is not None and not self.owns(target.name, event.key, partition):
             self.stats.left_to_peers += 1  # its owner claims it; a probe finds it otherwise
             return
         bucket = self.pending[target.name]
@@ -121,13 +127,14 @@ class Hints:
     def _count(self, stage: str) -> None:
         """Count a key announced for ``stage``, ours or not: in a burst (more than one full
         claim within :data:`BURST_WINDOW`), every worker that hears it claims ready rows in
-        full batches, disjoint by SKIP LOCKED, until none are left; so they all switch at
-        about the same time, since they hear the same notifications."""
+        full batches, disjoint by SKIP LOCKED, until none are left. A worker hears only its
+        partitions, so each key it hears stands for ``1 / hearing`` keys announced in all:
+        the workers estimate the same total, and switch at about the same time."""
         now = time.monotonic()
         if now - self._window[stage] > BURST_WINDOW:
             self._window[stage] = now
             self.heard[stage] = 0
-        self.heard[stage] += 1
+        self.heard[stage] += 1 / self.hearing
         if self.heard[stage] > self.burst[stage]:
             self.needs_scan[stage] = True
 

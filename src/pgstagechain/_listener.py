@@ -29,6 +29,17 @@ logger = logging.getLogger("pgstagechain.listener")
 APPLICATION_NAME = "pgstagechain-listener"
 
 
+def _described(channels: Sequence[str]) -> str:
+    """The channels for a log line: a pipeline's partitions counted, not listed."""
+    partitioned = [c for c in channels if c.rpartition(".")[2].isdigit()]
+    named = [c for c in channels if c not in partitioned]
+    if len(partitioned) > 3:
+        named.append(f"{len(partitioned)} partition channels")
+    else:
+        named += partitioned
+    return ", ".join(named)
+
+
 @attrs.define
 class ListenerStats:
     received: int = 0
@@ -54,6 +65,8 @@ class Listener:
     Runs until its task is cancelled. After every successful (re)LISTEN, ``on_connect``
     runs on the connection (a worker joins there: see _membership), then ``on_listen``;
     ``probe_interval`` bounds how long a silent connection goes unchecked.
+    :meth:`listen_to` changes the channels while it runs; ``on_listen`` follows a change
+    that added any, since what was sent on them before went unheard.
     """
 
     def __init__(
@@ -81,6 +94,16 @@ class Listener:
         self.stats = ListenerStats()
         self.connected = anyio.Event()
         self.backend_pid: int | None = None
+        self._reader: SocketReader | None = None
+
+    def listen_to(self, channels: Sequence[str]) -> None:
+        """Listen to ``channels`` from now on (the connection's LISTENs follow at once)."""
+        if not channels:
+            raise ConfigurationError("a Listener needs at least one channel")
+        if tuple(channels) != self.channels:
+            self.channels = tuple(channels)
+            if self._reader is not None:
+                self._reader.interrupt()
 
     async def run(self) -> None:
         """Listen forever, reconnecting with backoff; return only by cancellation.
@@ -118,20 +141,24 @@ class Listener:
             # Whatever arrives while a statement runs here (LISTEN, on_connect, a probe)
             # comes through this handler; between statements, through the socket's reader.
             conn.add_notify_handler(self._handle)
-            for channel in self.channels:
-                names: dict[str, sql.Composable] = {"channel_name": sql.Identifier(channel)}
-                await conn.execute(Statements(names).text("listen"))
+            listening = await self._follow(conn, frozenset())
             self.backend_pid = conn.info.backend_pid
             if self.on_connect is not None:  # on this connection, after LISTEN
                 await self.on_connect(conn)
             self.stats.connects += 1
             self.connected.set()
-            logger.info("listening on %s (backend %s)", ", ".join(self.channels), self.backend_pid)
+            logger.info("listening on %s (backend %s)", _described(self.channels), self.backend_pid)
             if self.on_listen is not None:
                 await self.on_listen()
-            reader = SocketReader(conn, self._take)
+            self._reader = reader = SocketReader(conn, self._take)
             while True:
-                await reader.read_for(self.probe_interval)
+                if frozenset(self.channels) != listening:
+                    before, listening = listening, await self._follow(conn, listening)
+                    if listening - before and self.on_listen is not None:
+                        await self.on_listen()  # for what was sent before we listened
+                    continue
+                if await reader.read_for(self.probe_interval):
+                    continue  # the channels changed
                 try:
                     with anyio.fail_after(self.probe_timeout):
                         await conn.execute(plain("liveness"))
@@ -139,10 +166,27 @@ class Listener:
                     self.stats.probes_failed += 1
                     raise
         finally:
+            self._reader = None
             # Closed without a statement first (``async with`` rolls back, which may
             # yield and so be cancelled again before it closes).
             with anyio.CancelScope(shield=True):
                 await conn.close()
+
+    async def _follow(
+        self, conn: psycopg.AsyncConnection[Any], listening: frozenset[str]
+    ) -> frozenset[str]:
+        """LISTEN to the channels wanted and not yet listened to, UNLISTEN the others: one
+        round trip. Returns the channels listened to now."""
+        wanted = frozenset(self.channels)
+        changes = [("listen", c) for c in sorted(wanted - listening)]
+        changes += [("unlisten", c) for c in sorted(listening - wanted)]
+        if changes:
+            statement = sql.SQL("; ").join(
+                sql.SQL(Statements({"channel_name": sql.Identifier(channel)}).text(name))
+                for name, channel in changes
+            )
+            await conn.execute(statement)
+        return wanted
 
     def _handle(self, note: psycopg.Notify) -> None:
         self._take(note.channel, note.payload, note.pid)
@@ -170,21 +214,30 @@ class SocketReader:
         self.encoding = conn.info.encoding
         self.take = take
         self._failed: BaseException | None = None
-        self._broken = anyio.Event()
+        self._stop = anyio.Event()
 
-    async def read_for(self, seconds: float) -> None:
-        """Hand on notifications for ``seconds``; raise what broke the connection. The
-        reader is off when this returns, so that a statement can use the socket."""
+    async def read_for(self, seconds: float) -> bool:
+        """Hand on notifications for ``seconds``, or until :meth:`interrupt` (then return
+        True); raise what broke the connection. The reader is off when this returns, so
+        that a statement can use the socket."""
         loop = asyncio.get_running_loop()
         fd = self.pgconn.socket
         loop.add_reader(fd, self._readable)
         try:
             with anyio.move_on_after(seconds):
-                await self._broken.wait()
+                await self._stop.wait()
         finally:
             loop.remove_reader(fd)
         if self._failed is not None:
             raise self._failed
+        interrupted = self._stop.is_set()
+        if interrupted:
+            self._stop = anyio.Event()
+        return interrupted
+
+    def interrupt(self) -> None:
+        """Have :meth:`read_for` return now (or its next call at once)."""
+        self._stop.set()
 
     def _readable(self) -> None:
         if self._failed is not None:
@@ -193,7 +246,7 @@ class SocketReader:
             self.pgconn.consume_input()
         except psycopg.OperationalError as exc:  # the server or the network went away
             self._failed = exc
-            self._broken.set()
+            self._stop.set()
             return
         while (note := self.pgconn.notifies()) is not None:
             try:

@@ -16,6 +16,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 PIPELINE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
+#: rows and groups are announced on this many channels of a pipeline, by a hash of their key
+#: (``hashtext(key) & (PARTITIONS - 1)``), so that a worker hears only the keys it owns
+PARTITIONS = 64
 
 
 def _sql_name(kind: str) -> Callable[[Any, attrs.Attribute[Any], Any], None]:
@@ -152,8 +155,18 @@ class Pipeline:
 
     @property
     def channel(self) -> str:
-        """The LISTEN/NOTIFY channel of this pipeline."""
+        """The LISTEN/NOTIFY channel of this pipeline: workers joining and leaving, retries
+        due, slots freed."""
         return f"pgstagechain_{self.name}"
+
+    def partition_channel(self, partition: int) -> str:
+        """The channel on which rows and groups whose key hashes to ``partition`` are
+        announced when they reach a stage's done state."""
+        return f"{self.channel}.{partition}"
+
+    @property
+    def partition_channels(self) -> tuple[str, ...]:
+        return tuple(self.partition_channel(p) for p in range(PARTITIONS))
 
     @property
     def stages(self) -> tuple[Stage, ...]:

@@ -16,29 +16,26 @@ import os
 import random
 import socket
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import anyio
 import anyio.lowlevel
-import psycopg
 
 from ._batcher import COMPLETERS, CompletionBatcher
 from ._claim import DEFAULT_LEASE, Claimer
 from ._connect import conninfo_with_defaults, redact
 from ._context import Claim
 from ._dispatch import Dispatcher, Wake
-from ._events import Event
 from ._execute import RunExecutor, RunObserver
 from ._hints import Hints
+from ._joining import Joining
 from ._leases import LeaseKeeper
 from ._links import DB_ERRORS, HandlerConnections, Link
 from ._listener import Listener
-from ._membership import JOINED, LEFT, Membership, payload
+from ._membership import listened_channels
 from ._pipeline import Pipeline
 from ._prune import RetentionKeeper
 from ._recovery import WorkerScan
 from ._runs import LiveRuns, WorkerStats
-from ._sql import plain
 from ._stage import Stage
 from ._startup import check_settings, served_stages, start_up
 from .errors import (
@@ -144,19 +141,17 @@ class Worker:
             },
         )
         self._runs = LiveRuns(self.limits, concurrency, self._wake.set)
-        #: who else listens, so that each announced key is claimed by one worker at once
-        self._membership = Membership(pipeline.name, [s.name for s in served]) if listen else None
-        if self._membership is not None:
-            self._hints.owns = self._membership.mine
-            self._hints.shared = self._membership.shared
-            self._hints.on_member = self._on_member
-        self._listening: anyio.CancelScope | None = None
-        self._unlistened: anyio.Event | None = None
         # Claims need not wait for their WAL flush: a claim lost in a crash leaves the row at
         # (previous step, done), where the scan finds it, and a completion for a run that
         # was never stored is refused, since it names the run by its claim's token, which
         # never repeats (the run id may). Completions and failures stay durable.
         self._control = Link(self._given_conninfo, "pgstagechain-control", durable=False)
+        #: who else listens, so that each announced key is heard and claimed by one worker
+        self._joining = (
+            Joining(pipeline, [s.name for s in served], self._hints, self._control)
+            if listen
+            else None
+        )
         self._completers = [
             Link(self._given_conninfo, "pgstagechain-finisher") for _ in range(COMPLETERS)
         ]
@@ -267,22 +262,24 @@ class Worker:
                     self.stats,
                     interval=self.scan_interval,
                     retire=self._retire,
-                    membership=self._membership,
+                    membership=None if self._joining is None else self._joining.membership,
                 )
                 maintenance.start_soon(self._scanner.run)
                 if self.pipeline.retention is not None:  # one worker at a time prunes
                     pruner = RetentionKeeper(self.pipeline, self._given_conninfo)
                     maintenance.start_soon(pruner.run)
-                if self.listen:
+                if self._joining is not None:
+                    self._joining.probe = self._scanner.now
                     self.listener = Listener(
                         self._given_conninfo,
-                        [self.pipeline.channel],
+                        listened_channels(self.pipeline, self._joining.membership.partitions),
                         self._hints.on_notify,
                         on_listen=self._on_listen,
-                        on_connect=self._join,
+                        on_connect=self._joining.join,
                         probe_interval=self.probe_interval,
                     )
-                    maintenance.start_soon(self._listen, self.listener)
+                    self._joining.listener = self.listener
+                    maintenance.start_soon(self._joining.listen, self.listener)
                 async with anyio.create_task_group() as handlers:
                     executor = RunExecutor(
                         claimer=claimer,
@@ -318,7 +315,8 @@ class Worker:
                     )
                     self._started.set()
                     await self._dispatch_loop(dispatcher, self._scanner, until_idle)
-                    await self._leave()
+                    if self._joining is not None:
+                        await self._joining.leave()
                     await self._drain()
                 # Every handler task has returned, so every batched completion is flushed.
                 maintenance.cancel_scope.cancel()
@@ -340,66 +338,6 @@ class Worker:
                 len(self._runs.scopes),
             )
             self._runs.cancel_all()  # a run whose completion is about to land is left to it
-
-    # -- membership ---------------------------------------------------------------------
-
-    async def _listen(self, listener: Listener) -> None:
-        self._listening, self._unlistened = anyio.CancelScope(), anyio.Event()
-        try:
-            with self._listening:
-                await listener.run()
-        finally:
-            self._unlistened.set()
-
-    async def _join(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """On the listening connection: take our membership locks and tell the others."""
-        assert self._membership is not None
-        me = conn.info.backend_pid
-        try:
-            await conn.execute(
-                plain("join_members"),
-                {
-                    **self._membership.join_params(self.pipeline.channel),
-                    "payload": payload(JOINED, me),
-                },
-            )
-        except psycopg.Error as exc:
-            if conn.broken or conn.closed:
-                raise  # the listener reconnects
-            # Not a member (out of lock slots, say): this worker then claims every key it
-            # hears, as workers did before they knew each other.
-            logger.warning("could not join the other workers (%s); claiming every key", exc)
-            self._membership.joined(None)
-            return
-        self._membership.joined(me)
-
-    async def _leave(self) -> None:
-        """Stop listening (the server drops our locks with the connection), then tell the
-        others, who scan for what was left to us. Best effort: their probes find it anyway."""
-        if self._listening is None or self._unlistened is None or self._membership is None:
-            return
-        me = self._membership.me
-        self._listening.cancel()
-        await self._unlistened.wait()
-        if me is None:
-            return
-        try:
-            conn = await self._control.get()
-            await conn.execute(
-                plain("left_members"),
-                {"channel": self.pipeline.channel, "payload": payload(LEFT, me)},
-            )
-        except DB_ERRORS as exc:
-            logger.info("could not tell the other workers that this one left (%s)", exc)
-
-    def _on_member(self, event: Event) -> None:
-        """Another worker joined (read the members again) or left (scan for its keys)."""
-        assert self._membership is not None
-        if event.step == LEFT and event.key.isdigit():
-            self._membership.drop(int(event.key))
-            self._hints.scan_all()
-        elif event.step == JOINED and self._scanner is not None:
-            self._scanner.now()
 
     # -- dispatch and recovery ----------------------------------------------------------
 

@@ -1,5 +1,6 @@
 """A worker process on the seed's pipeline, for tests with several processes: prints
-``READY`` once it listens, serves until SIGTERM, then writes its counters to ``--out``.
+``READY`` once it listens, then ``CHANNELS n`` each time the number of channels it listens
+to changes, serves until SIGTERM, then writes its counters to ``--out``.
 
 Handlers sleep ``--sleep`` seconds, so that a burst lasts long enough to lose a worker
 in the middle of it.
@@ -58,6 +59,13 @@ def main() -> int:
             async def ready() -> None:
                 await worker.wait_started()
                 print("READY", flush=True)
+                told = 0
+                while True:  # a test's view of what the worker hears
+                    listening = len(worker.listener.channels) if worker.listener else 0
+                    if listening != told:
+                        print(f"CHANNELS {listening}", flush=True)
+                        told = listening
+                    await anyio.sleep(0.01)
 
             tg.start_soon(stop_on_signal)
             tg.start_soon(ready)

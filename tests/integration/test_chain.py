@@ -11,6 +11,7 @@ import pytest
 
 from pgstagechain import Pipeline, Worker, migrate
 from tests.apps.seed import GROUP_STAGES, ROW_STAGES, add_jobs, create_tables, seed_pipeline
+from tests.helpers import listen_to_all
 
 pytestmark = pytest.mark.anyio
 
@@ -25,7 +26,7 @@ async def test_middle_stages_need_no_notification(pgstagechain_dsn: str) -> None
     await migrate(pgstagechain_dsn, pipeline)
     add_jobs(pgstagechain_dsn, jobs=3, variants=3, release=False)
     async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as ears:
-        await ears.execute("LISTEN pgstagechain_feedly")
+        await ears.execute(listen_to_all(pipeline))
         with psycopg.connect(pgstagechain_dsn, autocommit=True) as conn:
             conn.execute("UPDATE jobs_variants SET status = 'done'")
         stats = await Worker(pipeline, pgstagechain_dsn, scan_interval=1).run_until_idle()

@@ -12,6 +12,7 @@ import pytest
 from pgstagechain import Worker, claim, complete, fail, migrate
 from pgstagechain._connect import connect
 from tests.apps.seed import ROW_STAGES, add_jobs, create_tables, seed_pipeline
+from tests.helpers import listen_to_all
 
 pytestmark = pytest.mark.anyio
 
@@ -94,7 +95,7 @@ async def test_manual_claim_complete_drives_the_next_stage(pgstagechain_dsn: str
         assert got is not None
         await conn.commit()
         assert await claim(conn, pipeline, "vlm_analyze", 101) is None
-        await conn.execute("LISTEN pgstagechain_feedly")
+        await conn.execute(listen_to_all(pipeline))
         await conn.commit()
         await complete(conn, pipeline, got, {"score": 0.9})
         await conn.commit()

@@ -23,7 +23,7 @@ pytest.importorskip("django")
 
 from django.core.exceptions import ImproperlyConfigured
 
-from tests.helpers import wait_for
+from tests.helpers import listen_to_all, wait_for
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "django_app"
 DEADLINE = 60.0  # a bound for a test that hangs, never a speed assertion
@@ -198,7 +198,7 @@ def test_worker_command_runs_what_a_transaction_commits(migrated: str) -> None:
     try:
         worker.wait_for("pgstagechain worker running: ads")
         with psycopg.connect(migrated, autocommit=True) as listen:
-            listen.execute(f'LISTEN "{pipeline.channel}"')
+            listen.execute(listen_to_all(pipeline))
 
             # Rolled back: the trigger fired, but its notification dies with the transaction.
             with pytest.raises(RuntimeError), transaction.atomic():

@@ -19,6 +19,7 @@ from pgstagechain import (
 from pgstagechain._connect import connect
 from pgstagechain._migrations import LATEST, applied_version
 from tests.apps.seed import create_tables, seed_pipeline
+from tests.helpers import listen_to_all
 
 pytestmark = pytest.mark.anyio
 
@@ -156,7 +157,7 @@ async def test_trigger_notifies_only_real_changes_to_done(pgstagechain_dsn: str)
         psycopg.connect(pgstagechain_dsn, autocommit=True) as listen,
         psycopg.connect(pgstagechain_dsn, autocommit=True) as conn,
     ):
-        listen.execute("LISTEN pgstagechain_feedly")
+        listen.execute(listen_to_all(pipeline))
         conn.execute("INSERT INTO jobs VALUES (1, 't', 'img_gen', 'running')")
         conn.execute(
             "INSERT INTO jobs_variants (job_variants_id, job_id, img_asset_id, tenant_id, current_step, status)"
@@ -169,5 +170,8 @@ async def test_trigger_notifies_only_real_changes_to_done(pgstagechain_dsn: str)
         conn.execute("UPDATE jobs_variants SET img_asset_id = 'b' WHERE job_variants_id = 101")
         conn.execute("UPDATE jobs_variants SET current_step = 'vlm_analyze', status = 'running'")
         notes = list(listen.notifies(timeout=0.5))
+        (partition,) = conn.execute("SELECT hashtext('101') & 63").fetchone() or ()
     assert [json.loads(n.payload) for n in notes] == [["r", "img_gen", "101", "1"]]
+    # on the channel of the key's partition, the one its owner listens to
+    assert [n.channel for n in notes] == [f"pgstagechain_feedly.{partition}"]
     assert all(len(n.payload.encode()) < 200 for n in notes)

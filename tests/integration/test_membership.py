@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +20,7 @@ import psycopg
 import pytest
 
 from pgstagechain import migrate
+from pgstagechain._pipeline import PARTITIONS
 from tests.apps.seed import GROUP_STAGES, add_jobs, create_tables, seed_pipeline
 from tests.helpers import value, wait_until
 
@@ -55,6 +58,32 @@ class Workers:
             assert proc.stdout is not None
             assert proc.stdout.readline().startswith("READY"), f"exit {proc.poll()}"
         self.procs += started
+
+    def wait_shared_out(self, within: float = 60.0) -> list[int]:
+        """Wait until the workers listen to disjoint shares of the partitions (each to its
+        own and the pipeline's channel: as many channels in all as partitions, plus one
+        each); return how many each listens to."""
+        lines: queue.Queue[tuple[int, str]] = queue.Queue()
+
+        def read(proc: subprocess.Popen[str]) -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put((proc.pid, line))
+
+        for proc, _ in self.procs:
+            threading.Thread(target=read, args=(proc,), daemon=True).start()
+        latest = {proc.pid: PARTITIONS + 1 for proc, _ in self.procs}
+        deadline = time.monotonic() + within
+        while sum(latest.values()) != PARTITIONS + len(latest):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"the partitions were never shared out: {latest}"
+            try:
+                pid, line = lines.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line.startswith("CHANNELS "):
+                latest[pid] = int(line.split()[1])
+        return list(latest.values())
 
     def stop(self) -> dict[str, int]:
         """SIGTERM every live one; the sum of the counters of those that wrote them."""
@@ -135,16 +164,23 @@ async def test_three_workers_claim_each_announced_key_once(
     with workers(pgstagechain_dsn, tmp_path) as group:
         group.start(3)
         await members_listed(pgstagechain_dsn, 3)
+        # each listens to its own third of the partitions, and the pipeline's channel
+        listening = group.wait_shared_out()
+        assert all(20 <= count - 1 <= 22 for count in listening), listening
         release_one_job_at_a_time(pgstagechain_dsn, jobs)
         await all_done(pgstagechain_dsn, len(jobs))
         stats = group.stop()
-    # Every worker heard every release and every group's forming. Before, each of the
-    # three tried every announced key and two of them lost: about 2 * (4 + 1) * 60 = 600
-    # keys lost (106 measured: some of the three were busy), as many claims that got nothing.
-    assert stats["races_lost"] <= 30, stats  # a few while the views settle at start-up
+    # Once, each of the three tried every announced key and two of them lost: about
+    # 2 * (4 + 1) * 60 = 600 keys lost, as many claims that got nothing.
+    assert stats["races_lost"] <= 30, stats
     assert stats["claimed"] == len(jobs) * (4 * 8 + 2)
-    # each key was claimed by the worker it hashes to; the others left it alone
-    assert stats["left_to_peers"] >= len(jobs) * (4 + 1)
+    # Each announcement (4 rows released, the group formed, the group done: 6 per job) was
+    # heard by the one worker that owns its key's partition, where each of the three used to
+    # hear all of them (3 * 6 * 60 = 1 080); beyond them, the workers' joining and leaving
+    # notices on the pipeline's channel.
+    announced = len(jobs) * 6
+    assert announced <= stats["notifications"] <= announced + 20, stats
+    assert stats["left_to_peers"] == 0, stats
     # claims that got nothing: each worker's scan of its 10 stages when it starts, and when
     # it hears another leave (3 * 10 + 3 * 2 * 10), where there were about 600 before
     assert stats["claims_empty"] <= 100, stats

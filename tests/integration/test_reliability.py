@@ -32,7 +32,7 @@ from pgstagechain import (
     migrate,
 )
 from tests.apps.seed import add_jobs, create_tables, seed_pipeline
-from tests.helpers import holds, query, serving, value, wait_until
+from tests.helpers import holds, listen_to_all, query, serving, value, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -702,9 +702,7 @@ async def test_recovery_scan_renotifies_stuck_work_and_closes_dead_leases(
         await anyio.sleep(0.2)  # the lease runs out
 
     async with await psycopg.AsyncConnection.connect(pgstagechain_dsn, autocommit=True) as ears:
-        await ears.execute(
-            psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(pipeline.channel))
-        )
+        await ears.execute(listen_to_all(pipeline))
         report = await RecoveryScanner(pipeline, pgstagechain_dsn).scan()
         heard = []
         async for note in ears.notifies(timeout=2.0):

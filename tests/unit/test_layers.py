@@ -40,6 +40,7 @@ FLOORS = {
     "_recovery": 5,
     "_startup": 5,
     "_membership": 5,
+    "_joining": 5,
     "_history": 5,
     "_repair": 5,
     "_rerun": 5,

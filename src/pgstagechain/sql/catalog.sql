@@ -44,6 +44,9 @@ SELECT 1
 -- name: listen
 LISTEN {channel_name}
 
+-- name: unlisten
+UNLISTEN {channel_name}
+
 -- name: try_session_lock
 -- one process of many takes a job (the embedded workers of N web processes)
 SELECT pg_try_advisory_lock(hashtext(%(lock)s))
