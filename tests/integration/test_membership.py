@@ -181,9 +181,11 @@ async def test_three_workers_claim_each_announced_key_once(
     announced = len(jobs) * 6
     assert announced <= stats["notifications"] <= announced + 20, stats
     assert stats["left_to_peers"] == 0, stats
-    # claims that got nothing: each worker's scan of its 10 stages when it starts, and when
-    # it hears another leave (3 * 10 + 3 * 2 * 10), where there were about 600 before
-    assert stats["claims_empty"] <= 100, stats
+    # claims that got nothing: each worker's scan of its 10 stages when it starts, when it
+    # hears another leave (3 * 10 + 3 * 2 * 10), and when it takes partitions over from one
+    # that joined or left (a scan of its 10 stages each time, a few times in all), where
+    # there were about 600 before workers knew each other
+    assert stats["claims_empty"] <= 180, stats
 
 
 async def test_a_worker_that_stops_mid_burst_strands_nothing(

@@ -149,12 +149,30 @@ class TemporaryCluster:
         return self
 
     def stop(self, mode: str = "fast") -> None:
-        if (self.data / "postmaster.pid").exists():
+        """Stop the server in ``mode``. One that will not stop that way within a minute is
+        stopped ``immediate``, so the cluster stays usable, and the error quotes its log."""
+        if not (self.data / "postmaster.pid").exists():
+            return
+        try:
             self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
+        except RuntimeError as exc:
+            if mode == "immediate":
+                raise
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+            raise RuntimeError(f"{exc}; the server log ends with:\n{self.log_tail()}") from None
 
     def restart(self, mode: str = "fast") -> None:
-        self.stop(mode)
-        self.start()
+        try:
+            self.stop(mode)
+        finally:
+            self.start()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = (self.directory / "server.log").read_text(errors="replace")
+        except OSError as exc:
+            return f"(no server log: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
 
     def is_running(self) -> bool:
         result = subprocess.run(
