@@ -48,8 +48,9 @@ def _seed(member: int) -> int:
 
 def listened_channels(pipeline: Pipeline, partitions: Iterable[int] | None) -> list[str]:
     """The pipeline's own channel, and those of ``partitions`` (None: of all of them)."""
-    chosen = range(PARTITIONS) if partitions is None else sorted(partitions)
-    return [pipeline.channel, *(pipeline.partition_channel(p) for p in chosen)]
+    if partitions is None:
+        return [pipeline.channel, *pipeline.partition_channels]
+    return [pipeline.channel, *(pipeline.partition_channel(p) for p in sorted(partitions))]
 
 
 def payload(kind: str, member: int) -> str:

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, LiteralString
 import attrs
 from psycopg import sql
 
-from ._pipeline import PARTITIONS
 from ._stage import FanIn
 
 if TYPE_CHECKING:
@@ -133,7 +132,6 @@ def configured_names(
         **owned_names(spec.schema, object_names(pipeline)),
         "done": sql.Literal(spec.statuses.done),
         "channel": sql.Literal(pipeline.channel),
-        "partition_mask": sql.Literal(PARTITIONS - 1),
         "pipeline_name": sql.Literal(pipeline.name),
         "row_steps": _text_array(
             [s.after for s in pipeline if not s.group and not pipeline.is_group_step(s.after)]
@@ -191,7 +189,6 @@ def pipeline_params(pipeline: Pipeline) -> dict[str, Any]:
     return {
         "pipeline": pipeline.name,
         "channel": pipeline.channel,
-        "partition_mask": PARTITIONS - 1,
         "done": statuses.done,
         "running": statuses.running,
         "failed": statuses.failed,

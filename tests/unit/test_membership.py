@@ -109,3 +109,16 @@ def test_stages_are_told_apart_by_their_lock_numbers() -> None:
     member.joined(101)
     member.update({str(lock_number("p:a")): [101, 202], str(lock_number("other:a")): [303]})
     assert member.members == {"a": (101, 202)}
+
+
+def test_the_schema_hashes_keys_into_as_many_partitions_as_workers_listen_to() -> None:
+    """The SQL function that names a key's channel masks with PARTITIONS - 1."""
+    from importlib import resources
+
+    text = (
+        resources.files("pgstagechain")
+        .joinpath("sql", "migrations", "0007_partition_channels.sql")
+        .read_text()
+    )
+    assert f"hashtext(key) & {PARTITIONS - 1})::text" in text
+    assert PARTITIONS & (PARTITIONS - 1) == 0  # a power of two, so the mask is a modulo

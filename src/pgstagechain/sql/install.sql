@@ -53,7 +53,7 @@ NEW.{status} = {done} AND {moved}
 -- fragment: announce_row
 -- on the channel of the key's partition, which only the worker that owns it listens to
 IF NEW.{step} = ANY({row_steps}) THEN
-    PERFORM pg_notify({channel} || '.' || (hashtext(NEW.{key}::text) & {partition_mask}),
+    PERFORM pg_notify(pgstagechain.partition_channel({channel}, NEW.{key}::text),
         json_build_array('r', NEW.{step}, NEW.{key}::text, {new_group})::text);
 END IF;
 

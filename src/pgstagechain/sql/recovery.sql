@@ -45,14 +45,14 @@ WHERE r.retry_at IS NOT NULL AND r.pipeline = %(pipeline)s
 
 -- name: renotify_rows
 -- Re-send the notifications a lost listener missed, for workers elsewhere.
-SELECT count(pg_notify(%(channel)s || '.' || (hashtext(t.{key}::text) & %(partition_mask)s),
+SELECT count(pg_notify(pgstagechain.partition_channel(%(channel)s, t.{key}::text),
        json_build_array('r', t.{step}, t.{key}::text, {group_expr})::text))
 FROM (SELECT * FROM {table} t
       WHERE t.{step} = ANY(%(row_steps)s::text[]) AND t.{status} = %(done)s
       LIMIT %(limit)s) t
 
 -- name: renotify_groups
-SELECT count(pg_notify(%(channel)s || '.' || (hashtext(g.group_key) & %(partition_mask)s),
+SELECT count(pg_notify(pgstagechain.partition_channel(%(channel)s, g.group_key),
        json_build_array('g', g.step, g.group_key, g.group_key)::text))
 FROM (SELECT * FROM pgstagechain.groups g
       WHERE g.pipeline = %(pipeline)s AND g.step = ANY(%(group_steps)s::text[])
